@@ -1,0 +1,11 @@
+//! `vectorpipe.io/v1alpha1`.
+
+pub mod conditions;
+pub mod duration;
+pub mod embedding_pipeline;
+pub mod models;
+pub mod scaling_policy;
+
+pub use duration::Duration;
+pub use embedding_pipeline::*;
+pub use scaling_policy::*;
