@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Starts the real servers the tests talk to, on 127.0.0.1 with ports picked at run time:
+#   k8s         etcd, kube-apiserver (TLS, token auth, RBAC), kube-controller-manager,
+#               kube-scheduler and kwok with one fake node
+#   kafka       one Apache Kafka broker (KRaft, combined broker + controller)
+#   prometheus  Debian's Prometheus, scraping the targets tests drop into a file_sd directory
+#   opensearch  one OpenSearch 2.19 node with the k-NN plugin (lucene engine; no native libraries)
+# usage: up.sh [component ...]   (no argument: all of them)
+# Writes $VP_RUN/env (source it) and logs to $VP_RUN/log. Stop everything with down.sh.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/common.sh"
+
+components=("$@")
+[ ${#components[@]} -gt 0 ] || components=(k8s kafka prometheus opensearch)
+
+mkdir -p "$VP_RUN/log" "$VP_RUN/pid"
+envfile="$VP_RUN/env"
+touch "$envfile"
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+put_env() {
+  sed -i "/^export $1=/d" "$envfile"
+  echo "export $1=$(printf '%q' "$2")" >>"$envfile"
+  export "$1=$2"
+}
+start() {
+  local name=$1
+  shift
+  nohup "$@" >"$VP_RUN/log/$name.log" 2>&1 &
+  echo $! >"$VP_RUN/pid/$name"
+}
+# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds; fails with the log's tail.
+wait_for() {
+  local name=$1 limit=$2
+  shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if [ -f "$VP_RUN/pid/$name" ] && ! kill -0 "$(cat "$VP_RUN/pid/$name")" 2>/dev/null; then
+      log "$name exited; last lines of $VP_RUN/log/$name.log:"
+      tail -30 "$VP_RUN/log/$name.log" >&2
+      return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name not ready after ${limit}s; last lines of $VP_RUN/log/$name.log:"
+      tail -30 "$VP_RUN/log/$name.log" >&2
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+up_k8s() {
+  "$here/build-k8s.sh"
+  "$here/build-kubectl.sh"
+  local bins="$VP_CACHE/k8s/v${K8S_VERSION:-1.37.2}"
+  local dir="$VP_RUN/k8s" pki="$VP_RUN/k8s/pki"
+  mkdir -p "$pki"
+  local etcd_port etcd_peer api_port kcm_port sched_port kwok_port
+  etcd_port=$(free_port)
+  etcd_peer=$(free_port)
+  api_port=$(free_port)
+  kcm_port=$(free_port)
+  sched_port=$(free_port)
+  kwok_port=$(free_port)
+
+  log "k8s: generating a CA, the apiserver certificate and service-account keys"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=vectorpipe-test-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+    -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth" \
+    "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc" >"$pki/apiserver.ext"
+  openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  local token
+  token=$(openssl rand -hex 24)
+  # A static admin token; the operator's own identity is tested by impersonating its ServiceAccount.
+  echo "$token,vectorpipe-test-admin,vectorpipe-test-admin,system:masters" >"$pki/tokens.csv"
+
+  cat >"$dir/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: harness
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $pki/ca.crt
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: harness
+  context: {cluster: harness, user: admin, namespace: default}
+current-context: harness
+KC
+
+  log "k8s: starting etcd on :$etcd_port"
+  start etcd "$bins/etcd" --name harness --data-dir "$dir/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-cluster "harness=http://127.0.0.1:$etcd_peer" \
+    --unsafe-no-fsync --quota-backend-bytes=2147483648 --log-level=warn
+  wait_for etcd 60 curl -sf "http://127.0.0.1:$etcd_port/health"
+
+  log "k8s: starting kube-apiserver on :$api_port"
+  start kube-apiserver "$bins/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --cert-dir="$dir/certs" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" \
+    --authorization-mode=RBAC \
+    --service-account-issuer=https://kubernetes.default.svc \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --service-cluster-ip-range=10.96.0.0/16 \
+    --endpoint-reconciler-type=none \
+    --enable-priority-and-fairness=false --profiling=false --v=0
+  wait_for kube-apiserver 180 curl -sf --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \
+    "https://127.0.0.1:$api_port/readyz"
+
+  log "k8s: starting kube-controller-manager, kube-scheduler and kwok"
+  start kube-controller-manager "$bins/kube-controller-manager" \
+    --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+    --authorization-kubeconfig="$dir/kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$kcm_port" --leader-elect=false \
+    --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+    --use-service-account-credentials=false \
+    --controllers='*,-nodeipam' \
+    --concurrent-deployment-syncs=10 --v=0
+  start kube-scheduler "$bins/kube-scheduler" --kubeconfig="$dir/kubeconfig" \
+    --authentication-kubeconfig="$dir/kubeconfig" --authorization-kubeconfig="$dir/kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$sched_port" --leader-elect=false --v=0
+  start kwok "$bins/kwok" --kubeconfig="$dir/kubeconfig" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --cidr=10.244.0.0/16 --node-ip=10.244.0.1 --node-port="$kwok_port" --server-address="127.0.0.1:$kwok_port"
+
+  local kubectl="$VP_CACHE/bin/kubectl --kubeconfig=$dir/kubeconfig"
+  $kubectl apply -f - >/dev/null <<'NODE'
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-0
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: kwok-node-0
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+status:
+  allocatable: {cpu: "64", memory: 256Gi, pods: "500"}
+  capacity: {cpu: "64", memory: 256Gi, pods: "500"}
+NODE
+  wait_for kwok 60 sh -c "$kubectl get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  # The default ServiceAccount shows that the controller manager is working.
+  wait_for kube-controller-manager 60 $kubectl -n default get serviceaccount default
+
+  put_env VP_KUBECONFIG "$dir/kubeconfig"
+  put_env VP_KUBECTL "$VP_CACHE/bin/kubectl"
+  put_env VP_HELM "$VP_CACHE/bin/helm"
+  put_env VP_APISERVER "https://127.0.0.1:$api_port"
+  put_env VP_ETCD "http://127.0.0.1:$etcd_port"
+  log "k8s: ready ($("$bins/kube-apiserver" --version | awk '{print $2}'), KUBECONFIG=$dir/kubeconfig)"
+}
+
+up_kafka() {
+  local libs version
+  libs=$("$here/build-kafka.sh")
+  local version
+  version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")
+  local dir="$VP_RUN/kafka" port controller
+  mkdir -p "$dir"
+  port=$(free_port)
+  controller=$(free_port)
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=3
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=3
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=2
+log.flush.interval.messages=9223372036854775807
+PROPS
+  local java_opts=(-Xms256m -Xmx768m -XX:+UseSerialGC -XX:TieredStopAtLevel=1
+    -Djava.awt.headless=true "-Dlog4j2.configurationFile=$here/kafka/log4j2.properties")
+  local cp="$libs/*"
+  log "kafka: formatting storage and starting the broker on :$port"
+  java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool format --ignore-formatted \
+    -t "$(java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid)" \
+    -c "$dir/server.properties" >"$VP_RUN/log/kafka-format.log" 2>&1
+  start kafka java "${java_opts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties"
+  wait_for kafka 120 tcp_open "$port"
+  put_env VP_KAFKA_BOOTSTRAP "127.0.0.1:$port"
+  log "kafka: ready ($version, bootstrap 127.0.0.1:$port)"
+}
+
+up_prometheus() {
+  if ! command -v prometheus >/dev/null; then
+    log "prometheus: not installed; install Debian's package: apt-get install -y prometheus"
+    return 1
+  fi
+  local dir="$VP_RUN/prometheus" port
+  mkdir -p "$dir/targets"
+  port=$(free_port)
+  cat >"$dir/prometheus.yml" <<YML
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: prometheus
+    static_configs:
+      - targets: ["127.0.0.1:$port"]
+  # Tests drop <name>.json files here ([{"targets": ["127.0.0.1:PORT"], "labels": {...}}]).
+  - job_name: harness
+    file_sd_configs:
+      - files: ["$dir/targets/*.json"]
+        refresh_interval: 1s
+YML
+  log "prometheus: starting on :$port"
+  start prometheus prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --storage.tsdb.retention.time=2h --web.listen-address="127.0.0.1:$port" --log.level=warn
+  wait_for prometheus 60 curl -sf "http://127.0.0.1:$port/-/ready"
+  put_env VP_PROMETHEUS_URL "http://127.0.0.1:$port"
+  put_env VP_PROMETHEUS_TARGETS "$dir/targets"
+  log "prometheus: ready ($(prometheus --version 2>&1 | head -1 | awk '{print $3}'))"
+}
+
+up_opensearch() {
+  local node dir="$VP_RUN/opensearch" port transport
+  node=$("$here/build-opensearch.sh")
+  mkdir -p "$dir/config"
+  cp "$here/opensearch/log4j2.properties" "$dir/config/log4j2.properties"
+  port=$(free_port)
+  transport=$(free_port)
+  log "opensearch: starting on :$port"
+  start opensearch java -Xms512m -Xmx1g -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/config/log4j2.properties" \
+    -cp "$node/classes:$node/libs/*:$node/knn/*" VectorpipeTestNode "$dir" "$port" "$transport"
+  wait_for opensearch 180 curl -sf "http://127.0.0.1:$port/_cluster/health?wait_for_status=yellow&timeout=1s"
+  put_env VP_OPENSEARCH_URL "http://127.0.0.1:$port"
+  log "opensearch: ready ($(curl -s "http://127.0.0.1:$port" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"]["number"])'), k-NN plugin loaded)"
+}
+
+put_env VP_RUN "$VP_RUN"
+for c in "${components[@]}"; do
+  case "$c" in
+    k8s) up_k8s ;;
+    kafka) up_kafka ;;
+    prometheus) up_prometheus ;;
+    opensearch) up_opensearch ;;
+    *) log "unknown component $c (known: k8s kafka prometheus opensearch)"; exit 2 ;;
+  esac
+done
+log "harness up; environment in $envfile"

@@ -1,0 +1,211 @@
+//! Access to the real servers that `tests/harness/up.sh` starts, for the end-to-end tests.
+//!
+//! `up.sh` writes the servers' addresses to `$VP_RUN/env`; `tests/run-all.sh` sources that file
+//! before `cargo test`, so the tests read plain environment variables.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub mod bedrock;
+
+/// Reads a variable that `up.sh` sets, with a message that says how to get it.
+pub fn harness_var(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| {
+        format!(
+            "{name} is not set: start the servers with tests/harness/up.sh and source \
+             $VP_RUN/env (tests/run-all.sh does both)"
+        )
+    })
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// A name that no other test (or earlier run) uses, for namespaces, topics and groups.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{nanos:08x}", std::process::id())
+}
+
+/// Polls `check` until it returns `Some`, or fails after `limit` with `what` in the message.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("{what}: not reached within {limit:?}; last error: {e:#}"),
+                None => bail!("{what}: not reached within {limit:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The harness Kubernetes control plane.
+pub mod k8s {
+    use super::*;
+
+    /// The kubeconfig of the harness cluster (admin token).
+    pub fn kubeconfig() -> Result<PathBuf> {
+        harness_var("VP_KUBECONFIG").map(PathBuf::from)
+    }
+
+    /// A kube client for the harness cluster.
+    pub async fn client() -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()?)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Runs kubectl (v1.37, from the harness cache) against the harness cluster.
+    pub fn kubectl(args: &[&str]) -> Result<String> {
+        let kubectl = harness_var("VP_KUBECTL")?;
+        let out = Command::new(&kubectl)
+            .arg(format!("--kubeconfig={}", kubeconfig()?.display()))
+            .args(args)
+            .output()
+            .with_context(|| format!("running {kubectl}"))?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Installs the CRDs from `crds/` and waits until they are served.
+    pub fn install_crds() -> Result<()> {
+        let dir = repo_root().join("crds");
+        let dir = dir.to_string_lossy();
+        kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])?;
+        kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/embeddingpipelines.vectorpipe.io",
+            "crd/scalingpolicies.vectorpipe.io",
+            "--timeout=60s",
+        ])?;
+        Ok(())
+    }
+
+    /// Creates a namespace for one test; it is removed when the guard is dropped.
+    pub fn namespace(prefix: &str) -> Result<Namespace> {
+        let name = unique_name(prefix);
+        kubectl(&["create", "namespace", &name])?;
+        Ok(Namespace { name })
+    }
+
+    /// A namespace owned by one test.
+    pub struct Namespace {
+        /// Its name.
+        pub name: String,
+    }
+
+    impl Drop for Namespace {
+        fn drop(&mut self) {
+            let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+        }
+    }
+}
+
+/// The harness Kafka broker.
+pub mod kafka {
+    use super::*;
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    /// `host:port` of the broker.
+    pub fn bootstrap() -> Result<String> {
+        harness_var("VP_KAFKA_BOOTSTRAP")
+    }
+
+    /// A client configuration pointed at the broker.
+    pub fn config() -> Result<ClientConfig> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", bootstrap()?);
+        Ok(config)
+    }
+
+    /// Creates a topic with `partitions` partitions and waits for the broker to confirm it.
+    pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = config()?.create()?;
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await?;
+        for result in results {
+            result.map_err(|(topic, code)| anyhow::anyhow!("creating topic {topic}: {code}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The harness Prometheus server.
+pub mod prometheus {
+    use super::*;
+
+    /// The server's base URL.
+    pub fn url() -> Result<String> {
+        harness_var("VP_PROMETHEUS_URL")
+    }
+
+    /// Makes Prometheus scrape `address` (`host:port`, path `/metrics`) with the given labels,
+    /// through its file-based service discovery. Returns the file to delete to stop it.
+    pub fn add_target(name: &str, address: &str, labels: &[(&str, &str)]) -> Result<PathBuf> {
+        let dir = PathBuf::from(harness_var("VP_PROMETHEUS_TARGETS")?);
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        let body = serde_json::json!([{ "targets": [address], "labels": labels }]);
+        let path = dir.join(format!("{name}.json"));
+        // Written under another name and renamed, so Prometheus never reads half a file.
+        let partial = dir.join(format!(".{name}.json.partial"));
+        std::fs::write(&partial, serde_json::to_vec(&body)?)?;
+        std::fs::rename(&partial, &path)?;
+        Ok(path)
+    }
+}
+
+/// The harness OpenSearch node.
+pub mod opensearch {
+    use super::*;
+    use ::opensearch::OpenSearch;
+    use ::opensearch::http::transport::Transport;
+
+    /// The node's base URL.
+    pub fn url() -> Result<String> {
+        harness_var("VP_OPENSEARCH_URL")
+    }
+
+    /// A client for the node.
+    pub fn client() -> Result<OpenSearch> {
+        Ok(OpenSearch::new(Transport::single_node(&url()?)?))
+    }
+}
