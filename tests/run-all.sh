@@ -35,7 +35,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --features vectorpipe-tests/harness -q -- -D warnings
-step "building the tests"
+step "building the binaries and the tests"
+# The end-to-end tests run vectorpipe-worker as its own process, so the binary must exist.
+cargo build --workspace --bins -q
 cargo test --workspace --features vectorpipe-tests/harness --no-run -q
 
 step "starting the harness servers"

@@ -209,3 +209,115 @@ pub mod opensearch {
         Ok(OpenSearch::new(Transport::single_node(&url()?)?))
     }
 }
+
+/// Running the worker binary as a separate process, as a pod would.
+pub mod worker {
+    use super::*;
+    use std::process::{Child, Stdio};
+
+    /// The `vectorpipe-worker` binary next to the test binaries (`cargo build --bins` makes it).
+    pub fn binary() -> Result<PathBuf> {
+        let exe = std::env::current_exe()?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .context("the test binary has no target directory")?;
+        let path = dir.join("vectorpipe-worker");
+        if !path.exists() {
+            bail!(
+                "{} does not exist; build it first with `cargo build -p vectorpipe-worker` (tests/run-all.sh does)",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
+    /// A free port on 127.0.0.1 (bound and released).
+    pub fn free_port() -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    /// A running worker; killed (SIGKILL) when dropped if still running.
+    pub struct Worker {
+        child: Child,
+        /// Where its logs go.
+        pub log: PathBuf,
+        /// Its metrics address.
+        pub metrics: String,
+    }
+
+    impl Worker {
+        /// Starts `vectorpipe-worker run` on a pipeline file, with the fake Bedrock credentials.
+        pub fn start(pipeline: &Path, log: &Path) -> Result<Self> {
+            let port = free_port()?;
+            let metrics = format!("127.0.0.1:{port}");
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
+            let child = Command::new(binary()?)
+                .args(["run", "--pipeline"])
+                .arg(pipeline)
+                .args(["--metrics-address", &metrics, "--drain-seconds", "20"])
+                .env("AWS_ACCESS_KEY_ID", crate::bedrock::ACCESS_KEY_ID)
+                .env("AWS_SECRET_ACCESS_KEY", crate::bedrock::SECRET_ACCESS_KEY)
+                .env("AWS_REGION", "eu-west-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env("RUST_LOG", "info,vectorpipe_worker=debug")
+                .stdout(Stdio::null())
+                .stderr(out)
+                .spawn()?;
+            Ok(Self {
+                child,
+                log: log.to_owned(),
+                metrics,
+            })
+        }
+
+        /// Sends SIGTERM and waits for the exit status.
+        pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+            let status = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()?;
+            ensure_ok(status.success(), "kill -TERM failed")?;
+            Ok(self.child.wait()?)
+        }
+
+        /// SIGKILL, as a crash.
+        pub fn kill(mut self) -> Result<()> {
+            self.child.kill()?;
+            self.child.wait()?;
+            Ok(())
+        }
+
+        /// Fails if the worker exited; returns its log otherwise.
+        pub fn assert_running(&mut self) -> Result<()> {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the worker exited with {status}; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+
+        /// The text of `/metrics`.
+        pub async fn metrics_text(&self) -> Result<String> {
+            let url = format!("http://{}/metrics", self.metrics);
+            Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+        }
+    }
+
+    fn ensure_ok(ok: bool, what: &str) -> Result<()> {
+        if ok { Ok(()) } else { bail!("{what}") }
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -38,6 +38,28 @@ pub enum ConfigError {
     },
 }
 
+/// The pipeline's name and namespace, from a manifest's metadata (empty for a bare spec).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// `metadata.name`.
+    pub name: Option<String>,
+    /// `metadata.namespace`.
+    pub namespace: Option<String>,
+}
+
+/// Reads `metadata.name` / `metadata.namespace` from a manifest, if the file is one.
+pub fn identity(path: &Path) -> Identity {
+    let value: serde_yaml::Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_yaml::from_str(&t).ok())
+        .unwrap_or_default();
+    let field = |k: &str| value["metadata"][k].as_str().map(str::to_owned);
+    Identity {
+        name: field("name"),
+        namespace: field("namespace"),
+    }
+}
+
 /// A manifest (`apiVersion`/`kind`/`spec`) or a bare spec.
 #[derive(Deserialize)]
 #[serde(untagged)]

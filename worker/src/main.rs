@@ -1,14 +1,28 @@
 //! `vectorpipe-worker`: the data plane of one EmbeddingPipeline.
 //!
-//! The Kafka → Bedrock → OpenSearch loop and the laptop mode land in later increments; today the
-//! binary checks a pipeline file the way the worker will read it at start-up.
+//! `run` consumes the pipeline's Kafka topics, embeds the records with Bedrock and indexes them
+//! into OpenSearch; `check` reads and checks a pipeline file without connecting anywhere.
 
+mod chunk;
 mod config;
+mod embed;
+mod http;
+mod metrics;
+mod offsets;
+mod pipeline;
+mod sink;
+mod source;
+mod transform;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
 /// Command-line interface.
 #[derive(Parser, Debug)]
@@ -26,6 +40,154 @@ enum Command {
         #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
         pipeline: PathBuf,
     },
+    /// Run the pipeline until SIGTERM/SIGINT, then drain, commit and exit.
+    Run {
+        /// The pipeline file.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
+        pipeline: PathBuf,
+        /// The pipeline's name (labels, default group id). Default: the manifest's, else the file name.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_NAME")]
+        name: Option<String>,
+        /// The pipeline's namespace (default group id). Default: the manifest's, else `default`.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_NAMESPACE")]
+        namespace: Option<String>,
+        /// Address of /metrics, /healthz, /readyz. Default: 0.0.0.0:<spec.workers.metricsPort>.
+        #[arg(long, env = "VECTORPIPE_METRICS_ADDRESS")]
+        metrics_address: Option<SocketAddr>,
+        /// Seconds allowed to finish in-flight work after SIGTERM.
+        #[arg(long, env = "VECTORPIPE_DRAIN_SECONDS", default_value_t = 25)]
+        drain_seconds: u64,
+        /// Log as JSON lines (the default in containers) or as text.
+        #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
+        log_format: LogFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+fn init_logging(spec: &EmbeddingPipelineSpec, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&spec.workers.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    pipeline: PathBuf,
+    name: Option<String>,
+    namespace: Option<String>,
+    metrics_address: Option<SocketAddr>,
+    drain_seconds: u64,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let spec = config::load(&pipeline)?;
+    init_logging(&spec, log_format);
+    let identity = config::identity(&pipeline);
+    let name = name.or(identity.name).unwrap_or_else(|| {
+        pipeline
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".to_owned())
+    });
+    let namespace = namespace
+        .or(identity.namespace)
+        .unwrap_or_else(|| "default".to_owned());
+    let group_id = spec
+        .source
+        .kafka
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("vectorpipe-{namespace}-{name}"));
+    let dimensions = spec.embedding.bedrock.vector_dimensions()?;
+
+    let (metrics, registry) = metrics::Metrics::new(&name);
+    let metrics = Arc::new(metrics);
+    let ready = Arc::new(AtomicBool::new(false));
+    let address = metrics_address.unwrap_or_else(|| {
+        SocketAddr::from((
+            [0, 0, 0, 0],
+            spec.workers.metrics_port.clamp(1, 65535) as u16,
+        ))
+    });
+    let bound = http::serve(address, registry, ready.clone()).await?;
+    tracing::info!(pipeline = %name, %namespace, group_id, metrics = %bound, "starting");
+
+    let sink = sink::opensearch::Sink::new(
+        spec.sink.opensearch.clone(),
+        dimensions,
+        Duration::from_secs(60),
+    )?;
+    // The sink must be usable before any record is read: a wrong mapping stops the worker
+    // instead of filling the dead-letter topic. Unreachable clusters are retried.
+    let mut attempt = 0;
+    loop {
+        match sink.ensure_index().await {
+            Ok(()) => break,
+            Err(sink::opensearch::SinkError::Transient(e)) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "OpenSearch is not reachable yet; retrying");
+                tokio::time::sleep(embed::bedrock::backoff(
+                    Duration::from_millis(500),
+                    Duration::from_secs(15),
+                    attempt,
+                ))
+                .await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let embedder =
+        embed::bedrock::BedrockEmbedder::new(spec.embedding.bedrock.clone(), metrics.clone()).await;
+    let options = pipeline::Options {
+        group_id,
+        drain_timeout: Duration::from_secs(drain_seconds),
+        commit_interval: Duration::from_secs(1),
+        max_commit_interval: Duration::from_secs(5),
+    };
+    pipeline::run(
+        spec,
+        options,
+        Arc::new(embedder),
+        Arc::new(sink),
+        metrics,
+        ready,
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -45,5 +207,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run {
+            pipeline,
+            name,
+            namespace,
+            metrics_address,
+            drain_seconds,
+            log_format,
+        } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(
+                pipeline,
+                name,
+                namespace,
+                metrics_address,
+                drain_seconds,
+                log_format,
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "the worker stopped on an error");
+                    eprintln!("vectorpipe-worker: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

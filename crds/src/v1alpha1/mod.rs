@@ -8,4 +8,5 @@ pub mod scaling_policy;
 
 pub use duration::Duration;
 pub use embedding_pipeline::*;
+pub use models::ModelFamily;
 pub use scaling_policy::*;

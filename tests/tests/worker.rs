@@ -1,0 +1,460 @@
+//! The worker end to end: real Kafka and OpenSearch from the harness, the Bedrock fake in this
+//! process, and `vectorpipe-worker run` as a separate process.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use opensearch::indices::IndicesRefreshParts;
+use opensearch::{CountParts, SearchParts};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
+use vectorpipe_tests::worker::Worker;
+use vectorpipe_tests::{eventually, kafka, opensearch as os, unique_name};
+
+const PARTITIONS: i32 = 3;
+const DIMENSIONS: usize = 256;
+
+/// One test's topics, index, group and files.
+struct Setup {
+    topic: String,
+    dead_letter: String,
+    index: String,
+    group: String,
+    dir: PathBuf,
+    pipeline: PathBuf,
+    fake: FakeBedrock,
+}
+
+impl Setup {
+    async fn new(name: &str) -> Result<Self> {
+        let topic = unique_name(name);
+        let dead_letter = format!("{topic}-dlq");
+        kafka::create_topic(&topic, PARTITIONS).await?;
+        kafka::create_topic(&dead_letter, 1).await?;
+        let (fake, address) = FakeBedrock::start().await?;
+        let dir = std::env::temp_dir().join(&topic);
+        std::fs::create_dir_all(&dir)?;
+        let setup = Self {
+            index: topic.to_lowercase(),
+            group: format!("{topic}-group"),
+            pipeline: dir.join("pipeline.yaml"),
+            topic,
+            dead_letter,
+            dir,
+            fake,
+        };
+        let pipeline = json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "EmbeddingPipeline",
+            "metadata": {"name": name, "namespace": "tests"},
+            "spec": {
+                "source": {"kafka": {
+                    "bootstrapServers": [kafka::bootstrap()?],
+                    "topics": [setup.topic],
+                    "groupId": setup.group,
+                }},
+                "transform": {
+                    "idPointer": "/id",
+                    "textPointers": ["/text"],
+                    "metadata": {"likes": "/likes"},
+                },
+                "chunking": {"strategy": "recursive", "maxChars": 200, "overlapChars": 20},
+                "embedding": {"bedrock": {
+                    "modelId": "amazon.titan-embed-text-v2:0",
+                    "dimensions": DIMENSIONS,
+                    "region": "eu-west-1",
+                    "endpointUrl": format!("http://{address}"),
+                    "maxInFlight": 16,
+                    "retry": {"maxAttempts": 6, "baseDelay": "20ms", "maxDelay": "500ms"},
+                }},
+                "sink": {"opensearch": {
+                    "endpoints": [os::url()?],
+                    "index": setup.index,
+                    "method": {"engine": "lucene"},
+                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
+                    "bulk": {"maxDocs": 100, "flushInterval": "200ms"},
+                }},
+                "deadLetter": {"topic": setup.dead_letter},
+            }
+        });
+        std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+        Ok(setup)
+    }
+
+    fn start_worker(&self, name: &str) -> Result<Worker> {
+        Worker::start(&self.pipeline, &self.dir.join(format!("{name}.log")))
+    }
+
+    async fn produce(&self, records: &[(Option<&str>, Option<Vec<u8>>)]) -> Result<()> {
+        let producer: FutureProducer = kafka::config()?.set("linger.ms", "5").create()?;
+        for (key, payload) in records {
+            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            if let Some(payload) = payload {
+                record = record.payload(payload.as_slice());
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        Ok(())
+    }
+
+    async fn count(&self, query: Value) -> Result<u64> {
+        let client = os::client()?;
+        client
+            .indices()
+            .refresh(IndicesRefreshParts::Index(&[&self.index]))
+            .send()
+            .await?;
+        let response: Value = client
+            .count(CountParts::Index(&[&self.index]))
+            .body(json!({ "query": query }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(response["count"].as_u64().unwrap_or(0))
+    }
+
+    async fn wait_for_count(&self, query: Value, want: u64, limit: Duration) -> Result<()> {
+        eventually(&format!("{want} documents matching {query}"), limit, || {
+            let query = query.clone();
+            async move { Ok((self.count(query).await? == want).then_some(())) }
+        })
+        .await
+    }
+
+    async fn ids(&self) -> Result<BTreeSet<String>> {
+        let response: Value = os::client()?
+            .search(SearchParts::Index(&[&self.index]))
+            .body(json!({"size": 10000, "_source": false, "query": {"match_all": {}}}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(response["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["_id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Waits until the group's committed offsets reach the end of every partition.
+    async fn wait_for_commits_at_end(&self, limit: Duration) -> Result<()> {
+        let observer: BaseConsumer = kafka::config()?.set("group.id", &self.group).create()?;
+        eventually(
+            "committed offsets at the end of every partition",
+            limit,
+            || {
+                let observer = &observer;
+                async move {
+                    let mut wanted = TopicPartitionList::new();
+                    for p in 0..PARTITIONS {
+                        wanted.add_partition(&self.topic, p);
+                    }
+                    let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
+                    for p in 0..PARTITIONS {
+                        let (_, high) =
+                            observer.fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
+                        let at = committed.find_partition(&self.topic, p).map(|e| e.offset());
+                        let done = match at {
+                            Some(Offset::Offset(o)) => o == high,
+                            _ => high == 0,
+                        };
+                        if !done {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(()))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Reads every record of the dead-letter topic: (reason header, source offset header, payload).
+    async fn dead_letters(&self, want: usize) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let consumer: StreamConsumer = kafka::config()?
+            .set("group.id", unique_name("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[&self.dead_letter])?;
+        let mut out = Vec::new();
+        while out.len() < want {
+            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .context("dead-letter records missing")??;
+            let header = |name: &str| {
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|x| x.key == name))
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            out.push((
+                header("vectorpipe.reason"),
+                header("vectorpipe.source.offset"),
+                message.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn post(i: usize) -> (String, Vec<u8>) {
+    let topics = [
+        "cats and kittens",
+        "interest rates and inflation",
+        "football scores",
+    ];
+    let id = format!("post-{i}");
+    let text = format!("post {i} about {}", topics[i % topics.len()]);
+    (
+        id.clone(),
+        json!({"id": id, "text": text, "likes": i})
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+fn posts(range: std::ops::Range<usize>) -> Vec<(String, Vec<u8>)> {
+    range.map(post).collect()
+}
+
+fn as_records(posts: &[(String, Vec<u8>)]) -> Vec<(Option<&str>, Option<Vec<u8>>)> {
+    posts
+        .iter()
+        .map(|(id, p)| (Some(id.as_str()), Some(p.clone())))
+        .collect()
+}
+
+fn expected_ids(range: std::ops::Range<usize>) -> BTreeSet<String> {
+    range.map(|i| format!("post-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_becomes_exactly_one_document_and_offsets_reach_the_end() -> Result<()> {
+    let setup = Setup::new("e2e-exact").await?;
+    let n = 200;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let mut worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    worker.assert_running()?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+
+    // The stored vector is the fake model's embedding of the text, and the fields came along.
+    let response: Value = os::client()?
+        .search(SearchParts::Index(&[&setup.index]))
+        .body(json!({"query": {"ids": {"values": ["post-7"]}}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let source = &response["hits"]["hits"][0]["_source"];
+    let text = source["text"].as_str().context("text field")?;
+    assert_eq!(text, "post 7 about interest rates and inflation");
+    assert_eq!(source["likes"], 7);
+    assert_eq!(source["parentId"], "post-7");
+    let stored: Vec<f32> = serde_json::from_value(source["embedding"].clone())?;
+    let want = bedrock::embed(text, DIMENSIONS, true);
+    assert_eq!(stored.len(), DIMENSIONS);
+    assert!(stored.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
+
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    let metrics = worker.metrics_text().await?;
+    assert!(
+        metrics.contains("vectorpipe_worker_documents_indexed_total"),
+        "{metrics}"
+    );
+    let status = worker.stop()?;
+    assert!(
+        status.success(),
+        "the worker exits 0 after SIGTERM, got {status}"
+    );
+    assert_eq!(
+        setup.fake.stats().models["amazon.titan-embed-text-v2:0"].succeeded,
+        n as u64
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_restarts_without_losing_or_duplicating_records() -> Result<()> {
+    let setup = Setup::new("e2e-crash").await?;
+    let n = 600;
+    setup.fake.set_latency(Duration::from_millis(10));
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let first = setup.start_worker("first")?;
+    eventually(
+        "some documents before the crash",
+        Duration::from_secs(60),
+        || async { Ok((setup.count(json!({"match_all": {}})).await? >= 50).then_some(())) },
+    )
+    .await?;
+    first.kill()?;
+    let before = setup.count(json!({"match_all": {}})).await?;
+    assert!(
+        before < n as u64,
+        "the crash must come mid-stream ({before} of {n} indexed)"
+    );
+
+    let second = setup.start_worker("second")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(120))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    assert!(second.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_records_go_to_the_dead_letter_topic_and_good_ones_around_them_are_indexed()
+-> Result<()> {
+    let setup = Setup::new("e2e-bad").await?;
+    let good = posts(0..3);
+    let huge = json!({"id": "huge", "text": "word ".repeat(60_000)})
+        .to_string()
+        .into_bytes();
+    let records: Vec<(Option<&str>, Option<Vec<u8>>)> = vec![
+        (Some(good[0].0.as_str()), Some(good[0].1.clone())),
+        (Some("bad-json"), Some(b"{not json".to_vec())),
+        (Some("bad-utf8"), Some(b"\xff\xfe\xfd".to_vec())),
+        (
+            Some("no-text"),
+            Some(br#"{"id": "no-text", "body": "x"}"#.to_vec()),
+        ),
+        (Some(good[1].0.as_str()), Some(good[1].1.clone())),
+        (Some("array"), Some(b"[1, 2, 3]".to_vec())),
+        (
+            Some("empty"),
+            Some(br#"{"id": "empty", "text": "   "}"#.to_vec()),
+        ),
+        (Some("huge"), Some(huge)),
+        (Some(good[2].0.as_str()), Some(good[2].1.clone())),
+    ];
+    // One partition key per record spreads them; order within a partition is what matters.
+    setup.produce(&records).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 3, Duration::from_secs(60))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..3));
+
+    let dead = setup.dead_letters(5).await?;
+    let mut reasons: Vec<&str> = dead.iter().map(|(r, _, _)| r.as_str()).collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["missing-field", "parse", "parse", "parse", "too-large"]
+    );
+    assert!(
+        dead.iter()
+            .all(|(_, offset, _)| offset.parse::<i64>().is_ok())
+    );
+    assert!(
+        dead.iter()
+            .any(|(_, _, payload)| payload.as_slice() == b"{not json"),
+        "the original bytes are kept"
+    );
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    let metrics = worker.metrics_text().await?;
+    assert!(
+        metrics.contains(r#"outcome="skipped-empty-text""#),
+        "{metrics}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tombstone_deletes_every_chunk_of_its_record() -> Result<()> {
+    let setup = Setup::new("e2e-tombstone").await?;
+    let long = (0..40)
+        .map(|i| format!("Sentence number {i} talks about vectors."))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let record = json!({"id": "long", "text": long}).to_string().into_bytes();
+    setup
+        .produce(&[
+            (Some("long"), Some(record)),
+            (Some("post-0"), Some(post(0).1)),
+        ])
+        .await?;
+    let worker = setup.start_worker("worker")?;
+    eventually(
+        "the long record's chunks",
+        Duration::from_secs(60),
+        || async {
+            Ok((setup.count(json!({"term": {"parentId": "long"}})).await? >= 5).then_some(()))
+        },
+    )
+    .await?;
+    setup.produce(&[(Some("long"), None)]).await?;
+    setup
+        .wait_for_count(
+            json!({"term": {"parentId": "long"}}),
+            0,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..1), "other records stay");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_loses_nothing_and_shows_in_the_metrics() -> Result<()> {
+    let setup = Setup::new("e2e-throttle").await?;
+    let n = 100;
+    setup.fake.inject(Fault::ThrottlingException, 40);
+    setup.fake.inject(Fault::ServiceUnavailableException, 5);
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    let metrics = worker.metrics_text().await?;
+    let throttled = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vectorpipe_worker_embed_calls_total")
+                && l.contains(r#"outcome="throttled""#)
+        })
+        .context("no throttled calls in /metrics")?;
+    assert!(throttled.ends_with(" 40"), "{throttled}");
+    assert!(
+        metrics.contains("vectorpipe_worker_embed_concurrency_limit"),
+        "{metrics}"
+    );
+    assert_eq!(
+        setup.fake.stats().errors.get("ThrottlingException"),
+        Some(&40)
+    );
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Amazon Bedrock `InvokeModel` for Titan Text Embeddings v1/v2 and Cohere Embed v3.
+//!
+//! The SDK's own retries are turned off: this module retries throttling, timeouts and 5xx with
+//! jittered exponential backoff from the spec, and feeds the adaptive in-flight limit, so the
+//! worker backs off a quota instead of hammering it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_bedrockruntime::Client;
+use aws_sdk_bedrockruntime::error::SdkError;
+use aws_sdk_bedrockruntime::operation::invoke_model::InvokeModelError;
+use aws_sdk_bedrockruntime::primitives::Blob;
+use serde_json::{Value, json};
+use vectorpipe_crds::v1alpha1::{BedrockEmbedding, CohereInputType, CohereTruncate, ModelFamily};
+
+use super::limit::AdaptiveLimit;
+use super::{EmbedError, Embedded, Embedder};
+use crate::metrics::Metrics;
+
+/// The request body for a batch of texts.
+pub fn request_body(spec: &BedrockEmbedding, texts: &[String]) -> Value {
+    match spec.family() {
+        ModelFamily::CohereEmbedV3 => {
+            let mut body = json!({
+                "texts": texts,
+                "input_type": match spec.input_type.unwrap_or(CohereInputType::SearchDocument) {
+                    CohereInputType::SearchDocument => "search_document",
+                    CohereInputType::SearchQuery => "search_query",
+                    CohereInputType::Classification => "classification",
+                    CohereInputType::Clustering => "clustering",
+                },
+            });
+            if let Some(truncate) = spec.truncate {
+                body["truncate"] = json!(match truncate {
+                    CohereTruncate::None => "NONE",
+                    CohereTruncate::Start => "START",
+                    CohereTruncate::End => "END",
+                });
+            }
+            body
+        }
+        ModelFamily::TitanTextV2 => {
+            let mut body = json!({ "inputText": texts.first().cloned().unwrap_or_default() });
+            if let Some(d) = spec.dimensions {
+                body["dimensions"] = json!(d);
+            }
+            if let Some(n) = spec.normalize {
+                body["normalize"] = json!(n);
+            }
+            body
+        }
+        // Titan v1 and models vectorpipe does not know take the Titan v1 shape.
+        ModelFamily::TitanTextV1 | ModelFamily::Unknown => {
+            json!({ "inputText": texts.first().cloned().unwrap_or_default() })
+        }
+    }
+}
+
+/// Reads the vectors (and token counts) out of a response body.
+pub fn parse_response(
+    family: ModelFamily,
+    body: &[u8],
+    expected: usize,
+) -> Result<Vec<Embedded>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the response is not JSON: {e}"))?;
+    let floats = |v: &Value| -> Result<Vec<f32>, String> {
+        v.as_array()
+            .ok_or("an embedding is not an array")?
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .map(|f| f as f32)
+                    .ok_or("an embedding value is not a number")
+            })
+            .collect::<Result<_, _>>()
+            .map_err(str::to_owned)
+    };
+    let out = match family {
+        ModelFamily::CohereEmbedV3 => {
+            let embeddings = match &value["embeddings"] {
+                Value::Array(list) => list,
+                Value::Object(by_type) => by_type
+                    .get("float")
+                    .and_then(Value::as_array)
+                    .ok_or("the response has no float embeddings")?,
+                _ => return Err("the response has no embeddings".into()),
+            };
+            embeddings
+                .iter()
+                .map(|e| {
+                    Ok(Embedded {
+                        vector: floats(e)?,
+                        tokens: 0,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?
+        }
+        _ => vec![Embedded {
+            vector: floats(&value["embedding"])?,
+            tokens: value["inputTextTokenCount"].as_u64().unwrap_or(0),
+        }],
+    };
+    if out.len() != expected {
+        return Err(format!(
+            "asked for {expected} embeddings, got {}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// How one failed call should be handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// Quota exceeded: back off and lower the in-flight limit.
+    Throttled(String),
+    /// Timeouts, 5xx, network: back off and retry.
+    Transient(String),
+    /// The model refused the input.
+    Rejected(String),
+    /// Credentials, permissions, unknown model.
+    Misconfigured(String),
+}
+
+fn classify(err: SdkError<InvokeModelError>) -> Failure {
+    match err {
+        SdkError::ServiceError(context) => {
+            let err = context.into_err();
+            let message = err.to_string();
+            match err {
+                InvokeModelError::ThrottlingException(_)
+                | InvokeModelError::ServiceQuotaExceededException(_) => Failure::Throttled(message),
+                InvokeModelError::ModelNotReadyException(_)
+                | InvokeModelError::ServiceUnavailableException(_)
+                | InvokeModelError::InternalServerException(_)
+                | InvokeModelError::ModelTimeoutException(_)
+                | InvokeModelError::ModelErrorException(_) => Failure::Transient(message),
+                InvokeModelError::ValidationException(_) => Failure::Rejected(message),
+                InvokeModelError::AccessDeniedException(_) => Failure::Misconfigured(format!(
+                    "Bedrock denied access ({message}); grant the workers' role bedrock:InvokeModel on the model"
+                )),
+                InvokeModelError::ResourceNotFoundException(_) => Failure::Misconfigured(format!(
+                    "Bedrock does not know the model ({message}); check embedding.bedrock.modelId and region, and that the model is enabled in the account"
+                )),
+                other => Failure::Transient(other.to_string()),
+            }
+        }
+        SdkError::TimeoutError(_) => Failure::Transient("the call timed out".into()),
+        SdkError::DispatchFailure(e) => {
+            Failure::Transient(format!("could not reach Bedrock: {e:?}"))
+        }
+        SdkError::ResponseError(e) => Failure::Transient(format!("unreadable response: {e:?}")),
+        other => Failure::Misconfigured(format!("the call could not be built: {other}")),
+    }
+}
+
+/// Full-jitter exponential backoff: a random wait up to `base * 2^attempt`, capped at `max`.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(max);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(fastrand::u64(0..=millis))
+}
+
+/// The Bedrock embedder.
+pub struct BedrockEmbedder {
+    client: Client,
+    spec: BedrockEmbedding,
+    limit: AdaptiveLimit,
+    metrics: Arc<Metrics>,
+}
+
+impl BedrockEmbedder {
+    /// Builds the client from the default AWS credential chain (IRSA / Pod Identity / env), the
+    /// spec's region and endpoint, and the spec's per-call timeout.
+    pub async fn new(spec: BedrockEmbedding, metrics: Arc<Metrics>) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(spec.timeout.get())
+                    .build(),
+            );
+        if let Some(region) = &spec.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &spec.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let config = loader.load().await;
+        let limit = AdaptiveLimit::new(spec.max_in_flight.max(1) as usize);
+        metrics.embed_limit.set(limit.current() as i64);
+        Self {
+            client: Client::new(&config),
+            spec,
+            limit,
+            metrics,
+        }
+    }
+
+    async fn call(&self, body: &Value) -> Result<Vec<u8>, SdkError<InvokeModelError>> {
+        let out = self
+            .client
+            .invoke_model()
+            .model_id(&self.spec.model_id)
+            .content_type("application/json")
+            .accept("application/json")
+            .body(Blob::new(body.to_string()))
+            .send()
+            .await?;
+        Ok(out.body.into_inner())
+    }
+}
+
+impl Embedder for BedrockEmbedder {
+    fn batch_size(&self) -> usize {
+        self.spec.effective_batch_size()
+    }
+
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>, EmbedError> {
+        let body = request_body(&self.spec, &texts);
+        let family = self.spec.family();
+        let max_attempts = self.spec.retry.max_attempts.max(1) as u32;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let slot = self.limit.acquire().await;
+            self.metrics
+                .embed_in_flight
+                .set(self.limit.in_flight() as i64);
+            let started = Instant::now();
+            let result = self.call(&body).await;
+            self.metrics
+                .embed_latency
+                .observe(started.elapsed().as_secs_f64());
+            drop(slot);
+            self.metrics
+                .embed_in_flight
+                .set(self.limit.in_flight() as i64);
+            let failure = match result {
+                Ok(bytes) => match parse_response(family, &bytes, texts.len()) {
+                    Ok(embedded) => {
+                        self.limit.on_success();
+                        self.metrics.embed_limit.set(self.limit.current() as i64);
+                        self.metrics.embed_call("ok");
+                        self.metrics
+                            .tokens
+                            .inc_by(embedded.iter().map(|e| e.tokens).sum());
+                        return Ok(embedded);
+                    }
+                    Err(e) => Failure::Transient(format!("unexpected response from Bedrock: {e}")),
+                },
+                Err(e) => classify(e),
+            };
+            let message = match failure {
+                Failure::Rejected(m) => {
+                    self.metrics.embed_call("rejected");
+                    return Err(EmbedError::Rejected(m));
+                }
+                Failure::Misconfigured(m) => {
+                    self.metrics.embed_call("misconfigured");
+                    return Err(EmbedError::Misconfigured(m));
+                }
+                Failure::Throttled(m) => {
+                    self.metrics.embed_call("throttled");
+                    self.limit.on_throttle();
+                    self.metrics.embed_limit.set(self.limit.current() as i64);
+                    m
+                }
+                Failure::Transient(m) => {
+                    self.metrics.embed_call("error");
+                    m
+                }
+            };
+            if attempt >= max_attempts {
+                return Err(EmbedError::Unavailable {
+                    attempts: attempt,
+                    message,
+                });
+            }
+            let wait = backoff(
+                self.spec.retry.base_delay.get(),
+                self.spec.retry.max_delay.get(),
+                attempt - 1,
+            );
+            tracing::debug!(attempt, ?wait, error = %message, "retrying an embedding call");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(model: &str, extra: Value) -> BedrockEmbedding {
+        let mut v = json!({ "modelId": model });
+        if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
+            a.extend(b);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn request_bodies_follow_each_model_family() {
+        let texts = vec!["hello".to_owned()];
+        assert_eq!(
+            request_body(
+                &spec(
+                    "amazon.titan-embed-text-v2:0",
+                    json!({"dimensions": 512, "normalize": true})
+                ),
+                &texts
+            ),
+            json!({"inputText": "hello", "dimensions": 512, "normalize": true})
+        );
+        assert_eq!(
+            request_body(&spec("amazon.titan-embed-text-v1", json!({})), &texts),
+            json!({"inputText": "hello"})
+        );
+        assert_eq!(
+            request_body(
+                &spec("cohere.embed-english-v3", json!({"truncate": "END"})),
+                &["a".into(), "b".into()]
+            ),
+            json!({"texts": ["a", "b"], "input_type": "search_document", "truncate": "END"})
+        );
+    }
+
+    #[test]
+    fn responses_are_parsed_per_family() {
+        let titan = parse_response(
+            ModelFamily::TitanTextV2,
+            br#"{"embedding":[0.5,-1],"inputTextTokenCount":3}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            titan,
+            [Embedded {
+                vector: vec![0.5, -1.0],
+                tokens: 3
+            }]
+        );
+        let cohere = parse_response(ModelFamily::CohereEmbedV3, br#"{"id":"x","texts":["a","b"],"embeddings":[[1],[2]],"response_type":"embeddings_floats"}"#, 2).unwrap();
+        assert_eq!(cohere.len(), 2);
+        let by_type = parse_response(
+            ModelFamily::CohereEmbedV3,
+            br#"{"embeddings":{"float":[[1]]},"response_type":"embeddings_by_type"}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(by_type[0].vector, [1.0]);
+        assert!(parse_response(ModelFamily::CohereEmbedV3, br#"{"embeddings":[[1]]}"#, 2).is_err());
+        assert!(parse_response(ModelFamily::TitanTextV1, b"not json", 1).is_err());
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 0..30 {
+            assert!(backoff(base, max, attempt) <= max);
+        }
+        assert!(backoff(base, max, 0) <= base);
+    }
+}

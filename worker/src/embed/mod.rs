@@ -1,0 +1,46 @@
+//! Embedding texts: the `Embedder` trait and its Bedrock implementation.
+
+pub mod bedrock;
+pub mod limit;
+
+use std::future::Future;
+
+/// One embedded text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedded {
+    /// The vector.
+    pub vector: Vec<f32>,
+    /// Input tokens the model reported for this text (0 when it reports none).
+    pub tokens: u64,
+}
+
+/// Why texts could not be embedded.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// The model refused these texts; retrying will not help (they go to the dead-letter topic).
+    #[error("the model refused the input: {0}")]
+    Rejected(String),
+    /// Throttling, timeouts, 5xx or network errors outlasted the retries; try again later.
+    #[error("the model is unavailable after {attempts} attempts: {message}")]
+    Unavailable {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        message: String,
+    },
+    /// A configuration problem (credentials, permissions, unknown model): a person must act.
+    #[error("{0}")]
+    Misconfigured(String),
+}
+
+/// Something that turns texts into vectors.
+pub trait Embedder: Send + Sync + 'static {
+    /// Embeds `texts` (at most the model's batch size), in order.
+    fn embed(
+        &self,
+        texts: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Embedded>, EmbedError>> + Send;
+
+    /// Texts per call.
+    fn batch_size(&self) -> usize;
+}

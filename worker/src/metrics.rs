@@ -1,0 +1,192 @@
+//! The worker's Prometheus metrics (`vectorpipe_worker_*`), labelled with the pipeline.
+
+use std::borrow::Cow;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label set with one `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// What happened.
+    pub outcome: String,
+}
+
+/// A label set naming a topic partition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: String,
+}
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    /// Records read, by outcome (`indexed`, `deleted`, `skipped-*`, `dead-lettered-*`).
+    pub records: Family<Outcome, Counter>,
+    /// Documents acknowledged by OpenSearch.
+    pub documents_indexed: Counter,
+    /// Documents deleted by tombstones.
+    pub documents_deleted: Counter,
+    /// Embedding calls by outcome (`ok`, `throttled`, `error`, `rejected`, `misconfigured`).
+    pub embed_calls: Family<Outcome, Counter>,
+    /// Seconds per embedding call.
+    pub embed_latency: Histogram,
+    /// Embedding calls in flight.
+    pub embed_in_flight: Gauge,
+    /// The adaptive cap on embedding calls in flight.
+    pub embed_limit: Gauge,
+    /// Input tokens reported by the model.
+    pub tokens: Counter,
+    /// Seconds per `_bulk` request.
+    pub bulk_latency: Histogram,
+    /// Bulk items by outcome (`ok`, `retried`, `rejected`).
+    pub bulk_items: Family<Outcome, Counter>,
+    /// Records read but not yet committed.
+    pub records_in_flight: Gauge,
+    /// Consumer lag per partition, from librdkafka's statistics.
+    pub consumer_lag: Family<TopicPartition, Gauge>,
+    /// Consumer lag summed over the worker's partitions.
+    pub consumer_lag_total: Gauge,
+    /// Offset commits by outcome.
+    pub commits: Family<Outcome, Counter>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under `vectorpipe_worker` with a `pipeline` label.
+    pub fn new(pipeline: &str) -> (Self, Registry) {
+        let mut registry = Registry::with_prefix_and_labels(
+            "vectorpipe_worker",
+            [(Cow::Borrowed("pipeline"), Cow::Owned(pipeline.to_owned()))].into_iter(),
+        );
+        let metrics = Self {
+            records: Family::default(),
+            documents_indexed: Counter::default(),
+            documents_deleted: Counter::default(),
+            embed_calls: Family::default(),
+            embed_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            embed_in_flight: Gauge::default(),
+            embed_limit: Gauge::default(),
+            tokens: Counter::default(),
+            bulk_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            bulk_items: Family::default(),
+            records_in_flight: Gauge::default(),
+            consumer_lag: Family::default(),
+            consumer_lag_total: Gauge::default(),
+            commits: Family::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "records",
+            "Records read, by outcome",
+            metrics.records.clone(),
+        );
+        r.register(
+            "documents_indexed",
+            "Documents acknowledged by OpenSearch",
+            metrics.documents_indexed.clone(),
+        );
+        r.register(
+            "documents_deleted",
+            "Documents deleted by tombstones",
+            metrics.documents_deleted.clone(),
+        );
+        r.register(
+            "embed_calls",
+            "Embedding calls, by outcome",
+            metrics.embed_calls.clone(),
+        );
+        r.register(
+            "embed_latency_seconds",
+            "Seconds per embedding call",
+            metrics.embed_latency.clone(),
+        );
+        r.register(
+            "embed_in_flight",
+            "Embedding calls in flight",
+            metrics.embed_in_flight.clone(),
+        );
+        r.register(
+            "embed_concurrency_limit",
+            "Adaptive cap on embedding calls in flight",
+            metrics.embed_limit.clone(),
+        );
+        r.register(
+            "input_tokens",
+            "Input tokens reported by the embedding model",
+            metrics.tokens.clone(),
+        );
+        r.register(
+            "bulk_latency_seconds",
+            "Seconds per _bulk request",
+            metrics.bulk_latency.clone(),
+        );
+        r.register(
+            "bulk_items",
+            "Bulk items, by outcome",
+            metrics.bulk_items.clone(),
+        );
+        r.register(
+            "records_in_flight",
+            "Records read but not yet done",
+            metrics.records_in_flight.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Records behind the partition's end",
+            metrics.consumer_lag.clone(),
+        );
+        r.register(
+            "consumer_lag_total",
+            "Records behind the end, all assigned partitions",
+            metrics.consumer_lag_total.clone(),
+        );
+        r.register(
+            "commits",
+            "Offset commits, by outcome",
+            metrics.commits.clone(),
+        );
+        (metrics, registry)
+    }
+
+    /// Counts a record outcome.
+    pub fn record(&self, outcome: &str) {
+        self.records
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an embedding call outcome.
+    pub fn embed_call(&self, outcome: &str) {
+        self.embed_calls
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts bulk item outcomes.
+    pub fn bulk_item(&self, outcome: &str, n: u64) {
+        self.bulk_items
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts a commit outcome.
+    pub fn commit(&self, outcome: &str) {
+        self.commits
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}

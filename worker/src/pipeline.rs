@@ -1,0 +1,689 @@
+//! The running pipeline: Kafka → transform → dedup → embed → bulk index → commit.
+//!
+//! Four tasks joined by bounded channels, so a slow embedder or sink holds the consumer back and
+//! memory stays bounded at any lag:
+//! - the consumer reads records, transforms them and registers them with the offset tracker;
+//! - the embed stage batches texts (across records, up to the model's batch size) and calls the
+//!   embedder, at most `maxInFlight` calls at once (fewer while Bedrock throttles);
+//! - the sink stage fills `_bulk` requests (docs, bytes, flush interval), retries 429/5xx items,
+//!   and sends refused documents' records to the dead-letter topic;
+//! - the committer commits, per partition, everything below the lowest unfinished record.
+//!
+//! A record's offset is committed only once every one of its documents is acknowledged by
+//! OpenSearch, or the record is in the dead-letter topic, or it was skipped on purpose.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moka::sync::Cache;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
+
+use crate::embed::bedrock::backoff;
+use crate::embed::{EmbedError, Embedder};
+use crate::metrics::Metrics;
+use crate::offsets::{OffsetTracker, Partition};
+use crate::sink::opensearch::{IndexRequest, ItemResult, Sink, document_source};
+use crate::source::{self, Context};
+use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
+
+/// How long the embed stage waits to fill a multi-text batch before sending what it has.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
+
+/// Settings that are not part of the spec.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The consumer group.
+    pub group_id: String,
+    /// How long a stopping worker may take to finish in-flight work.
+    pub drain_timeout: Duration,
+    /// Commit interval while keeping up.
+    pub commit_interval: Duration,
+    /// Commit interval while working through a backlog.
+    pub max_commit_interval: Duration,
+}
+
+/// A record as kept while its documents are in flight (for the dead-letter topic).
+#[derive(Debug)]
+struct Origin {
+    partition: Partition,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+}
+
+struct EmbedJob {
+    origin: Arc<Origin>,
+    docs: Vec<Document>,
+}
+
+enum SinkItem {
+    Index {
+        origin: Arc<Origin>,
+        request: IndexRequest,
+        bytes: usize,
+    },
+    Delete {
+        origin: Arc<Origin>,
+        parent_id: String,
+    },
+}
+
+/// State shared by the stages.
+struct Shared {
+    spec: EmbeddingPipelineSpec,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    dead_letters: DeadLetters,
+}
+
+impl Shared {
+    /// Marks work of a record done; true when the record is complete.
+    fn finish(&self, origin: &Origin, units: usize) -> bool {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(&origin.partition, origin.offset, units)
+    }
+}
+
+/// The dead-letter topic, or the log when none is configured.
+struct DeadLetters {
+    producer: Option<FutureProducer>,
+    topic: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl DeadLetters {
+    /// Writes the record with the reason in its headers; retries until the broker takes it.
+    async fn send(&self, origin: &Origin, rejection: &Rejection) {
+        let (topic, partition) = &origin.partition;
+        let label = format!("dead-lettered-{}", rejection.kind.as_str());
+        let (Some(producer), Some(dlq)) = (&self.producer, &self.topic) else {
+            self.metrics
+                .record(&format!("skipped-{}", rejection.kind.as_str()));
+            tracing::warn!(
+                topic, partition, offset = origin.offset, reason = rejection.kind.as_str(),
+                error = %rejection.message,
+                "skipping a record that cannot be indexed (no deadLetter.topic is configured)"
+            );
+            return;
+        };
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis().to_string())
+            .unwrap_or_default();
+        let partition_text = partition.to_string();
+        let offset_text = origin.offset.to_string();
+        let mut attempt = 0;
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "vectorpipe.reason",
+                    value: Some(rejection.kind.as_str()),
+                })
+                .insert(Header {
+                    key: "vectorpipe.error",
+                    value: Some(rejection.message.as_str()),
+                })
+                .insert(Header {
+                    key: "vectorpipe.source.topic",
+                    value: Some(topic.as_str()),
+                })
+                .insert(Header {
+                    key: "vectorpipe.source.partition",
+                    value: Some(partition_text.as_str()),
+                })
+                .insert(Header {
+                    key: "vectorpipe.source.offset",
+                    value: Some(offset_text.as_str()),
+                })
+                .insert(Header {
+                    key: "vectorpipe.time",
+                    value: Some(time.as_str()),
+                });
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq).headers(headers);
+            if let Some(key) = &origin.key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(payload) = &origin.payload {
+                record = record.payload(payload.as_slice());
+            }
+            match producer.send(record, Duration::from_secs(30)).await {
+                Ok(_) => {
+                    self.metrics.record(&label);
+                    tracing::info!(
+                        topic, partition, offset = origin.offset, reason = rejection.kind.as_str(),
+                        error = %rejection.message, dead_letter_topic = dlq.as_str(),
+                        "record sent to the dead-letter topic"
+                    );
+                    return;
+                }
+                Err((e, _)) => {
+                    attempt += 1;
+                    tracing::error!(error = %e, dead_letter_topic = dlq.as_str(), attempt, "cannot write to the dead-letter topic; retrying");
+                    tokio::time::sleep(backoff(
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                        attempt,
+                    ))
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+/// The content hash used by deduplication.
+fn content_hash(docs: &[Document]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for doc in docs {
+        hasher.update(doc.text.as_bytes());
+        hasher.update([0]);
+    }
+    hasher.finalize().into()
+}
+
+/// Runs the pipeline until `shutdown` resolves, then drains and commits.
+pub async fn run<E: Embedder>(
+    spec: EmbeddingPipelineSpec,
+    options: Options,
+    embedder: Arc<E>,
+    sink: Arc<Sink>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let kafka = &spec.source.kafka;
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let assigned = Arc::new(Mutex::new(Vec::new()));
+    let context = Context {
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
+        assigned: assigned.clone(),
+    };
+    let consumer: Arc<StreamConsumer<Context>> =
+        Arc::new(source::consumer_config(kafka, &options.group_id)?.create_with_context(context)?);
+    match (&kafka.topics, &kafka.topic_pattern) {
+        (Some(topics), _) => {
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
+        (None, Some(pattern)) => consumer.subscribe(&[&format!("^{pattern}")])?,
+        (None, None) => anyhow::bail!("source.kafka needs topics or topicPattern"),
+    }
+    let dead_letters = DeadLetters {
+        producer: match &spec.dead_letter {
+            Some(_) => Some(
+                source::client_config(kafka)?
+                    .set("enable.idempotence", "true")
+                    .set("linger.ms", "5")
+                    .create()?,
+            ),
+            None => None,
+        },
+        topic: spec.dead_letter.as_ref().map(|d| d.topic.clone()),
+        metrics: metrics.clone(),
+    };
+    let dedup: Option<Cache<String, [u8; 32]>> = spec.dedup.enabled.then(|| {
+        Cache::builder()
+            .max_capacity(spec.dedup.max_entries.max(1) as u64)
+            .time_to_live(spec.dedup.ttl.get())
+            .build()
+    });
+    let shared = Arc::new(Shared {
+        spec: spec.clone(),
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
+        dead_letters,
+    });
+
+    let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
+    let batch = embedder.batch_size().max(1);
+    let (embed_tx, embed_rx) = mpsc::channel::<EmbedJob>(in_flight * batch);
+    let (sink_tx, sink_rx) =
+        mpsc::channel::<SinkItem>((spec.sink.opensearch.bulk.max_docs.max(1) as usize) * 2);
+
+    let mut stages = JoinSet::new();
+    stages.spawn(embed_stage(
+        embed_rx,
+        embedder,
+        sink_tx.clone(),
+        shared.clone(),
+    ));
+    stages.spawn(sink_stage(sink_rx, sink, shared.clone()));
+    let stop_committer = Arc::new(Notify::new());
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        shared.clone(),
+        options.clone(),
+        stop_committer.clone(),
+    ));
+
+    ready.store(true, Ordering::SeqCst);
+    tokio::pin!(shutdown);
+    loop {
+        let message = tokio::select! {
+            () = &mut shutdown => break,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let partition: Partition = (message.topic().to_owned(), message.partition());
+        let record = SourceRecord {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            payload: message.payload(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let outcome = transform::transform(&spec, &record);
+        let origin = Arc::new(Origin {
+            partition: partition.clone(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+        });
+        let start = |units: usize| {
+            tracker.lock().unwrap_or_else(|e| e.into_inner()).start(
+                &partition,
+                origin.offset,
+                units,
+            );
+        };
+        match outcome {
+            Outcome::Skip(reason) => {
+                start(0);
+                metrics.record(&format!("skipped-{}", reason.as_str()));
+                tracing::debug!(topic = %partition.0, partition = partition.1, offset = origin.offset, reason = reason.as_str(), "skipped a record");
+            }
+            Outcome::Reject(rejection) => {
+                start(1);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    shared.dead_letters.send(&origin, &rejection).await;
+                    let _ = shared.finish(&origin, 1);
+                });
+            }
+            Outcome::Delete(parent_id) => {
+                start(1);
+                if let Some(cache) = &dedup {
+                    cache.invalidate(&parent_id);
+                }
+                if sink_tx
+                    .send(SinkItem::Delete { origin, parent_id })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Outcome::Index(docs) => {
+                if let Some(cache) = &dedup {
+                    let hash = content_hash(&docs);
+                    let id = docs[0].parent_id.clone();
+                    if cache.get(&id) == Some(hash) {
+                        start(0);
+                        metrics.record("skipped-duplicate");
+                        continue;
+                    }
+                    cache.insert(id, hash);
+                }
+                start(docs.len());
+                if embed_tx.send(EmbedJob { origin, docs }).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    tracing::info!("stopping: finishing in-flight work");
+    ready.store(false, Ordering::SeqCst);
+    drop(embed_tx);
+    drop(sink_tx);
+    let drained = tokio::time::timeout(options.drain_timeout, async {
+        while stages.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?options.drain_timeout, "in-flight work did not finish in time; it will be read again after restart");
+        stages.abort_all();
+    }
+    stop_committer.notify_one();
+    let _ = committer.await;
+    let offsets = tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .committable();
+    if !offsets.is_empty() {
+        source::commit_list(&offsets)
+            .and_then(|tpl| consumer.commit(&tpl, CommitMode::Sync))
+            .map_err(|e| anyhow::anyhow!("final commit failed: {e}"))?;
+        tracing::info!(?offsets, "final commit");
+    }
+    Ok(())
+}
+
+async fn commit_loop(
+    consumer: Arc<StreamConsumer<Context>>,
+    shared: Arc<Shared>,
+    options: Options,
+    stop: Arc<Notify>,
+) {
+    loop {
+        let lag = shared.metrics.consumer_lag_total.get();
+        let interval =
+            source::commit_interval(lag, options.commit_interval, options.max_commit_interval);
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.notified() => return,
+        }
+        let (offsets, open) = {
+            let mut tracker = shared.tracker.lock().unwrap_or_else(|e| e.into_inner());
+            (tracker.committable(), tracker.open_records())
+        };
+        shared.metrics.records_in_flight.set(open as i64);
+        if offsets.is_empty() {
+            continue;
+        }
+        match source::commit_list(&offsets).and_then(|tpl| consumer.commit(&tpl, CommitMode::Async))
+        {
+            Ok(()) => {
+                shared.metrics.commit("ok");
+                tracing::debug!(?offsets, "committed");
+            }
+            Err(e) => {
+                shared.metrics.commit("error");
+                tracing::warn!(error = %e, "commit failed; retrying at the next interval");
+            }
+        }
+    }
+}
+
+/// Batches documents (across records) and embeds them.
+async fn embed_stage<E: Embedder>(
+    mut rx: mpsc::Receiver<EmbedJob>,
+    embedder: Arc<E>,
+    sink_tx: mpsc::Sender<SinkItem>,
+    shared: Arc<Shared>,
+) {
+    let batch_size = embedder.batch_size().max(1);
+    let max_tasks = shared.spec.embedding.bedrock.max_in_flight.max(1) as usize * 2;
+    let mut tasks = JoinSet::new();
+    let mut batch: Vec<(Arc<Origin>, Document)> = Vec::with_capacity(batch_size);
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let job = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            let deadline = linger_until.unwrap_or_else(Instant::now);
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(job) => job,
+                Err(_) => {
+                    dispatch(
+                        &mut tasks,
+                        max_tasks,
+                        std::mem::take(&mut batch),
+                        &embedder,
+                        &sink_tx,
+                        &shared,
+                    )
+                    .await;
+                    linger_until = None;
+                    continue;
+                }
+            }
+        };
+        let Some(job) = job else { break };
+        for doc in job.docs {
+            batch.push((job.origin.clone(), doc));
+            if batch.len() >= batch_size {
+                dispatch(
+                    &mut tasks,
+                    max_tasks,
+                    std::mem::take(&mut batch),
+                    &embedder,
+                    &sink_tx,
+                    &shared,
+                )
+                .await;
+                linger_until = None;
+            }
+        }
+        if !batch.is_empty() && linger_until.is_none() {
+            linger_until = Some(Instant::now() + BATCH_LINGER);
+        }
+    }
+    if !batch.is_empty() {
+        dispatch(&mut tasks, max_tasks, batch, &embedder, &sink_tx, &shared).await;
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn dispatch<E: Embedder>(
+    tasks: &mut JoinSet<()>,
+    max_tasks: usize,
+    batch: Vec<(Arc<Origin>, Document)>,
+    embedder: &Arc<E>,
+    sink_tx: &mpsc::Sender<SinkItem>,
+    shared: &Arc<Shared>,
+) {
+    while tasks.len() >= max_tasks {
+        tasks.join_next().await;
+    }
+    tasks.spawn(embed_batch(
+        batch,
+        embedder.clone(),
+        sink_tx.clone(),
+        shared.clone(),
+    ));
+}
+
+/// Embeds one batch; retries while the model is unavailable (nothing is committed meanwhile, so
+/// a crash loses nothing); a refused batch is retried text by text so that only the refused
+/// records go to the dead-letter topic.
+async fn embed_batch<E: Embedder>(
+    batch: Vec<(Arc<Origin>, Document)>,
+    embedder: Arc<E>,
+    sink_tx: mpsc::Sender<SinkItem>,
+    shared: Arc<Shared>,
+) {
+    let mut queue = vec![batch];
+    while let Some(batch) = queue.pop() {
+        let texts: Vec<String> = batch.iter().map(|(_, d)| d.text.clone()).collect();
+        let mut pause = 0;
+        loop {
+            match embedder.embed(texts.clone()).await {
+                Ok(vectors) => {
+                    for ((origin, doc), embedded) in batch.iter().zip(vectors) {
+                        let source =
+                            document_source(&shared.spec.sink.opensearch, doc, &embedded.vector);
+                        let bytes = embedded.vector.len() * 12 + doc.text.len() + 256;
+                        let item = SinkItem::Index {
+                            origin: origin.clone(),
+                            request: IndexRequest {
+                                id: doc.id.clone(),
+                                source,
+                            },
+                            bytes,
+                        };
+                        if sink_tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Err(EmbedError::Rejected(message)) if batch.len() > 1 => {
+                    tracing::debug!(error = %message, size = batch.len(), "a batch was refused; retrying its texts one by one");
+                    queue.extend(batch.iter().map(|item| vec![item.clone()]));
+                    break;
+                }
+                Err(EmbedError::Rejected(message)) => {
+                    let (origin, doc) = &batch[0];
+                    let rejection = Rejection {
+                        kind: RejectionKind::EmbeddingRejected,
+                        message: format!(
+                            "chunk {} of record {}: {message}",
+                            doc.chunk, doc.parent_id
+                        ),
+                    };
+                    shared.dead_letters.send(origin, &rejection).await;
+                    let _ = shared.finish(origin, 1);
+                    break;
+                }
+                Err(e) => {
+                    pause += 1;
+                    let wait = shared.spec.embedding.bedrock.retry.max_delay.get();
+                    tracing::error!(error = %e, retry_in = ?wait, pause, "embedding is failing; holding these records until it recovers");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// Fills and sends `_bulk` requests; handles tombstones in order with the documents before them.
+async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: Arc<Shared>) {
+    let bulk = &shared.spec.sink.opensearch.bulk;
+    let max_docs = bulk.max_docs.max(1) as usize;
+    let max_bytes = bulk.max_bytes.max(1024) as usize;
+    let flush_interval = bulk.flush_interval.get();
+    let mut pending: Vec<(Arc<Origin>, IndexRequest)> = Vec::new();
+    let mut bytes = 0;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let item = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                    bytes = 0;
+                    deadline = None;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        match item {
+            None => break,
+            Some(SinkItem::Index {
+                origin,
+                request,
+                bytes: size,
+            }) => {
+                if !pending.is_empty() && bytes + size > max_bytes {
+                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                    bytes = 0;
+                }
+                pending.push((origin, request));
+                bytes += size;
+                if pending.len() >= max_docs {
+                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                    bytes = 0;
+                    deadline = None;
+                } else if deadline.is_none() {
+                    deadline = Some(Instant::now() + flush_interval);
+                }
+            }
+            Some(SinkItem::Delete { origin, parent_id }) => {
+                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                bytes = 0;
+                deadline = None;
+                let mut attempt = 0;
+                loop {
+                    match sink.delete_records(std::slice::from_ref(&parent_id)).await {
+                        Ok(deleted) => {
+                            shared.metrics.documents_deleted.inc_by(deleted);
+                            shared.metrics.record("deleted");
+                            break;
+                        }
+                        Err(e) => {
+                            attempt += 1;
+                            tracing::warn!(error = %e, attempt, "deleting a record's documents failed; retrying");
+                            tokio::time::sleep(backoff(
+                                Duration::from_millis(200),
+                                Duration::from_secs(30),
+                                attempt,
+                            ))
+                            .await;
+                        }
+                    }
+                }
+                let _ = shared.finish(&origin, 1);
+            }
+        }
+    }
+    flush(&sink, &shared, pending).await;
+}
+
+/// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
+async fn flush(sink: &Sink, shared: &Shared, mut batch: Vec<(Arc<Origin>, IndexRequest)>) {
+    let mut attempt = 0;
+    while !batch.is_empty() {
+        let requests: Vec<IndexRequest> = batch.iter().map(|(_, r)| r.clone()).collect();
+        let started = std::time::Instant::now();
+        let results = sink.bulk(&requests).await;
+        shared
+            .metrics
+            .bulk_latency
+            .observe(started.elapsed().as_secs_f64());
+        match results {
+            Ok(results) => {
+                let mut retry = Vec::new();
+                for ((origin, request), result) in batch.into_iter().zip(results) {
+                    match result {
+                        ItemResult::Ok => {
+                            shared.metrics.documents_indexed.inc();
+                            shared.metrics.bulk_item("ok", 1);
+                            if shared.finish(&origin, 1) {
+                                shared.metrics.record("indexed");
+                            }
+                        }
+                        ItemResult::Retry(reason) => {
+                            shared.metrics.bulk_item("retried", 1);
+                            tracing::debug!(id = %request.id, %reason, "bulk item will be retried");
+                            retry.push((origin, request));
+                        }
+                        ItemResult::Rejected(reason) => {
+                            shared.metrics.bulk_item("rejected", 1);
+                            let rejection = Rejection {
+                                kind: RejectionKind::IndexRejected,
+                                message: format!("document {}: {reason}", request.id),
+                            };
+                            shared.dead_letters.send(&origin, &rejection).await;
+                            let _ = shared.finish(&origin, 1);
+                        }
+                    }
+                }
+                batch = retry;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, docs = batch.len(), attempt, "bulk request failed; retrying");
+            }
+        }
+        if !batch.is_empty() {
+            attempt += 1;
+            tokio::time::sleep(backoff(
+                Duration::from_millis(100),
+                Duration::from_secs(30),
+                attempt,
+            ))
+            .await;
+        }
+    }
+}

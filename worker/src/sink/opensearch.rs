@@ -1,0 +1,434 @@
+//! OpenSearch: creating or checking the k-NN index, `_bulk` with per-item results, and deleting
+//! all chunks of a record.
+
+use std::time::{Duration, Instant};
+
+use opensearch::http::request::JsonBody;
+use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts};
+use opensearch::{BulkParts, DeleteByQueryParts, OpenSearch};
+use serde_json::{Map, Value, json};
+use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SpaceType};
+
+use super::{CHUNK_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD};
+use crate::transform::Document;
+
+/// Why the sink failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The index exists with a mapping the pipeline cannot write.
+    #[error("{0}")]
+    IndexMismatch(String),
+    /// The cluster answered with an error that a retry may fix.
+    #[error("OpenSearch request failed: {0}")]
+    Transient(String),
+    /// Configuration that a person must fix.
+    #[error("{0}")]
+    Misconfigured(String),
+}
+
+/// What happened to one document of a bulk request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemResult {
+    /// Indexed.
+    Ok,
+    /// Rejected for now (429, 5xx): send again later.
+    Retry(String),
+    /// Refused for good (a mapping conflict, a malformed document).
+    Rejected(String),
+}
+
+/// A document with its vector, ready for `_bulk`.
+#[derive(Clone, Debug)]
+pub struct IndexRequest {
+    /// The `_id`.
+    pub id: String,
+    /// The source, serialised.
+    pub source: Value,
+}
+
+/// The OpenSearch sink of one pipeline.
+pub struct Sink {
+    client: OpenSearch,
+    spec: OpenSearchSink,
+    dimensions: i32,
+}
+
+fn engine(e: KnnEngine) -> &'static str {
+    match e {
+        KnnEngine::Lucene => "lucene",
+        KnnEngine::Faiss => "faiss",
+        KnnEngine::Nmslib => "nmslib",
+    }
+}
+
+fn space(s: SpaceType) -> &'static str {
+    match s {
+        SpaceType::L2 => "l2",
+        SpaceType::Cosinesimil => "cosinesimil",
+        SpaceType::Innerproduct => "innerproduct",
+    }
+}
+
+/// The index body (settings and mappings) the pipeline creates.
+pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
+    let method = &spec.method;
+    let mut properties = Map::new();
+    properties.insert(
+        spec.vector_field.clone(),
+        json!({
+            "type": "knn_vector",
+            "dimension": dimensions,
+            "method": {
+                "name": "hnsw",
+                "engine": engine(method.engine),
+                "space_type": space(method.space_type),
+                "parameters": {"m": method.m, "ef_construction": method.ef_construction}
+            }
+        }),
+    );
+    properties.insert(spec.text_field.clone(), json!({"type": "text"}));
+    properties.insert(PARENT_ID_FIELD.into(), json!({"type": "keyword"}));
+    properties.insert(CHUNK_FIELD.into(), json!({"type": "integer"}));
+    properties.insert(TIMESTAMP_FIELD.into(), json!({"type": "date"}));
+    json!({
+        "settings": {"index": {
+            "knn": true,
+            "number_of_shards": spec.index_settings.shards,
+            "number_of_replicas": spec.index_settings.replicas,
+            // OpenSearch takes single-unit times only; milliseconds express any duration.
+            "refresh_interval": format!("{}ms", spec.index_settings.refresh_interval.get().as_millis()),
+        }},
+        "mappings": {"properties": properties}
+    })
+}
+
+/// Checks an existing index's mapping against the pipeline; the error says what to change.
+pub fn check_mapping(
+    spec: &OpenSearchSink,
+    dimensions: i32,
+    mapping: &Value,
+) -> Result<(), String> {
+    let index = &spec.index;
+    let field = mapping
+        .as_object()
+        .and_then(|m| m.values().next())
+        .map(|m| &m["mappings"]["properties"][&spec.vector_field])
+        .filter(|f| !f.is_null())
+        .ok_or_else(|| {
+            format!(
+                "index {index:?} exists but has no field {:?}; set sink.opensearch.vectorField to its knn_vector field or use a new index",
+                spec.vector_field
+            )
+        })?;
+    if field["type"] != "knn_vector" {
+        return Err(format!(
+            "field {:?} of index {index:?} is {}, not knn_vector; use a new index",
+            spec.vector_field, field["type"]
+        ));
+    }
+    let existing = field["dimension"].as_i64().unwrap_or_default();
+    if existing != i64::from(dimensions) {
+        return Err(format!(
+            "sink.opensearch.index {index:?} has dimension {existing} but the model is configured for {dimensions}; set embedding.bedrock.dimensions: {existing} (if the model supports it) or use a new index"
+        ));
+    }
+    let existing_space = field["method"]["space_type"]
+        .as_str()
+        .or_else(|| field["space_type"].as_str());
+    let wanted = space(spec.method.space_type);
+    if let Some(existing_space) = existing_space
+        && existing_space != wanted
+    {
+        return Err(format!(
+            "sink.opensearch.index {index:?} uses space type {existing_space} but the pipeline asks for {wanted}; set sink.opensearch.method.spaceType: {existing_space} or use a new index"
+        ));
+    }
+    Ok(())
+}
+
+/// The `_source` of a document.
+pub fn document_source(spec: &OpenSearchSink, doc: &Document, vector: &[f32]) -> Value {
+    let mut source = doc.metadata.clone();
+    source.insert(spec.vector_field.clone(), json!(vector));
+    source.insert(spec.text_field.clone(), json!(doc.text));
+    source.insert(PARENT_ID_FIELD.into(), json!(doc.parent_id));
+    source.insert(CHUNK_FIELD.into(), json!(doc.chunk));
+    if let Some(ts) = &doc.timestamp {
+        source.insert(TIMESTAMP_FIELD.into(), ts.clone());
+    }
+    Value::Object(source)
+}
+
+/// Sorts the items of a `_bulk` response.
+pub fn item_results(response: &Value, expected: usize) -> Result<Vec<ItemResult>, String> {
+    let items = response["items"]
+        .as_array()
+        .ok_or("the _bulk response has no items")?;
+    if items.len() != expected {
+        return Err(format!(
+            "sent {expected} documents, the _bulk response lists {}",
+            items.len()
+        ));
+    }
+    Ok(items
+        .iter()
+        .map(|item| {
+            let op = item
+                .as_object()
+                .and_then(|o| o.values().next())
+                .cloned()
+                .unwrap_or_default();
+            let status = op["status"].as_u64().unwrap_or(0);
+            let reason = || {
+                format!(
+                    "{} {}: {}",
+                    status,
+                    op["error"]["type"].as_str().unwrap_or("error"),
+                    op["error"]["reason"].as_str().unwrap_or("no reason given")
+                )
+            };
+            match status {
+                200..=299 => ItemResult::Ok,
+                429 | 500..=599 | 0 => ItemResult::Retry(reason()),
+                _ => ItemResult::Rejected(reason()),
+            }
+        })
+        .collect())
+}
+
+impl Sink {
+    /// Connects to the first endpoint. Basic-auth credentials come from the environment
+    /// (`VECTORPIPE_OPENSEARCH_USERNAME` / `_PASSWORD`, which the operator fills from the Secret).
+    pub fn new(
+        spec: OpenSearchSink,
+        dimensions: i32,
+        timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let endpoint = spec.endpoints.first().ok_or_else(|| {
+            SinkError::Misconfigured(
+                "sink.opensearch.endpoints is empty; list at least one URL".into(),
+            )
+        })?;
+        let url = endpoint.parse().map_err(|e| {
+            SinkError::Misconfigured(format!(
+                "sink.opensearch.endpoints {endpoint:?} is not a URL: {e}"
+            ))
+        })?;
+        let mut builder =
+            TransportBuilder::new(SingleNodeConnectionPool::new(url)).timeout(timeout);
+        if let Some(auth) = &spec.auth {
+            if auth.sigv4.is_some() {
+                return Err(SinkError::Misconfigured(
+                    "sink.opensearch.auth.sigv4 is not supported by this worker build yet; use basic auth or none".into(),
+                ));
+            }
+            if auth.basic.is_some() {
+                let var = |name: &str| {
+                    std::env::var(name).map_err(|_| {
+                        SinkError::Misconfigured(format!(
+                            "{name} is not set; basic auth reads the username and password from the environment"
+                        ))
+                    })
+                };
+                builder = builder.auth(opensearch::auth::Credentials::Basic(
+                    var("VECTORPIPE_OPENSEARCH_USERNAME")?,
+                    var("VECTORPIPE_OPENSEARCH_PASSWORD")?,
+                ));
+            }
+        }
+        let transport = builder.build().map_err(|e| {
+            SinkError::Misconfigured(format!("cannot build the OpenSearch client: {e}"))
+        })?;
+        Ok(Self {
+            client: OpenSearch::new(transport),
+            spec,
+            dimensions,
+        })
+    }
+
+    /// Creates the index when missing (and allowed), or checks that the existing one fits.
+    pub async fn ensure_index(&self) -> Result<(), SinkError> {
+        let index = self.spec.index.as_str();
+        let exists = self
+            .client
+            .indices()
+            .exists(IndicesExistsParts::Index(&[index]))
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?
+            .status_code();
+        if exists.as_u16() == 404 {
+            if !self.spec.create_index {
+                return Err(SinkError::Misconfigured(format!(
+                    "index {index:?} does not exist and sink.opensearch.createIndex is false; create it or set createIndex: true"
+                )));
+            }
+            let response = self
+                .client
+                .indices()
+                .create(IndicesCreateParts::Index(index))
+                .body(index_body(&self.spec, self.dimensions))
+                .send()
+                .await
+                .map_err(|e| SinkError::Transient(e.to_string()))?;
+            let status = response.status_code().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            if (200..300).contains(&status) {
+                tracing::info!(
+                    index,
+                    dimensions = self.dimensions,
+                    "created the k-NN index"
+                );
+                return Ok(());
+            }
+            if !text.contains("resource_already_exists_exception") {
+                return Err(SinkError::Misconfigured(format!(
+                    "creating index {index:?} failed: {status} {text}"
+                )));
+            }
+        }
+        let mapping: Value = self
+            .client
+            .indices()
+            .get_mapping(IndicesGetMappingParts::Index(&[index]))
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        check_mapping(&self.spec, self.dimensions, &mapping).map_err(SinkError::IndexMismatch)
+    }
+
+    /// Sends one `_bulk` request and sorts its items.
+    pub async fn bulk(&self, requests: &[IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(requests.len() * 2);
+        for r in requests {
+            body.push(json!({"index": {"_id": r.id}}).into());
+            body.push(r.source.clone().into());
+        }
+        let started = Instant::now();
+        let response = self
+            .client
+            .bulk(BulkParts::Index(&self.spec.index))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let status = response.status_code().as_u16();
+        if status == 429 || status >= 500 {
+            return Err(SinkError::Transient(format!("_bulk answered {status}")));
+        }
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| SinkError::Transient(format!("unreadable _bulk response: {e}")))?;
+        tracing::debug!(docs = requests.len(), elapsed = ?started.elapsed(), "bulk request");
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Misconfigured(format!(
+                "_bulk answered {status}: {value}"
+            )));
+        }
+        item_results(&value, requests.len()).map_err(SinkError::Transient)
+    }
+
+    /// Deletes every document whose parent id is one of `parent_ids`.
+    pub async fn delete_records(&self, parent_ids: &[String]) -> Result<u64, SinkError> {
+        let response = self
+            .client
+            .delete_by_query(DeleteByQueryParts::Index(&[&self.spec.index]))
+            .body(json!({"query": {"terms": {PARENT_ID_FIELD: parent_ids}}}))
+            .conflicts(opensearch::params::Conflicts::Proceed)
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let status = response.status_code().as_u16();
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Transient(format!(
+                "_delete_by_query answered {status}: {value}"
+            )));
+        }
+        Ok(value["deleted"].as_u64().unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(extra: Value) -> OpenSearchSink {
+        let mut v = json!({"endpoints": ["http://os:9200"], "index": "docs"});
+        if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
+            a.extend(b);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_created_index_has_the_knn_mapping_of_the_spec() {
+        let spec = sink(
+            json!({"method": {"engine": "lucene", "spaceType": "cosinesimil"}, "indexSettings": {"refreshInterval": "1m"}}),
+        );
+        let body = index_body(&spec, 512);
+        assert_eq!(body["settings"]["index"]["knn"], true);
+        assert_eq!(body["settings"]["index"]["refresh_interval"], "60000ms");
+        let field = &body["mappings"]["properties"]["embedding"];
+        assert_eq!(field["dimension"], 512);
+        assert_eq!(field["method"]["engine"], "lucene");
+        assert_eq!(field["method"]["space_type"], "cosinesimil");
+        assert_eq!(field["method"]["parameters"]["ef_construction"], 128);
+    }
+
+    #[test]
+    fn an_existing_index_must_match_dimension_and_space() {
+        let spec = sink(json!({}));
+        let mapping = |dim: i64, space: &str| {
+            json!({"docs": {"mappings": {"properties": {"embedding": {
+                "type": "knn_vector", "dimension": dim, "method": {"space_type": space}
+            }}}}})
+        };
+        assert!(check_mapping(&spec, 1024, &mapping(1024, "l2")).is_ok());
+        let err = check_mapping(&spec, 1024, &mapping(768, "l2")).unwrap_err();
+        assert!(
+            err.contains("has dimension 768") && err.contains("embedding.bedrock.dimensions: 768"),
+            "{err}"
+        );
+        let err = check_mapping(&spec, 1024, &mapping(1024, "innerproduct")).unwrap_err();
+        assert!(err.contains("spaceType: innerproduct"), "{err}");
+        let err = check_mapping(
+            &spec,
+            1024,
+            &json!({"docs": {"mappings": {"properties": {}}}}),
+        )
+        .unwrap_err();
+        assert!(err.contains("no field"), "{err}");
+    }
+
+    #[test]
+    fn bulk_items_are_sorted_into_ok_retry_and_rejected() {
+        let response = json!({"errors": true, "items": [
+            {"index": {"status": 201}},
+            {"index": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}}},
+            {"index": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad field"}}},
+            {"index": {"status": 503, "error": {"type": "unavailable_shards_exception", "reason": "x"}}}
+        ]});
+        let results = item_results(&response, 4).unwrap();
+        assert_eq!(results[0], ItemResult::Ok);
+        assert!(
+            matches!(&results[1], ItemResult::Retry(r) if r.contains("es_rejected_execution_exception"))
+        );
+        assert!(
+            matches!(&results[2], ItemResult::Rejected(r) if r.contains("mapper_parsing_exception"))
+        );
+        assert!(matches!(results[3], ItemResult::Retry(_)));
+        assert!(item_results(&response, 3).is_err());
+    }
+}

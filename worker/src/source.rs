@@ -1,0 +1,283 @@
+//! Kafka: the consumer (group, offsets, auth, rebalances, lag statistics) and the dead-letter
+//! producer.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
+
+use crate::metrics::{Metrics, TopicPartition};
+use crate::offsets::{OffsetTracker, Partition};
+
+/// Why the Kafka client cannot be configured.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+fn env(name: &str, what: &str) -> Result<String, SourceError> {
+    std::env::var(name).map_err(|_| {
+        SourceError(format!(
+            "{name} is not set; {what} (the operator sets it from the Secret named in the spec)"
+        ))
+    })
+}
+
+/// The client settings shared by the consumer and the dead-letter producer: brokers and auth.
+/// Secrets are read from the environment and mounted files, never from the spec.
+pub fn client_config(kafka: &KafkaSource) -> Result<ClientConfig, SourceError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", kafka.bootstrap_servers.join(","));
+    let Some(auth) = &kafka.auth else {
+        return Ok(config);
+    };
+    let ca = |set: bool, config: &mut ClientConfig| -> Result<(), SourceError> {
+        if set {
+            config.set(
+                "ssl.ca.location",
+                env(
+                    "VECTORPIPE_KAFKA_CA_FILE",
+                    "the Kafka CA bundle is mounted at this path",
+                )?,
+            );
+        }
+        Ok(())
+    };
+    if let Some(tls) = &auth.tls {
+        config.set("security.protocol", "ssl");
+        ca(tls.ca_secret_ref.is_some(), &mut config)?;
+        if tls.client_cert_secret_ref.is_some() {
+            config.set(
+                "ssl.certificate.location",
+                env(
+                    "VECTORPIPE_KAFKA_CERT_FILE",
+                    "the client certificate is mounted at this path",
+                )?,
+            );
+            config.set(
+                "ssl.key.location",
+                env(
+                    "VECTORPIPE_KAFKA_KEY_FILE",
+                    "the client key is mounted at this path",
+                )?,
+            );
+        }
+    } else if let Some(scram) = &auth.scram {
+        config.set(
+            "security.protocol",
+            if scram.tls {
+                "sasl_ssl"
+            } else {
+                "sasl_plaintext"
+            },
+        );
+        config.set(
+            "sasl.mechanisms",
+            match scram.mechanism {
+                ScramMechanism::Sha256 => "SCRAM-SHA-256",
+                ScramMechanism::Sha512 => "SCRAM-SHA-512",
+            },
+        );
+        config.set(
+            "sasl.username",
+            env("VECTORPIPE_KAFKA_USERNAME", "SCRAM needs a username")?,
+        );
+        config.set(
+            "sasl.password",
+            env("VECTORPIPE_KAFKA_PASSWORD", "SCRAM needs a password")?,
+        );
+        ca(scram.ca_secret_ref.is_some(), &mut config)?;
+    } else if auth.msk_iam.is_some() {
+        return Err(SourceError(
+            "source.kafka.auth.mskIam is not supported by this worker build yet; use scram or tls"
+                .into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// The consumer settings: manual commits, cooperative rebalancing, lag statistics.
+pub fn consumer_config(kafka: &KafkaSource, group_id: &str) -> Result<ClientConfig, SourceError> {
+    let mut config = client_config(kafka)?;
+    for (key, value) in &kafka.consumer_properties {
+        config.set(key, value);
+    }
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            match kafka.starting_offset {
+                StartingOffset::Earliest => "earliest",
+                StartingOffset::Latest => "latest",
+            },
+        )
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false");
+    if !kafka
+        .consumer_properties
+        .contains_key("max.poll.interval.ms")
+    {
+        // The consumer waits on a slow embedder or sink without polling; give it room before the
+        // group evicts it.
+        config.set("max.poll.interval.ms", "900000");
+    }
+    Ok(config)
+}
+
+/// Hooks the worker into librdkafka: commits done work when partitions are revoked, and exports
+/// consumer lag from the statistics.
+pub struct Context {
+    /// The shared offset tracker.
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Partitions currently assigned.
+    pub assigned: Arc<Mutex<Vec<Partition>>>,
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// Builds the commit request for `offsets`.
+pub fn commit_list(offsets: &[(Partition, i64)]) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    Ok(tpl)
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let mut total = 0;
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics
+                    .consumer_lag
+                    .get_or_create(&TopicPartition {
+                        topic: topic.clone(),
+                        partition: partition.to_string(),
+                    })
+                    .set(p.consumer_lag);
+                total += p.consumer_lag;
+            }
+        }
+        self.metrics.consumer_lag_total.set(total);
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let revoked = partitions_of(tpl);
+        // Commit what is done for the partitions leaving, then forget them: work still in flight
+        // for them is read again by the next owner from the committed offset (replays overwrite
+        // the same document ids), so nothing is lost and nothing unindexed is committed.
+        let mut tracker = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let done: Vec<(Partition, i64)> = tracker
+            .committable()
+            .into_iter()
+            .filter(|(p, _)| revoked.contains(p))
+            .collect();
+        if !done.is_empty() {
+            match commit_list(&done).and_then(|tpl| consumer.commit(&tpl, CommitMode::Sync)) {
+                Ok(()) => {
+                    self.metrics.commit("ok");
+                    tracing::info!(?done, "committed revoked partitions");
+                }
+                Err(e) => {
+                    self.metrics.commit("error");
+                    tracing::warn!(error = %e, "commit on revoke failed; the next owner replays from the previous commit");
+                }
+            }
+        }
+        tracker.revoke(&revoked);
+        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        assigned.retain(|p| !revoked.contains(p));
+        tracing::info!(?revoked, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let added = partitions_of(tpl);
+            tracing::info!(?added, "partitions assigned");
+            self.assigned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(added);
+        }
+    }
+}
+
+/// How often offsets are committed: every `base` normally, stretched up to `max` while the
+/// consumer works through a backlog (fewer commits, more throughput), as Flink does for
+/// checkpoints.
+pub fn commit_interval(lag: i64, base: Duration, max: Duration) -> Duration {
+    const BACKLOG: i64 = 10_000;
+    if lag > BACKLOG { max } else { base }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn kafka(extra: serde_json::Value) -> KafkaSource {
+        let mut v = json!({"bootstrapServers": ["a:9092", "b:9092"], "topics": ["t"]});
+        if let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (&mut v, extra) {
+            a.extend(b);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_consumer_owns_commits_and_rebalancing() {
+        let config = consumer_config(
+            &kafka(json!({"consumerProperties": {"fetch.max.bytes": "1024"}})),
+            "g",
+        )
+        .unwrap();
+        assert_eq!(config.get("bootstrap.servers"), Some("a:9092,b:9092"));
+        assert_eq!(config.get("group.id"), Some("g"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(
+            config.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(config.get("fetch.max.bytes"), Some("1024"));
+    }
+
+    #[test]
+    fn msk_iam_is_refused_with_a_clear_message() {
+        let err = client_config(&kafka(json!({"auth": {"mskIam": {"region": "eu-west-1"}}})))
+            .unwrap_err();
+        assert!(err.to_string().contains("mskIam is not supported"), "{err}");
+    }
+
+    #[test]
+    fn backlogs_stretch_the_commit_interval() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(5);
+        assert_eq!(commit_interval(0, base, max), base);
+        assert_eq!(commit_interval(1_000_000, base, max), max);
+    }
+}
