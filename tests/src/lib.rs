@@ -215,17 +215,17 @@ pub mod worker {
     use super::*;
     use std::process::{Child, Stdio};
 
-    /// The `vectorpipe-worker` binary next to the test binaries (`cargo build --bins` makes it).
-    pub fn binary() -> Result<PathBuf> {
+    /// A binary of the workspace next to the test binaries (`cargo build --bins` makes them).
+    pub fn binary(name: &str) -> Result<PathBuf> {
         let exe = std::env::current_exe()?;
         let dir = exe
             .parent()
             .and_then(Path::parent)
             .context("the test binary has no target directory")?;
-        let path = dir.join("vectorpipe-worker");
+        let path = dir.join(name);
         if !path.exists() {
             bail!(
-                "{} does not exist; build it first with `cargo build -p vectorpipe-worker` (tests/run-all.sh does)",
+                "{} does not exist; build it first with `cargo build --workspace --bins` (tests/run-all.sh does)",
                 path.display()
             );
         }
@@ -257,7 +257,7 @@ pub mod worker {
                 .create(true)
                 .append(true)
                 .open(log)?;
-            let child = Command::new(binary()?)
+            let child = Command::new(binary("vectorpipe-worker")?)
                 .args(["run", "--pipeline"])
                 .arg(pipeline)
                 .args(["--metrics-address", &metrics, "--drain-seconds", "20"])
@@ -310,11 +310,86 @@ pub mod worker {
         }
     }
 
+    /// Sums every sample of a metric in a Prometheus text page (all label sets).
+    pub fn metric_sum(page: &str, name: &str) -> f64 {
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     fn ensure_ok(ok: bool, what: &str) -> Result<()> {
         if ok { Ok(()) } else { bail!("{what}") }
     }
 
     impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Running the operator as a process against the harness cluster.
+pub mod operator {
+    use super::*;
+    use std::process::{Child, Stdio};
+
+    /// A running operator; killed when dropped.
+    pub struct Operator {
+        child: Child,
+        /// Its log file.
+        pub log: PathBuf,
+        /// Its metrics address.
+        pub metrics: String,
+    }
+
+    impl Operator {
+        /// Starts `vectorpipe-operator run` with the harness kubeconfig.
+        pub fn start(log: &Path) -> Result<Self> {
+            let metrics = format!("127.0.0.1:{}", crate::worker::free_port()?);
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
+            let child = Command::new(crate::worker::binary("vectorpipe-operator")?)
+                .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
+                .env("KUBECONFIG", crate::k8s::kubeconfig()?)
+                .env("RUST_LOG", "info,vectorpipe_operator=debug")
+                .stdout(Stdio::null())
+                .stderr(out)
+                .spawn()?;
+            Ok(Self {
+                child,
+                log: log.to_owned(),
+                metrics,
+            })
+        }
+
+        /// The operator's log so far.
+        pub fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// The text of its `/metrics`.
+        pub async fn metrics_text(&self) -> Result<String> {
+            let url = format!("http://{}/metrics", self.metrics);
+            Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+        }
+
+        /// SIGKILL.
+        pub fn kill(mut self) -> Result<()> {
+            self.child.kill()?;
+            self.child.wait()?;
+            Ok(())
+        }
+    }
+
+    impl Drop for Operator {
         fn drop(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -458,3 +458,45 @@ async fn throttling_loses_nothing_and_shows_in_the_metrics() -> Result<()> {
     assert!(worker.stop()?.success());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_split_the_partitions_and_a_rebalance_loses_nothing() -> Result<()> {
+    use vectorpipe_tests::worker::metric_sum;
+    let setup = Setup::new("e2e-rebalance").await?;
+    let n = 900;
+    setup.fake.set_latency(Duration::from_millis(5));
+    setup.produce(&as_records(&posts(0..n / 2))).await?;
+    let first = setup.start_worker("first")?;
+    eventually(
+        "the first worker indexing",
+        Duration::from_secs(60),
+        || async { Ok((setup.count(json!({"match_all": {}})).await? >= 50).then_some(())) },
+    )
+    .await?;
+    // The second worker joins mid-stream: a cooperative rebalance moves partitions to it.
+    let second = setup.start_worker("second")?;
+    setup.produce(&as_records(&posts(n / 2..n))).await?;
+    eventually("both workers indexing", Duration::from_secs(60), || async {
+        let a = metric_sum(
+            &first.metrics_text().await?,
+            "vectorpipe_worker_documents_indexed_total",
+        );
+        let b = metric_sum(
+            &second.metrics_text().await?,
+            "vectorpipe_worker_documents_indexed_total",
+        );
+        Ok((a > 0.0 && b > 0.0).then_some(()))
+    })
+    .await?;
+    // The first leaves mid-stream too: its partitions go back to the second.
+    assert!(first.stop()?.success());
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(120))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    assert!(second.stop()?.success());
+    Ok(())
+}

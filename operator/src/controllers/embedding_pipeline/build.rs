@@ -1,0 +1,700 @@
+//! From a valid pipeline to the objects that run it. Pure: no client, table-tested.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ImagePullPolicy, SecretKeyRef};
+
+use crate::labels::{
+    CONFIG_HASH_ANNOTATION, PIPELINE_FILE, PIPELINE_LABEL, PIPELINE_MOUNT, WORKER_DRAIN_SECONDS,
+    WORKER_NAME,
+};
+
+/// Settings of the operator that shape the children.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    /// The worker image when the spec names none.
+    pub worker_image: String,
+}
+
+/// Everything one pipeline runs on.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// The rendered pipeline file.
+    pub config_map: ConfigMap,
+    /// The workers.
+    pub deployment: Deployment,
+    /// The metrics endpoint.
+    pub service: Service,
+    /// Present when more than one worker runs.
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// The name of every child object.
+pub fn child_name(pipeline: &EmbeddingPipeline) -> String {
+    format!(
+        "{}-worker",
+        pipeline.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The labels that select a pipeline's worker pods.
+pub fn selector_labels(pipeline: &EmbeddingPipeline) -> BTreeMap<String, String> {
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), WORKER_NAME.to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.clone()),
+        (PIPELINE_LABEL.to_owned(), name),
+    ])
+}
+
+/// The selector as a string, for the scale subresource.
+pub fn selector_string(pipeline: &EmbeddingPipeline) -> String {
+    selector_labels(pipeline)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn labels(pipeline: &EmbeddingPipeline) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(pipeline);
+    labels.insert("app.kubernetes.io/component".into(), "worker".into());
+    labels.insert("app.kubernetes.io/part-of".into(), "vectorpipe".into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "vectorpipe-operator".into(),
+    );
+    labels
+}
+
+fn owner(pipeline: &EmbeddingPipeline) -> OwnerReference {
+    OwnerReference {
+        api_version: EmbeddingPipeline::api_version(&()).into_owned(),
+        kind: EmbeddingPipeline::kind(&()).into_owned(),
+        name: pipeline.metadata.name.clone().unwrap_or_default(),
+        uid: pipeline.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn meta(pipeline: &EmbeddingPipeline) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(child_name(pipeline)),
+        namespace: pipeline.metadata.namespace.clone(),
+        labels: Some(labels(pipeline)),
+        owner_references: Some(vec![owner(pipeline)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The pipeline file the worker reads: the manifest with its spec, without status or
+/// server-managed metadata. Secrets are never in it, only references.
+pub fn render_config(pipeline: &EmbeddingPipeline) -> String {
+    let manifest = serde_json::json!({
+        "apiVersion": EmbeddingPipeline::api_version(&()),
+        "kind": EmbeddingPipeline::kind(&()),
+        "metadata": {
+            "name": pipeline.metadata.name,
+            "namespace": pipeline.metadata.namespace,
+        },
+        "spec": pipeline.spec,
+    });
+    serde_yaml::to_string(&manifest).unwrap_or_default()
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn plain_env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// Secret files mounted into the worker: (volume name, secret name, items, mount path).
+struct SecretMount {
+    volume: &'static str,
+    secret: String,
+    items: Vec<(String, String)>,
+    path: &'static str,
+}
+
+fn ca_mount(volume: &'static str, path: &'static str, r: &SecretKeyRef) -> SecretMount {
+    SecretMount {
+        volume,
+        secret: r.name.clone(),
+        items: vec![(r.key.clone(), "ca.crt".into())],
+        path,
+    }
+}
+
+/// Builds every child of a pipeline.
+pub fn build(pipeline: &EmbeddingPipeline, defaults: &Defaults) -> Children {
+    let spec = &pipeline.spec;
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    let namespace = pipeline.metadata.namespace.clone().unwrap_or_default();
+    let config = render_config(pipeline);
+    let hash = hex::encode(&Sha256::digest(config.as_bytes())[..16]);
+
+    let mut env = vec![
+        plain_env(
+            "VECTORPIPE_PIPELINE_FILE",
+            format!("{PIPELINE_MOUNT}/{PIPELINE_FILE}"),
+        ),
+        plain_env("VECTORPIPE_PIPELINE_NAME", name.clone()),
+        plain_env("VECTORPIPE_PIPELINE_NAMESPACE", namespace),
+        plain_env(
+            "VECTORPIPE_METRICS_ADDRESS",
+            format!("0.0.0.0:{}", spec.workers.metrics_port),
+        ),
+        plain_env("VECTORPIPE_DRAIN_SECONDS", WORKER_DRAIN_SECONDS.to_string()),
+        plain_env("VECTORPIPE_LOG_FORMAT", "json"),
+    ];
+    let mut mounts: Vec<SecretMount> = Vec::new();
+    if let Some(auth) = &spec.source.kafka.auth {
+        if let Some(tls) = &auth.tls {
+            if let Some(ca) = &tls.ca_secret_ref {
+                mounts.push(ca_mount("kafka-ca", "/etc/vectorpipe/kafka-ca", ca));
+                env.push(plain_env(
+                    "VECTORPIPE_KAFKA_CA_FILE",
+                    "/etc/vectorpipe/kafka-ca/ca.crt",
+                ));
+            }
+            if let Some(cert) = &tls.client_cert_secret_ref {
+                mounts.push(SecretMount {
+                    volume: "kafka-client",
+                    secret: cert.name.clone(),
+                    items: vec![
+                        ("tls.crt".into(), "tls.crt".into()),
+                        ("tls.key".into(), "tls.key".into()),
+                    ],
+                    path: "/etc/vectorpipe/kafka-client",
+                });
+                env.push(plain_env(
+                    "VECTORPIPE_KAFKA_CERT_FILE",
+                    "/etc/vectorpipe/kafka-client/tls.crt",
+                ));
+                env.push(plain_env(
+                    "VECTORPIPE_KAFKA_KEY_FILE",
+                    "/etc/vectorpipe/kafka-client/tls.key",
+                ));
+            }
+        }
+        if let Some(scram) = &auth.scram {
+            env.push(secret_env(
+                "VECTORPIPE_KAFKA_USERNAME",
+                &scram.secret_ref.name,
+                "username",
+            ));
+            env.push(secret_env(
+                "VECTORPIPE_KAFKA_PASSWORD",
+                &scram.secret_ref.name,
+                "password",
+            ));
+            if let Some(ca) = &scram.ca_secret_ref {
+                mounts.push(ca_mount("kafka-ca", "/etc/vectorpipe/kafka-ca", ca));
+                env.push(plain_env(
+                    "VECTORPIPE_KAFKA_CA_FILE",
+                    "/etc/vectorpipe/kafka-ca/ca.crt",
+                ));
+            }
+        }
+    }
+    let sink = &spec.sink.opensearch;
+    if let Some(basic) = sink.auth.as_ref().and_then(|a| a.basic.as_ref()) {
+        env.push(secret_env(
+            "VECTORPIPE_OPENSEARCH_USERNAME",
+            &basic.secret_ref.name,
+            "username",
+        ));
+        env.push(secret_env(
+            "VECTORPIPE_OPENSEARCH_PASSWORD",
+            &basic.secret_ref.name,
+            "password",
+        ));
+    }
+    if let Some(ca) = sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        mounts.push(ca_mount(
+            "opensearch-ca",
+            "/etc/vectorpipe/opensearch-ca",
+            ca,
+        ));
+        env.push(plain_env(
+            "VECTORPIPE_OPENSEARCH_CA_FILE",
+            "/etc/vectorpipe/opensearch-ca/ca.crt",
+        ));
+    }
+    if let Some(region) = &spec.embedding.bedrock.region {
+        env.push(plain_env("AWS_REGION", region.clone()));
+    }
+    // The user's own variables come last so they can override ours on purpose.
+    env.extend(spec.workers.env.iter().cloned());
+
+    let mut volumes = vec![
+        Volume {
+            name: "pipeline".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: child_name(pipeline),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(Default::default()),
+            ..Volume::default()
+        },
+    ];
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "pipeline".into(),
+            mount_path: PIPELINE_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    for m in mounts {
+        volumes.push(Volume {
+            name: m.volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(m.secret),
+                items: Some(
+                    m.items
+                        .into_iter()
+                        .map(|(key, path)| KeyToPath {
+                            key,
+                            path,
+                            ..KeyToPath::default()
+                        })
+                        .collect(),
+                ),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        volume_mounts.push(VolumeMount {
+            name: m.volume.into(),
+            mount_path: m.path.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "worker".into(),
+        image: Some(
+            spec.workers
+                .image
+                .clone()
+                .unwrap_or_else(|| defaults.worker_image.clone()),
+        ),
+        image_pull_policy: spec.workers.image_pull_policy.map(|p| {
+            match p {
+                ImagePullPolicy::Always => "Always",
+                ImagePullPolicy::IfNotPresent => "IfNotPresent",
+                ImagePullPolicy::Never => "Never",
+            }
+            .to_owned()
+        }),
+        args: Some(vec!["run".into()]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: spec.workers.metrics_port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: spec.workers.resources.clone(),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(volume_mounts),
+        ..Container::default()
+    };
+
+    let mut pod_labels = spec.workers.pod_labels.clone();
+    pod_labels.extend(labels(pipeline));
+    let mut pod_annotations = spec.workers.pod_annotations.clone();
+    pod_annotations.insert(CONFIG_HASH_ANNOTATION.into(), hash);
+    let replicas = if spec.suspend {
+        0
+    } else {
+        spec.workers.replicas
+    };
+    let empty_to_none = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
+
+    let deployment = Deployment {
+        metadata: meta(pipeline),
+        spec: DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(pipeline)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: spec.workers.service_account_name.clone(),
+                    termination_grace_period_seconds: Some(WORKER_DRAIN_SECONDS + 20),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    node_selector: empty_to_none(&spec.workers.node_selector),
+                    tolerations: (!spec.workers.tolerations.is_empty())
+                        .then(|| spec.workers.tolerations.clone()),
+                    affinity: spec.workers.affinity.clone(),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    };
+
+    let service = Service {
+        metadata: meta(pipeline),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(pipeline)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port: spec.workers.metrics_port,
+                target_port: Some(IntOrString::String("metrics".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+
+    let config_map = ConfigMap {
+        metadata: meta(pipeline),
+        data: Some(BTreeMap::from([(PIPELINE_FILE.to_owned(), config)])),
+        ..ConfigMap::default()
+    };
+
+    let pdb = (replicas > 1).then(|| PodDisruptionBudget {
+        metadata: meta(pipeline),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(pipeline)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    });
+
+    Children {
+        config_map,
+        deployment,
+        service,
+        pdb,
+    }
+}
+
+/// The Secrets a pipeline references, with the keys it reads from each.
+pub fn referenced_secrets(pipeline: &EmbeddingPipeline) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |name: &str, keys: &[&str]| {
+        out.push((
+            name.to_owned(),
+            keys.iter().map(|k| (*k).to_owned()).collect(),
+        ));
+    };
+    let spec = &pipeline.spec;
+    if let Some(auth) = &spec.source.kafka.auth {
+        if let Some(tls) = &auth.tls {
+            if let Some(ca) = &tls.ca_secret_ref {
+                add(&ca.name, &[ca.key.as_str()]);
+            }
+            if let Some(cert) = &tls.client_cert_secret_ref {
+                add(&cert.name, &["tls.crt", "tls.key"]);
+            }
+        }
+        if let Some(scram) = &auth.scram {
+            add(&scram.secret_ref.name, &["username", "password"]);
+            if let Some(ca) = &scram.ca_secret_ref {
+                add(&ca.name, &[ca.key.as_str()]);
+            }
+        }
+    }
+    let sink = &spec.sink.opensearch;
+    if let Some(basic) = sink.auth.as_ref().and_then(|a| a.basic.as_ref()) {
+        add(&basic.secret_ref.name, &["username", "password"]);
+    }
+    if let Some(ca) = sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        add(&ca.name, &[ca.key.as_str()]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pipeline(extra: serde_json::Value) -> EmbeddingPipeline {
+        let mut spec = json!({
+            "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
+            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "region": "eu-west-1"}},
+            "sink": {"opensearch": {"endpoints": ["http://os:9200"], "index": "docs"}}
+        });
+        if let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (&mut spec, extra) {
+            a.extend(b);
+        }
+        let mut p: EmbeddingPipeline = serde_json::from_value(json!({
+            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
+            "metadata": {"name": "posts", "namespace": "data", "uid": "u-1", "generation": 3},
+            "spec": spec
+        }))
+        .unwrap();
+        p.status = None;
+        p
+    }
+
+    fn defaults() -> Defaults {
+        Defaults {
+            worker_image: "ghcr.io/vectorpipe/worker:test".into(),
+        }
+    }
+
+    fn container(children: &Children) -> &Container {
+        &children
+            .deployment
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    fn env<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+        c.env.as_ref().unwrap().iter().find(|e| e.name == name)
+    }
+
+    #[test]
+    fn children_are_owned_labelled_and_named_after_the_pipeline() {
+        let children = build(&pipeline(json!({})), &defaults());
+        for meta in [
+            &children.config_map.metadata,
+            &children.deployment.metadata,
+            &children.service.metadata,
+        ] {
+            assert_eq!(meta.name.as_deref(), Some("posts-worker"));
+            assert_eq!(meta.namespace.as_deref(), Some("data"));
+            let owner = &meta.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+                ("EmbeddingPipeline", "u-1", Some(true))
+            );
+            assert_eq!(meta.labels.as_ref().unwrap()[PIPELINE_LABEL], "posts");
+        }
+        assert!(children.pdb.is_none(), "one replica needs no PDB");
+        assert_eq!(
+            selector_string(&pipeline(json!({}))),
+            "app.kubernetes.io/instance=posts,app.kubernetes.io/name=vectorpipe-worker,vectorpipe.io/pipeline=posts"
+        );
+    }
+
+    #[test]
+    fn the_deployment_runs_the_worker_restricted_and_probed() {
+        let children = build(&pipeline(json!({})), &defaults());
+        let spec = &children.deployment.spec;
+        assert_eq!(spec.replicas, Some(1));
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert!(pod.termination_grace_period_seconds.unwrap() > WORKER_DRAIN_SECONDS);
+        let c = container(&children);
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/vectorpipe/worker:test"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(
+            env(c, "AWS_REGION").and_then(|e| e.value.as_deref()),
+            Some("eu-west-1")
+        );
+    }
+
+    #[test]
+    fn suspend_scales_to_zero_and_replicas_above_one_add_a_pdb() {
+        let suspended = build(
+            &pipeline(json!({"suspend": true, "workers": {"replicas": 4}})),
+            &defaults(),
+        );
+        assert_eq!(suspended.deployment.spec.replicas, Some(0));
+        assert!(suspended.pdb.is_none());
+        let scaled = build(&pipeline(json!({"workers": {"replicas": 3}})), &defaults());
+        assert_eq!(scaled.deployment.spec.replicas, Some(3));
+        assert!(scaled.pdb.is_some());
+    }
+
+    #[test]
+    fn any_spec_change_changes_the_config_hash() {
+        let hash = |p: &EmbeddingPipeline| {
+            build(p, &defaults())
+                .deployment
+                .spec
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let a = pipeline(json!({}));
+        let mut b = a.clone();
+        b.spec.sink.opensearch.index = "other".into();
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(hash(&a), hash(&a.clone()));
+    }
+
+    #[test]
+    fn secrets_reach_the_pod_by_reference_never_in_the_config() {
+        let p = pipeline(json!({
+            "source": {"kafka": {"bootstrapServers": ["k:9093"], "topics": ["in"], "auth": {"scram": {"secretRef": {"name": "kafka-scram"}, "caSecretRef": {"name": "kafka-ca"}}}}},
+            "sink": {"opensearch": {"endpoints": ["https://os:9200"], "index": "docs", "auth": {"basic": {"secretRef": {"name": "os-writer"}}}}}
+        }));
+        let children = build(&p, &defaults());
+        let c = container(&children);
+        let from = |name: &str| {
+            env(c, name)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .map(|s| (s.name.clone(), s.key.clone()))
+        };
+        assert_eq!(
+            from("VECTORPIPE_KAFKA_PASSWORD"),
+            Some(("kafka-scram".into(), "password".into()))
+        );
+        assert_eq!(
+            from("VECTORPIPE_OPENSEARCH_USERNAME"),
+            Some(("os-writer".into(), "username".into()))
+        );
+        assert_eq!(
+            env(c, "VECTORPIPE_KAFKA_CA_FILE").and_then(|e| e.value.as_deref()),
+            Some("/etc/vectorpipe/kafka-ca/ca.crt")
+        );
+        let config = &children.config_map.data.as_ref().unwrap()[PIPELINE_FILE];
+        assert!(
+            config.contains("kafka-scram") && !config.contains("password:"),
+            "{config}"
+        );
+        let secrets: Vec<String> = referenced_secrets(&p).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(secrets, ["kafka-scram", "kafka-ca", "os-writer"]);
+    }
+
+    #[test]
+    fn the_rendered_config_is_a_manifest_the_worker_reads() {
+        let config = render_config(&pipeline(json!({})));
+        let value: serde_json::Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(value["kind"], "EmbeddingPipeline");
+        assert_eq!(value["metadata"]["name"], "posts");
+        let spec: vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec =
+            serde_json::from_value(value["spec"].clone()).unwrap();
+        assert_eq!(spec.sink.opensearch.index, "docs");
+    }
+}

@@ -1,0 +1,263 @@
+//! The EmbeddingPipeline controller: validate → build → apply → status.
+
+pub mod build;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+use vectorpipe_crds::validate;
+
+use crate::context::Context;
+use crate::error::{Error, kube as kerr};
+use crate::labels::FIELD_MANAGER;
+use crate::metrics::{ControllerLabel, ErrorLabels};
+use status::Problem;
+
+const CONTROLLER: &str = "embeddingpipeline";
+/// How often a healthy pipeline is looked at even without changes.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pipeline waiting for a Secret is looked at again.
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
+
+/// Checks that every referenced Secret exists and has the keys the worker reads.
+async fn check_secrets(
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+) -> Result<Option<Problem>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for (name, keys) in build::referenced_secrets(pipeline) {
+        match secrets
+            .get_opt(&name)
+            .await
+            .map_err(kerr("reading secrets"))?
+        {
+            None => {
+                return Ok(Some(Problem {
+                    reason: "SecretNotFound",
+                    message: format!(
+                        "Secret {namespace}/{name} does not exist; create it with the keys {}",
+                        keys.join(", ")
+                    ),
+                }));
+            }
+            Some(secret) => {
+                let data = secret.data.unwrap_or_default();
+                let string_data = secret.string_data.unwrap_or_default();
+                if let Some(missing) = keys
+                    .iter()
+                    .find(|k| !data.contains_key(*k) && !string_data.contains_key(*k))
+                {
+                    return Ok(Some(Problem {
+                        reason: "SecretKeyMissing",
+                        message: format!(
+                            "Secret {namespace}/{name} has no key {missing:?}; add it"
+                        ),
+                    }));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Server-side applies every child; removes the PDB when it is no longer wanted.
+async fn apply(
+    client: &kube::Client,
+    namespace: &str,
+    children: &build::Children,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = children
+        .deployment
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default();
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(&name, &params, &Patch::Apply(&children.config_map))
+        .await
+        .map_err(kerr("applying the ConfigMap"))?;
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .patch(&name, &params, &Patch::Apply(&children.deployment))
+        .await
+        .map_err(kerr("applying the Deployment"))?;
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(&name, &params, &Patch::Apply(&children.service))
+        .await
+        .map_err(kerr("applying the Service"))?;
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace);
+    match &children.pdb {
+        Some(pdb) => {
+            pdbs.patch(&name, &params, &Patch::Apply(pdb))
+                .await
+                .map_err(kerr("applying the PodDisruptionBudget"))?;
+        }
+        None => match pdbs.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(kerr("deleting the PodDisruptionBudget")(e)),
+        },
+    }
+    Ok(())
+}
+
+/// One reconcile of one pipeline. Level-based: it looks at the world, not at why it was woken.
+#[instrument(skip(pipeline, ctx), fields(namespace = pipeline.namespace().as_deref(), name = %pipeline.name_any()))]
+pub async fn reconcile(
+    pipeline: Arc<EmbeddingPipeline>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let label = ControllerLabel {
+        controller: CONTROLLER.into(),
+    };
+    ctx.metrics.reconciles.get_or_create(&label).inc();
+    let result = reconcile_inner(&pipeline, &ctx).await;
+    ctx.metrics
+        .duration
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<Action, Error> {
+    let namespace = pipeline
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let name = pipeline
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingMetadata("name"))?;
+    let client = &ctx.client;
+
+    let problem = match validate::pipeline(&pipeline.spec) {
+        Err(problems) => Some(Problem {
+            reason: "InvalidSpec",
+            message: problems.to_string(),
+        }),
+        Ok(()) => check_secrets(client, &namespace, pipeline).await?,
+    };
+    if problem.is_none() {
+        let children = build::build(pipeline, &ctx.defaults);
+        apply(client, &namespace, &children).await?;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let deployment = deployments
+        .get_opt(&build::child_name(pipeline))
+        .await
+        .map_err(kerr("reading the Deployment"))?;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let new_status = status::compute(pipeline, problem.as_ref(), deployment.as_ref(), &now);
+    if pipeline.status.as_ref() != Some(&new_status) {
+        let api: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &namespace);
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": new_status })),
+        )
+        .await
+        .map_err(kerr("writing the status"))?;
+        let was = pipeline
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        if let Some(problem) = &problem
+            && was != Some(("True".into(), problem.reason.into()))
+        {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Warning,
+                problem.reason,
+                &problem.message,
+            )
+            .await;
+        }
+    }
+    ctx.reset_backoff(&format!("{namespace}/{name}"));
+    Ok(match problem {
+        Some(Problem {
+            reason: "InvalidSpec",
+            ..
+        }) => Action::await_change(),
+        Some(_) => Action::requeue(SECRET_RECHECK),
+        None => Action::requeue(RESYNC),
+    })
+}
+
+async fn publish(
+    ctx: &Context,
+    pipeline: &EmbeddingPipeline,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &pipeline.object_ref(&())).await {
+        warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Transient failures: retried with per-object exponential backoff.
+pub fn error_policy(pipeline: Arc<EmbeddingPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            controller: CONTROLLER.into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
+    let key = format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    let wait = ctx.backoff(&key);
+    warn!(%error, object = key, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let pipelines: Api<EmbeddingPipeline> = Api::all(client.clone());
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=vectorpipe-operator");
+    Controller::new(pipelines, watcher::Config::default().any_semantic())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => info!(object = %object.name, namespace = object.namespace.as_deref(), "reconciled"),
+                Err(e) => warn!(error = %e, "controller error"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,3 @@
+//! The controllers.
+
+pub mod embedding_pipeline;

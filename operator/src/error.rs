@@ -1,0 +1,33 @@
+//! Errors of a reconcile, by step.
+
+/// Why a reconcile failed (transient errors: the object is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing Kubernetes objects failed.
+    #[error("Kubernetes API error while {action}: {source}")]
+    Kube {
+        /// What the operator was doing.
+        action: &'static str,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object lacks a name or namespace (never for objects from the apiserver).
+    #[error("the object has no {0}")]
+    MissingMetadata(&'static str),
+}
+
+impl Error {
+    /// A short label for the `errors` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube { action, .. } => action,
+            Self::MissingMetadata(_) => "missing-metadata",
+        }
+    }
+}
+
+/// Attaches what the operator was doing to a kube error.
+pub fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}

@@ -1,0 +1,270 @@
+//! The operator end to end on the harness control plane: the operator runs as a process with a
+//! kubeconfig, KWOK makes worker pods Ready, kube-controller-manager collects garbage.
+//!
+//! One test walks through the whole life of a pipeline, so that a single operator process
+//! watches the cluster (two would race on the same objects).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+use vectorpipe_tests::k8s::{self, kubectl};
+use vectorpipe_tests::operator::Operator;
+use vectorpipe_tests::{eventually, repo_root};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn condition(ep: &EmbeddingPipeline, type_: &str) -> Option<(String, String)> {
+    ep.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn wait_condition(
+    api: &Api<EmbeddingPipeline>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<EmbeddingPipeline> {
+    eventually(
+        &format!("{name}: {type_}={status} ({reason})"),
+        LIMIT,
+        || async {
+            let ep = api.get(name).await?;
+            let current =
+                ep.status.as_ref().and_then(|s| s.observed_generation) == ep.metadata.generation;
+            Ok(
+                (current && condition(&ep, type_) == Some((status.into(), reason.into())))
+                    .then_some(ep),
+            )
+        },
+    )
+    .await
+}
+
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get("vectorpipe.io/config-hash")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
+    k8s::install_crds()?;
+    let ns = k8s::namespace("operator")?;
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir)?;
+    let operator = Operator::start(&dir.join("operator.log"))?;
+    let client = k8s::client().await?;
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+
+    // 1. Apply an example: its children appear, owned by the pipeline, and it becomes Ready.
+    let applied = Instant::now();
+    let example = repo_root().join("examples/pipelines/minimal.yaml");
+    kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
+    let deployment = eventually("the worker Deployment", LIMIT, || async {
+        Ok(deployments.get_opt("posts-worker").await?)
+    })
+    .await?;
+    let time_to_deployment = applied.elapsed();
+    println!("time from kubectl apply to the Deployment existing: {time_to_deployment:?}");
+    let uid = pipelines.get("posts").await?.metadata.uid.context("uid")?;
+    let owned_by =
+        |refs: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            refs.unwrap_or_default()
+                .iter()
+                .any(|r| r.uid == uid && r.controller == Some(true))
+        };
+    assert!(owned_by(deployment.metadata.owner_references.clone()));
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("posts-worker")
+        .await?;
+    assert!(owned_by(config_map.metadata.owner_references.clone()));
+    assert!(
+        config_map.data.unwrap_or_default()["pipeline.yaml"]
+            .contains("amazon.titan-embed-text-v2:0")
+    );
+    let service = Api::<Service>::namespaced(client.clone(), &ns.name)
+        .get("posts-worker")
+        .await?;
+    assert!(owned_by(service.metadata.owner_references.clone()));
+    let ep = wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
+    assert_eq!(ep.status.as_ref().and_then(|s| s.ready_replicas), Some(1));
+    let printed = kubectl(&["get", "vp", "posts", "-n", &ns.name])?;
+    assert!(
+        printed.contains("READY")
+            && printed.contains("True")
+            && printed.contains("amazon.titan-embed-text-v2:0"),
+        "{printed}"
+    );
+
+    // 2. A spec change rolls the pods (new config hash) and observedGeneration follows.
+    let hash_before = template_hash(&deployment);
+    pipelines
+        .patch(
+            "posts",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sink": {"opensearch": {"index": "posts-v2"}}}})),
+        )
+        .await?;
+    let rolled = eventually("a new config hash", LIMIT, || async {
+        let d = deployments.get("posts-worker").await?;
+        Ok((template_hash(&d) != hash_before).then_some(d))
+    })
+    .await?;
+    assert!(template_hash(&rolled).is_some());
+    wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
+
+    // 3. kubectl scale reaches the Deployment; a PDB appears above one replica.
+    kubectl(&["scale", "-n", &ns.name, "vp/posts", "--replicas=3"])?;
+    eventually("3 replicas", LIMIT, || async {
+        Ok((deployments.get("posts-worker").await?.spec.replicas == Some(3)).then_some(()))
+    })
+    .await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
+    eventually("a PodDisruptionBudget", LIMIT, || async {
+        Ok(pdbs.get_opt("posts-worker").await?)
+    })
+    .await?;
+    let ep = wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
+    assert_eq!(ep.status.as_ref().and_then(|s| s.replicas), Some(3));
+
+    // 4. suspend: zero workers, no PDB, and the status says why.
+    pipelines
+        .patch(
+            "posts",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await?;
+    wait_condition(&pipelines, "posts", "Ready", "False", "Suspended").await?;
+    assert_eq!(
+        deployments.get("posts-worker").await?.spec.replicas,
+        Some(0)
+    );
+    eventually("the PDB removed", LIMIT, || async {
+        Ok(pdbs.get_opt("posts-worker").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    // 5. A missing Secret is reported, then the pipeline becomes Ready once it exists.
+    let with_secrets = repo_root().join("examples/pipelines/cohere-chunked-dlq.yaml");
+    kubectl(&[
+        "apply",
+        "-n",
+        &ns.name,
+        "-f",
+        &with_secrets.to_string_lossy(),
+    ])?;
+    let ep = wait_condition(
+        &pipelines,
+        "support-articles",
+        "Degraded",
+        "True",
+        "SecretNotFound",
+    )
+    .await?;
+    assert_eq!(
+        condition(&ep, "Ready").map(|c| c.1).as_deref(),
+        Some("SecretNotFound")
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    for (name, keys) in [
+        ("kafka-scram", &["username", "password"][..]),
+        ("kafka-ca", &["ca.crt"][..]),
+        ("opensearch-writer", &["username", "password"][..]),
+        ("opensearch-ca", &["ca.crt"][..]),
+    ] {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some(
+                keys.iter()
+                    .map(|k| ((*k).to_owned(), ByteString(b"test".to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    wait_condition(
+        &pipelines,
+        "support-articles",
+        "Ready",
+        "True",
+        "WorkersReady",
+    )
+    .await?;
+
+    // 6. What CEL cannot check gets a condition: an unknown model needs its dimensions.
+    let mut unknown: EmbeddingPipeline = serde_yaml::from_str(&std::fs::read_to_string(&example)?)?;
+    unknown.metadata.name = Some("unknown-model".into());
+    unknown.spec.embedding.bedrock.model_id = "acme.custom-embedder".into();
+    pipelines.create(&PostParams::default(), &unknown).await?;
+    let ep = wait_condition(
+        &pipelines,
+        "unknown-model",
+        "Degraded",
+        "True",
+        "InvalidSpec",
+    )
+    .await?;
+    let message = ep
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .map(|c| c.message)
+        .unwrap_or_default();
+    assert!(
+        message.contains("set embedding.bedrock.dimensions"),
+        "{message}"
+    );
+    assert!(
+        deployments.get_opt("unknown-model-worker").await?.is_none(),
+        "an invalid pipeline gets no workers"
+    );
+
+    // 7. Deleting the pipeline removes its children (garbage collection through owner references).
+    pipelines.delete("posts", &Default::default()).await?;
+    eventually("the children collected", LIMIT, || async {
+        Ok(deployments
+            .get_opt("posts-worker")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+
+    let metrics = operator.metrics_text().await?;
+    assert!(
+        metrics.contains("vectorpipe_operator_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(
+        !operator.log_text().contains("panicked"),
+        "{}",
+        operator.log_text()
+    );
+    Ok(())
+}
