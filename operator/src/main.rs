@@ -6,6 +6,7 @@ mod controllers;
 mod error;
 mod http;
 mod labels;
+mod leader;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -40,6 +41,19 @@ enum Command {
         /// Log as JSON lines or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
+        /// Act only while holding the leader Lease, so several replicas are safe.
+        #[arg(long, env = "VECTORPIPE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// The leader Lease's namespace (the operator's own, in a cluster).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// The leader Lease's name.
+        #[arg(
+            long,
+            env = "VECTORPIPE_LEASE_NAME",
+            default_value = "vectorpipe-operator"
+        )]
+        lease_name: String,
     },
 }
 
@@ -49,17 +63,32 @@ enum LogFormat {
     Text,
 }
 
-async fn run(metrics_address: SocketAddr, worker_image: String) -> anyhow::Result<()> {
+/// How `run` is configured.
+struct RunOptions {
+    metrics_address: SocketAddr,
+    worker_image: String,
+    leader: Option<leader::Election>,
+}
+
+async fn run(options: RunOptions) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let (metrics, registry) = metrics::Metrics::new();
-    let bound = http::serve(metrics_address, registry).await?;
-    tracing::info!(metrics = %bound, "starting the controllers");
+    let bound = http::serve(options.metrics_address, registry).await?;
     let ctx = Arc::new(context::Context::new(
-        client,
-        controllers::embedding_pipeline::build::Defaults { worker_image },
+        client.clone(),
+        controllers::embedding_pipeline::build::Defaults {
+            worker_image: options.worker_image,
+        },
         metrics,
     ));
-    controllers::embedding_pipeline::run(ctx).await;
+    tracing::info!(metrics = %bound, "operator started");
+    match options.leader {
+        None => controllers::embedding_pipeline::run(ctx).await,
+        Some(election) => {
+            leader::run_as_leader(client, election, controllers::embedding_pipeline::run(ctx))
+                .await?
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -76,6 +105,9 @@ fn main() -> anyhow::Result<()> {
             metrics_address,
             worker_image,
             log_format,
+            leader_election,
+            lease_namespace,
+            lease_name,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -86,7 +118,15 @@ fn main() -> anyhow::Result<()> {
                 LogFormat::Json => builder.json().init(),
                 LogFormat::Text => builder.init(),
             }
-            tokio::runtime::Runtime::new()?.block_on(run(metrics_address, worker_image))
+            let leader = leader_election.then_some(leader::Election {
+                namespace: lease_namespace,
+                name: lease_name,
+            });
+            tokio::runtime::Runtime::new()?.block_on(run(RunOptions {
+                metrics_address,
+                worker_image,
+                leader,
+            }))
         }
     }
 }

@@ -111,6 +111,18 @@ pub mod k8s {
         Ok(())
     }
 
+    /// Writes a kubeconfig that impersonates `user` (the admin token may impersonate anyone).
+    pub fn impersonating_kubeconfig(user: &str, path: &Path) -> Result<PathBuf> {
+        let mut config: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()?)?)?;
+        let user_entry = config["users"][0]["user"]
+            .as_mapping_mut()
+            .context("the harness kubeconfig has no user")?;
+        user_entry.insert("as".into(), user.into());
+        std::fs::write(path, serde_yaml::to_string(&config)?)?;
+        Ok(path.to_owned())
+    }
+
     /// Creates a namespace for one test; it is removed when the guard is dropped.
     pub fn namespace(prefix: &str) -> Result<Namespace> {
         let name = unique_name(prefix);
@@ -349,8 +361,13 @@ pub mod operator {
     }
 
     impl Operator {
-        /// Starts `vectorpipe-operator run` with the harness kubeconfig.
+        /// Starts `vectorpipe-operator run` with the harness admin kubeconfig and its own Lease.
         pub fn start(log: &Path) -> Result<Self> {
+            Self::start_with(log, &crate::k8s::kubeconfig()?, &unique_name("lease"))
+        }
+
+        /// Starts the operator with a kubeconfig and a leader Lease name of the test's choosing.
+        pub fn start_with(log: &Path, kubeconfig: &Path, lease: &str) -> Result<Self> {
             let metrics = format!("127.0.0.1:{}", crate::worker::free_port()?);
             let out = std::fs::OpenOptions::new()
                 .create(true)
@@ -358,7 +375,8 @@ pub mod operator {
                 .open(log)?;
             let child = Command::new(crate::worker::binary("vectorpipe-operator")?)
                 .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
-                .env("KUBECONFIG", crate::k8s::kubeconfig()?)
+                .args(["--lease-name", lease, "--lease-namespace", "default"])
+                .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info,vectorpipe_operator=debug")
                 .stdout(Stdio::null())
                 .stderr(out)

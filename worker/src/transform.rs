@@ -4,7 +4,9 @@
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use vectorpipe_crds::v1alpha1::{EmbeddingPipelineSpec, OnMissingField, RecordFormat};
+use vectorpipe_crds::v1alpha1::{
+    ChunkingStrategy, EmbeddingPipelineSpec, OnMissingField, RecordFormat,
+};
 
 use crate::chunk;
 
@@ -268,6 +270,19 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
         return Outcome::Skip(SkipReason::EmptyText);
     }
     let parent_id = bounded_id(parent_id);
+    // A text longer than the largest chunk times the chunk limit can only split into too many
+    // chunks: refuse it before spending time splitting it.
+    let chars = body.chars().count();
+    let max_chunk = spec.chunking.max_chars.max(1) as usize;
+    if spec.chunking.strategy != ChunkingStrategy::None && chars > max_chunk * MAX_CHUNKS_PER_RECORD
+    {
+        return reject(
+            RejectionKind::TooLarge,
+            format!(
+                "the text has {chars} characters, more than {MAX_CHUNKS_PER_RECORD} chunks of chunking.maxChars ({max_chunk}); raise chunking.maxChars or split the record upstream"
+            ),
+        );
+    }
     let model_limit = spec.embedding.bedrock.family().max_input_chars();
     let chunks = chunk::split(&body, &spec.chunking, model_limit);
     if chunks.len() > MAX_CHUNKS_PER_RECORD {
@@ -500,6 +515,27 @@ mod tests {
         let ids: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["a#0", "a#1", "a#2"]);
         assert!(docs.iter().all(|d| d.parent_id == "a"));
+    }
+
+    #[test]
+    fn texts_too_long_to_chunk_are_refused_before_splitting() {
+        let spec = spec(
+            json!({"chunking": {"strategy": "recursive", "maxChars": 100, "overlapChars": 0}}),
+        );
+        let payload = json!({"text": "word ".repeat(30_000)}).to_string();
+        match transform(&spec, &record(Some(&payload))) {
+            Outcome::Reject(r) => {
+                assert_eq!(r.kind, RejectionKind::TooLarge);
+                // The length check, not the splitter, refused it.
+                assert!(
+                    r.message
+                        .contains("150000 characters, more than 1024 chunks"),
+                    "{}",
+                    r.message
+                );
+            }
+            other => panic!("expected too-large, got {other:?}"),
+        }
     }
 
     #[test]

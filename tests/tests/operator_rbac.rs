@@ -1,0 +1,133 @@
+//! The operator works with exactly the RBAC in operator/rbac/clusterrole.yaml (run as a
+//! ServiceAccount bound to it, by impersonation) and fails visibly without it.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+use vectorpipe_tests::k8s::{self, kubectl};
+use vectorpipe_tests::operator::Operator;
+use vectorpipe_tests::{eventually, repo_root, unique_name};
+
+fn bind(service_account_ns: &str, service_account: &str, role: &str) -> Result<()> {
+    kubectl(&[
+        "create",
+        "serviceaccount",
+        service_account,
+        "-n",
+        service_account_ns,
+    ])?;
+    kubectl(&[
+        "create",
+        "clusterrolebinding",
+        &unique_name(service_account),
+        &format!("--clusterrole={role}"),
+        &format!("--serviceaccount={service_account_ns}:{service_account}"),
+    ])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
+    k8s::install_crds()?;
+    let system = k8s::namespace("vp-system")?;
+    let dir = std::env::temp_dir().join(&system.name);
+    std::fs::create_dir_all(&dir)?;
+    let rbac = repo_root().join("operator/rbac/clusterrole.yaml");
+    kubectl(&["apply", "-f", &rbac.to_string_lossy()])?;
+    bind(&system.name, "vectorpipe-operator", "vectorpipe-operator")?;
+    let user = format!("system:serviceaccount:{}:vectorpipe-operator", system.name);
+    let kubeconfig = k8s::impersonating_kubeconfig(&user, &dir.join("operator.kubeconfig"))?;
+    // The impersonated identity really is limited: it may not list Secrets.
+    let denied = kubectl(&[
+        "--kubeconfig",
+        &kubeconfig.to_string_lossy(),
+        "get",
+        "secrets",
+        "-A",
+    ]);
+    assert!(
+        denied.is_err(),
+        "the operator's account must not list secrets"
+    );
+
+    let client = k8s::client().await?;
+    {
+        let operator = Operator::start_with(
+            &dir.join("operator.log"),
+            &kubeconfig,
+            &unique_name("rbac-lease"),
+        )?;
+        let ns = k8s::namespace("rbac-ok")?;
+        let example = repo_root().join("examples/pipelines/minimal.yaml");
+        kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
+        let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+        eventually(
+            "Ready with the declared RBAC",
+            Duration::from_secs(60),
+            || async {
+                let ep = pipelines.get("posts").await?;
+                let ready = ep
+                    .status
+                    .iter()
+                    .flat_map(|s| &s.conditions)
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                Ok(ready.then_some(()))
+            },
+        )
+        .await?;
+        assert!(
+            !operator.log_text().contains("forbidden"),
+            "{}",
+            operator.log_text()
+        );
+        operator.kill()?;
+    }
+
+    // A role without Deployments: the operator cannot create workers, and says so.
+    let crippled = std::fs::read_to_string(&rbac)?
+        .replace(
+            "name: vectorpipe-operator\n",
+            "name: vectorpipe-operator-no-deployments\n",
+        )
+        .replace(
+            "resources: [\"deployments\"]",
+            "resources: [\"replicasets\"]",
+        );
+    let crippled_path = dir.join("crippled.yaml");
+    std::fs::write(&crippled_path, crippled)?;
+    kubectl(&["apply", "-f", &crippled_path.to_string_lossy()])?;
+    bind(
+        &system.name,
+        "crippled",
+        "vectorpipe-operator-no-deployments",
+    )?;
+    let user = format!("system:serviceaccount:{}:crippled", system.name);
+    let kubeconfig = k8s::impersonating_kubeconfig(&user, &dir.join("crippled.kubeconfig"))?;
+    let operator = Operator::start_with(
+        &dir.join("crippled.log"),
+        &kubeconfig,
+        &unique_name("rbac-lease"),
+    )?;
+    let ns = k8s::namespace("rbac-denied")?;
+    let example = repo_root().join("examples/pipelines/minimal.yaml");
+    kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
+    eventually(
+        "the operator reporting the missing permission",
+        Duration::from_secs(60),
+        || async {
+            let log = operator.log_text();
+            let metrics = operator.metrics_text().await.unwrap_or_default();
+            Ok(
+                (log.contains("forbidden") && metrics.contains("applying the Deployment"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(deployments.get_opt("posts-worker").await?.is_none());
+    Ok(())
+}
