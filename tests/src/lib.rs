@@ -263,13 +263,23 @@ pub mod worker {
     impl Worker {
         /// Starts `vectorpipe-worker run` on a pipeline file, with the fake Bedrock credentials.
         pub fn start(pipeline: &Path, log: &Path) -> Result<Self> {
+            Self::start_binary(&binary("vectorpipe-worker")?, pipeline, log)
+        }
+
+        /// The process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Like [`Worker::start`], with a given worker binary (e.g. a release build).
+        pub fn start_binary(worker: &Path, pipeline: &Path, log: &Path) -> Result<Self> {
             let port = free_port()?;
             let metrics = format!("127.0.0.1:{port}");
             let out = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(log)?;
-            let child = Command::new(binary("vectorpipe-worker")?)
+            let child = Command::new(worker)
                 .args(["run", "--pipeline"])
                 .arg(pipeline)
                 .args(["--metrics-address", &metrics, "--drain-seconds", "20"])
@@ -277,7 +287,7 @@ pub mod worker {
                 .env("AWS_SECRET_ACCESS_KEY", crate::bedrock::SECRET_ACCESS_KEY)
                 .env("AWS_REGION", "eu-west-1")
                 .env("AWS_EC2_METADATA_DISABLED", "true")
-                .env("RUST_LOG", "info,vectorpipe_worker=debug")
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(out)
                 .spawn()?;
