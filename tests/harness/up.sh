@@ -157,8 +157,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "64", memory: 256Gi, pods: "500"}
-  capacity: {cpu: "64", memory: 256Gi, pods: "500"}
+  allocatable: {cpu: "1000", memory: 4Ti, pods: "5000"}
+  capacity: {cpu: "1000", memory: 4Ti, pods: "5000"}
 NODE
   wait_for kwok 60 sh -c "$kubectl get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   # The default ServiceAccount shows that the controller manager is working.

@@ -378,16 +378,36 @@ pub mod operator {
 
         /// Starts the operator with a kubeconfig and a leader Lease name of the test's choosing.
         pub fn start_with(log: &Path, kubeconfig: &Path, lease: &str) -> Result<Self> {
+            Self::start_binary(
+                &crate::worker::binary("vectorpipe-operator")?,
+                log,
+                kubeconfig,
+                lease,
+            )
+        }
+
+        /// The process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Like [`Operator::start_with`], with a given operator binary (e.g. a release build).
+        pub fn start_binary(
+            operator: &Path,
+            log: &Path,
+            kubeconfig: &Path,
+            lease: &str,
+        ) -> Result<Self> {
             let metrics = format!("127.0.0.1:{}", crate::worker::free_port()?);
             let out = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(log)?;
-            let child = Command::new(crate::worker::binary("vectorpipe-operator")?)
+            let child = Command::new(operator)
                 .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
                 .args(["--lease-name", lease, "--lease-namespace", "default"])
                 .env("KUBECONFIG", kubeconfig)
-                .env("RUST_LOG", "info,vectorpipe_operator=debug")
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(out)
                 .spawn()?;

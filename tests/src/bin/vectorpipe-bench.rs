@@ -11,7 +11,8 @@
 //!
 //! usage: start the harness (`tests/harness/up.sh kafka opensearch`, then source `$VP_RUN/env`),
 //! build the worker (`cargo build --release -p vectorpipe-worker` for meaningful numbers), then
-//! `cargo run --release -p vectorpipe-tests --bin vectorpipe-bench -- [--records N] [--latency-ms MS]`.
+//! `cargo run --release -p vectorpipe-tests --bin vectorpipe-bench -- worker [--records N] [--latency-ms MS]`;
+//! `vectorpipe-bench operator [--pipelines N]` (needs `up.sh k8s`) reconciles N pipelines from cold.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,9 +28,30 @@ use vectorpipe_tests::bedrock::FakeBedrock;
 use vectorpipe_tests::worker::Worker;
 use vectorpipe_tests::{kafka, opensearch as os, unique_name};
 
-/// Benchmark settings.
+/// Benchmarks of vectorpipe against the harness servers.
 #[derive(Parser, Debug)]
 #[command(name = "vectorpipe-bench")]
+enum Bench {
+    /// The worker: throughput, CPU, memory and latency against Kafka, the Bedrock fake and
+    /// OpenSearch (needs `up.sh kafka opensearch`).
+    Worker(Args),
+    /// The operator: reconciling many pipelines from cold (needs `up.sh k8s`).
+    Operator(OperatorArgs),
+}
+
+/// Operator benchmark settings.
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// Pipelines to create.
+    #[arg(long, default_value_t = 1000)]
+    pipelines: usize,
+    /// The operator binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    operator: Option<PathBuf>,
+}
+
+/// Worker benchmark settings.
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Records in the backlog of each scenario.
     #[arg(long, default_value_t = 20_000)]
@@ -269,26 +291,136 @@ async fn scenario(
     })
 }
 
+/// A workspace binary: the given path, else the release build, else the one next to this bench
+/// (this binary sits in target/<profile>/).
+fn workspace_binary(given: Option<&PathBuf>, name: &str) -> Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.clone());
+    }
+    let here = std::env::current_exe()?;
+    let dir = here.parent().context("no target directory")?;
+    let release = dir
+        .parent()
+        .context("no target directory")?
+        .join("release")
+        .join(name);
+    Ok(if release.exists() {
+        release
+    } else {
+        dir.join(name)
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
-    let worker = match &args.worker {
-        Some(path) => path.clone(),
-        None => {
-            // This binary sits in target/<profile>/; prefer the release worker next to it.
-            let here = std::env::current_exe()?;
-            let dir = here.parent().context("no target directory")?;
-            let release = dir
-                .parent()
-                .context("no target directory")?
-                .join("release/vectorpipe-worker");
-            if release.exists() {
-                release
-            } else {
-                dir.join("vectorpipe-worker")
-            }
+    match Bench::parse() {
+        Bench::Worker(args) => worker_bench(args).await,
+        Bench::Operator(args) => operator_bench(args).await,
+    }
+}
+
+async fn operator_bench(args: OperatorArgs) -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::Api;
+    use kube::api::{ListParams, PostParams};
+    use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+    use vectorpipe_tests::k8s;
+
+    let binary = workspace_binary(args.operator.as_ref(), "vectorpipe-operator")?;
+    println!("operator binary: {}", binary.display());
+    k8s::install_crds()?;
+    let ns = k8s::namespace("bench-operator")?;
+    let client = k8s::client().await?;
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let template: EmbeddingPipeline = serde_yaml::from_str(&std::fs::read_to_string(
+        vectorpipe_tests::repo_root().join("examples/pipelines/minimal.yaml"),
+    )?)?;
+
+    // The pipelines exist before the operator starts: a cold start with a full backlog.
+    let created = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..args.pipelines {
+        let mut p = template.clone();
+        p.metadata.name = Some(format!("p{i:04}"));
+        let api = pipelines.clone();
+        pending.push(async move { api.create(&PostParams::default(), &p).await.map(|_| ()) });
+        if pending.len() >= 50 {
+            futures::future::try_join_all(pending.drain(..)).await?;
         }
-    };
+    }
+    futures::future::try_join_all(pending).await?;
+    println!(
+        "created {} pipelines in {:.1} s",
+        args.pipelines,
+        created.elapsed().as_secs_f64()
+    );
+
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir)?;
+    let operator = vectorpipe_tests::operator::Operator::start_binary(
+        &binary,
+        &dir.join("operator.log"),
+        &k8s::kubeconfig()?,
+        &unique_name("bench-lease"),
+    )?;
+    let started = Instant::now();
+    let mut all_deployments = None;
+    let all_ready;
+    loop {
+        let n = deployments
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .len();
+        if all_deployments.is_none() && n >= args.pipelines {
+            all_deployments = Some(started.elapsed());
+        }
+        let ready = pipelines
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .iter()
+                    .flat_map(|s| &s.conditions)
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .count();
+        if ready >= args.pipelines {
+            all_ready = started.elapsed();
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!(
+                "not all pipelines Ready after 30 minutes ({ready} of {})",
+                args.pipelines
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (cpu, rss) = process_usage(operator.pid())?;
+    println!(
+        "\n{:<12} {:>22} {:>22} {:>12} {:>12}",
+        "pipelines", "all Deployments (s)", "all Ready (s)", "cpu s", "peak rss MiB"
+    );
+    println!(
+        "{:<12} {:>22.1} {:>22.1} {:>12.1} {:>12.0}",
+        args.pipelines,
+        all_deployments.unwrap_or(all_ready).as_secs_f64(),
+        all_ready.as_secs_f64(),
+        cpu,
+        rss
+    );
+    println!(
+        "(Ready includes kube-controller-manager creating the pods and KWOK marking them ready.)"
+    );
+    Ok(())
+}
+
+async fn worker_bench(args: Args) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
     println!("worker binary: {}", worker.display());
     println!(
         "records per scenario: {}, maxInFlight: {}, partitions: {}, Titan v2 256 dims, refresh interval 1 s",
