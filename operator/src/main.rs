@@ -1,13 +1,7 @@
 //! `vectorpipe-operator`: reconciles EmbeddingPipelines into worker Deployments and reports their
 //! status. `crds` prints the CustomResourceDefinitions.
 
-mod context;
-mod controllers;
-mod error;
-mod http;
-mod labels;
-mod leader;
-mod metrics;
+use vectorpipe_operator::{context, controllers, http, leader, metrics};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

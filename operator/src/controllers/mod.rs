@@ -1,3 +1,4 @@
 //! The controllers.
 
 pub mod embedding_pipeline;
+pub mod scaling_policy;

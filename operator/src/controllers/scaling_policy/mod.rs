@@ -1,0 +1,4 @@
+//! The ScalingPolicy controller. This increment holds the pure decision engine; the metric
+//! readers, the reconcile loop and the status writer come next.
+
+pub mod decide;
