@@ -234,6 +234,31 @@ impl FakeBedrock {
         }
     }
 
+    /// What every model call goes through before its body is looked at: the signature check,
+    /// queued faults and the quota, then the configured latency. Returns the latency waited.
+    async fn accept(
+        &self,
+        model_id: &str,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Duration, Response> {
+        if let Err(reason) = verify_signature(method, uri, headers, body) {
+            self.lock().stats.unsigned += 1;
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "InvalidSignatureException",
+                &reason,
+            ));
+        }
+        let latency = self.admit(model_id).map_err(fault_response)?;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        Ok(latency)
+    }
+
     fn record_success(&self, model_id: &str, texts: u64, tokens: u64) {
         let mut inner = self.lock();
         let model = inner.stats.models.entry(model_id.to_owned()).or_default();
@@ -451,16 +476,8 @@ async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(reason) = verify_signature(&method, &uri, &headers, &body) {
-        fake.lock().stats.unsigned += 1;
-        return error(StatusCode::FORBIDDEN, "InvalidSignatureException", &reason);
-    }
-    let latency = match fake.admit(&model_id) {
-        Ok(latency) => latency,
-        Err(fault) => return fault_response(fault),
-    };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+    if let Err(refusal) = fake.accept(&model_id, &method, &uri, &headers, &body).await {
+        return refusal;
     }
     let request: Value = match serde_json::from_slice(&body) {
         Ok(Value::Object(map)) => Value::Object(map),
@@ -665,17 +682,10 @@ async fn converse(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(reason) = verify_signature(&method, &uri, &headers, &body) {
-        fake.lock().stats.unsigned += 1;
-        return error(StatusCode::FORBIDDEN, "InvalidSignatureException", &reason);
-    }
-    let latency = match fake.admit(&model_id) {
+    let latency = match fake.accept(&model_id, &method, &uri, &headers, &body).await {
         Ok(latency) => latency,
-        Err(fault) => return fault_response(fault),
+        Err(refusal) => return refusal,
     };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let Some(messages) = request["messages"].as_array().filter(|m| !m.is_empty()) else {
         fake.record_error(&model_id, "ValidationException");

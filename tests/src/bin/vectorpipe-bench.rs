@@ -109,6 +109,29 @@ fn process_usage(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, hwm_kib / 1024.0))
 }
 
+/// Moves the produced records that are now searchable from `produced` to `latencies` (ms).
+async fn collect_searchable(
+    client: &opensearch::OpenSearch,
+    index: &str,
+    produced: &mut HashMap<String, Instant>,
+    latencies: &mut Vec<f64>,
+) -> Result<()> {
+    let waiting: Vec<&String> = produced.keys().collect();
+    let found: Value = client
+        .search(SearchParts::Index(&[index]))
+        .body(json!({"size": 200, "_source": false, "query": {"ids": {"values": waiting}}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
+        if let Some(at) = hit["_id"].as_str().and_then(|id| produced.remove(id)) {
+            latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(())
+}
+
 async fn count(index: &str) -> Result<u64> {
     let client = os::client()?;
     client
@@ -243,35 +266,11 @@ async fn scenario(
             .map_err(|(e, _)| e)?;
         produced.insert(id, Instant::now());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let waiting: Vec<&String> = produced.keys().collect();
-        let found: Value = client
-            .search(SearchParts::Index(&[&index]))
-            .body(json!({"size": 200, "_source": false, "query": {"ids": {"values": waiting}}}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
-            if let Some(at) = hit["_id"].as_str().and_then(|id| produced.remove(id)) {
-                latencies.push(at.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
+        collect_searchable(&client, &index, &mut produced, &mut latencies).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !produced.is_empty() && Instant::now() < deadline {
-        let waiting: Vec<&String> = produced.keys().collect();
-        let found: Value = client
-            .search(SearchParts::Index(&[&index]))
-            .body(json!({"size": 200, "_source": false, "query": {"ids": {"values": waiting}}}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
-            if let Some(at) = hit["_id"].as_str().and_then(|id| produced.remove(id)) {
-                latencies.push(at.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
+        collect_searchable(&client, &index, &mut produced, &mut latencies).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
