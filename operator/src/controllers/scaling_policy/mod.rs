@@ -1,5 +1,6 @@
-//! The ScalingPolicy controller. This increment holds the pure decision engine and schedules; the metric
+//! The ScalingPolicy controller. This increment holds the pure decision engine, schedules and the Kafka lag reader; the metric
 //! readers, the reconcile loop and the status writer come next.
 
 pub mod decide;
+pub mod lag;
 pub mod schedule;

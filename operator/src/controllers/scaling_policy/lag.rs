@@ -1,0 +1,183 @@
+//! Consumer lag read from the brokers, without joining the group: the group's committed offsets
+//! against each partition's watermarks.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
+
+/// Why the lag could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LagError {
+    /// The brokers did not answer or refused.
+    #[error("reading consumer lag from Kafka failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The pipeline's Kafka auth is not supported by the operator's reader yet.
+    #[error(
+        "reading consumer lag with {0} authentication is not supported by the operator yet; use a kafkaLag-free policy (cpu, prometheus) or plaintext brokers"
+    )]
+    UnsupportedAuth(&'static str),
+    /// The topic pattern is not a regular expression.
+    #[error("source.kafka.topicPattern is not a valid regular expression: {0}")]
+    Pattern(#[from] regex::Error),
+}
+
+/// One partition's positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset, if it committed one.
+    pub committed: Option<i64>,
+    /// The oldest retained offset.
+    pub low: i64,
+    /// One past the newest offset.
+    pub high: i64,
+}
+
+impl PartitionLag {
+    /// Records behind: from the committed offset, or, for a group that never committed, from
+    /// where it will start (`earliest`: the oldest retained record; `latest`: nothing).
+    pub fn lag(&self, starting: StartingOffset) -> i64 {
+        let from = match (self.committed, starting) {
+            (Some(c), _) => c.max(self.low),
+            (None, StartingOffset::Earliest) => self.low,
+            (None, StartingOffset::Latest) => self.high,
+        };
+        (self.high - from).max(0)
+    }
+}
+
+/// Lag over all partitions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LagSummary {
+    /// All partitions added up.
+    pub sum: i64,
+    /// The partition with the most.
+    pub max: i64,
+    /// Partitions of the source topics.
+    pub partitions: i32,
+    /// Partitions with any lag.
+    pub partitions_with_lag: i32,
+}
+
+/// Adds up per-partition lag.
+pub fn summarize(partitions: &[PartitionLag], starting: StartingOffset) -> LagSummary {
+    let lags: Vec<i64> = partitions.iter().map(|p| p.lag(starting)).collect();
+    LagSummary {
+        sum: lags.iter().sum(),
+        max: lags.iter().copied().max().unwrap_or(0),
+        partitions: partitions.len() as i32,
+        partitions_with_lag: lags.iter().filter(|l| **l > 0).count() as i32,
+    }
+}
+
+/// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
+pub fn read(
+    kafka: &KafkaSource,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, LagError> {
+    if let Some(auth) = &kafka.auth {
+        return Err(LagError::UnsupportedAuth(if auth.tls.is_some() {
+            "tls"
+        } else if auth.scram.is_some() {
+            "scram"
+        } else {
+            "mskIam"
+        }));
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(None, timeout)?;
+    let pattern = kafka
+        .topic_pattern
+        .as_ref()
+        .map(|p| regex::Regex::new(&format!("^(?:{p})$")))
+        .transpose()?;
+    let wanted = |name: &str| match (&kafka.topics, &pattern) {
+        (Some(topics), _) => topics.iter().any(|t| t == name),
+        (None, Some(p)) => p.is_match(name),
+        (None, None) => false,
+    };
+    let mut list = TopicPartitionList::new();
+    for topic in metadata.topics().iter().filter(|t| wanted(t.name())) {
+        for partition in topic.partitions() {
+            list.add_partition(topic.name(), partition.id());
+        }
+    }
+    let committed = consumer.committed_offsets(list.clone(), timeout)?;
+    let mut out = Vec::new();
+    for element in list.elements() {
+        let (low, high) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+        let committed = committed
+            .find_partition(element.topic(), element.partition())
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        out.push(PartitionLag {
+            topic: element.topic().to_owned(),
+            partition: element.partition(),
+            committed,
+            low,
+            high,
+        });
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(committed: Option<i64>, low: i64, high: i64) -> PartitionLag {
+        PartitionLag {
+            topic: "t".into(),
+            partition: 0,
+            committed,
+            low,
+            high,
+        }
+    }
+
+    #[test]
+    fn lag_counts_from_the_commit_or_the_starting_policy() {
+        assert_eq!(part(Some(40), 0, 100).lag(StartingOffset::Earliest), 60);
+        assert_eq!(part(None, 10, 100).lag(StartingOffset::Earliest), 90);
+        assert_eq!(part(None, 10, 100).lag(StartingOffset::Latest), 0);
+        assert_eq!(
+            part(Some(5), 10, 100).lag(StartingOffset::Earliest),
+            90,
+            "a commit below retention counts from the oldest record"
+        );
+        assert_eq!(part(Some(100), 0, 100).lag(StartingOffset::Earliest), 0);
+    }
+
+    #[test]
+    fn summaries_add_up_and_count_lagging_partitions() {
+        let parts = [
+            part(Some(0), 0, 10),
+            part(Some(10), 0, 10),
+            part(Some(5), 0, 30),
+        ];
+        assert_eq!(
+            summarize(&parts, StartingOffset::Earliest),
+            LagSummary {
+                sum: 35,
+                max: 25,
+                partitions: 3,
+                partitions_with_lag: 2
+            }
+        );
+    }
+}

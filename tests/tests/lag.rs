@@ -1,0 +1,85 @@
+//! The operator's lag reader against the real broker: a group that committed part of one
+//! partition and nothing of the others.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
+use vectorpipe_operator::controllers::scaling_policy::lag::{self, LagSummary};
+use vectorpipe_tests::{kafka, unique_name};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_is_read_per_partition_from_outside_the_group() -> Result<()> {
+    let topic = unique_name("lag");
+    let group = unique_name("lag-group");
+    kafka::create_topic(&topic, 3).await?;
+    let producer: FutureProducer = kafka::config()?.create()?;
+    for partition in 0..3 {
+        for i in 0..10 {
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key("k")
+                        .payload(&format!("{i}")),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    // The group has processed 4 records of partition 0 and nothing else.
+    let committer: BaseConsumer = kafka::config()?.set("group.id", &group).create()?;
+    let mut done = TopicPartitionList::new();
+    done.add_partition_offset(&topic, 0, Offset::Offset(4))?;
+    committer.commit(&done, CommitMode::Sync)?;
+
+    let source: KafkaSource = serde_json::from_value(serde_json::json!({
+        "bootstrapServers": [kafka::bootstrap()?],
+        "topics": [topic],
+    }))?;
+    let (source_for_read, group_for_read) = (source.clone(), group.clone());
+    let partitions = tokio::task::spawn_blocking(move || {
+        lag::read(&source_for_read, &group_for_read, Duration::from_secs(10))
+    })
+    .await??;
+    assert_eq!(partitions.len(), 3);
+    assert_eq!(partitions[0].committed, Some(4));
+    assert_eq!(partitions[1].committed, None);
+    assert_eq!(
+        lag::summarize(&partitions, StartingOffset::Earliest),
+        LagSummary {
+            sum: 26,
+            max: 10,
+            partitions: 3,
+            partitions_with_lag: 3
+        }
+    );
+    assert_eq!(
+        lag::summarize(&partitions, StartingOffset::Latest),
+        LagSummary {
+            sum: 6,
+            max: 6,
+            partitions: 3,
+            partitions_with_lag: 1
+        }
+    );
+
+    // A pattern finds the same topic's three partitions.
+    let mut by_pattern = source;
+    by_pattern.topics = None;
+    by_pattern.topic_pattern = Some(format!("{}.*", &topic[..topic.len() - 4]));
+    let found = tokio::task::spawn_blocking(move || {
+        lag::read(&by_pattern, &group, Duration::from_secs(10))
+    })
+    .await??;
+    assert_eq!(
+        found.iter().filter(|p| p.topic == topic).count(),
+        3,
+        "{found:?}"
+    );
+    Ok(())
+}
