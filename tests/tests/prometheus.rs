@@ -49,3 +49,45 @@ async fn prometheus_scrapes_a_target_and_answers_a_query() -> Result<()> {
     assert_eq!(seen, f64::from(value));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_operator_reads_one_value_from_promql() -> Result<()> {
+    use vectorpipe_operator::controllers::scaling_policy::promql;
+    let body = "# TYPE vectorpipe_worker_embed_in_flight gauge\nvectorpipe_worker_embed_in_flight{pipeline=\"posts\"} 12\n# TYPE vectorpipe_worker_embed_concurrency_limit gauge\nvectorpipe_worker_embed_concurrency_limit{pipeline=\"posts\"} 16\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let app = Router::new().route("/metrics", get(move || std::future::ready(body)));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let name = unique_name("ratio");
+    let target = prometheus::add_target(&name, &address, &[("namespace", &name)])?;
+    let client = Client::try_from(prometheus::url()?)?;
+    let metric: vectorpipe_crds::v1alpha1::MetricSpec = serde_json::from_value(
+        serde_json::json!({
+            "prometheus": {"query": "sum(vectorpipe_worker_embed_in_flight{namespace=\"$namespace\",pipeline=\"$pipeline\"}) / sum(vectorpipe_worker_embed_concurrency_limit{namespace=\"$namespace\",pipeline=\"$pipeline\"})"},
+            "scaleOutThreshold": 0.9
+        }),
+    )?;
+    let query = promql::query_for(&metric, &name, "posts").expect("a PromQL metric has a query");
+    let ratio = eventually("the ratio from Prometheus", Duration::from_secs(60), || {
+        let (client, query) = (client.clone(), query.clone());
+        async move {
+            Ok(promql::value(&client, &query, Duration::from_secs(5))
+                .await
+                .ok())
+        }
+    })
+    .await?;
+    assert_eq!(ratio, 0.75);
+    let missing = promql::value(
+        &client,
+        "absent_metric_that_nobody_exports",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(missing, Err(promql::PromqlError::Empty(_))),
+        "{missing:?}"
+    );
+    std::fs::remove_file(target)?;
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Metrics from Prometheus: CPU and memory of a pipeline's workers, and any PromQL query.
+
+use std::time::Duration;
+
+use prometheus_http_query::Client;
+use prometheus_http_query::response::Data;
+use vectorpipe_crds::v1alpha1::MetricSpec;
+
+/// Why a query gave no number.
+#[derive(Debug, thiserror::Error)]
+pub enum PromqlError {
+    /// The server could not be reached or refused the query.
+    #[error("Prometheus query failed: {0}")]
+    Query(#[from] prometheus_http_query::Error),
+    /// The query took too long.
+    #[error("Prometheus did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The query returned nothing to scale on.
+    #[error(
+        "the query {0:?} returned no sample; check its labels against the series Prometheus has"
+    )]
+    Empty(String),
+}
+
+/// Worker CPU use in percent of the requested CPU (cAdvisor and kube-state-metrics series).
+pub const DEFAULT_CPU_QUERY: &str = r#"100 * sum(rate(container_cpu_usage_seconds_total{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker"}[2m])) / sum(kube_pod_container_resource_requests{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker",resource="cpu"})"#;
+/// Worker memory use in percent of the requested memory.
+pub const DEFAULT_MEMORY_QUERY: &str = r#"100 * sum(container_memory_working_set_bytes{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker"}) / sum(kube_pod_container_resource_requests{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker",resource="memory"})"#;
+
+/// The query a metric runs, with `$namespace` and `$pipeline` filled in; None for Kafka metrics.
+pub fn query_for(metric: &MetricSpec, namespace: &str, pipeline: &str) -> Option<String> {
+    let template = if let Some(cpu) = &metric.cpu {
+        cpu.query.as_deref().unwrap_or(DEFAULT_CPU_QUERY)
+    } else if let Some(memory) = &metric.memory {
+        memory.query.as_deref().unwrap_or(DEFAULT_MEMORY_QUERY)
+    } else {
+        metric.prometheus.as_ref()?.query.as_str()
+    };
+    Some(
+        template
+            .replace("$namespace", namespace)
+            .replace("$pipeline", pipeline),
+    )
+}
+
+/// Runs an instant query and returns its single value (a scalar, or the first vector sample).
+pub async fn value(client: &Client, query: &str, timeout: Duration) -> Result<f64, PromqlError> {
+    let response = tokio::time::timeout(timeout, client.query(query).get())
+        .await
+        .map_err(|_| PromqlError::Timeout(timeout))??;
+    let value = match response.data() {
+        Data::Scalar(s) => Some(s.value()),
+        Data::Vector(v) => v.first().map(|s| s.sample().value()),
+        _ => None,
+    };
+    value
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| PromqlError::Empty(query.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn metric(v: serde_json::Value) -> MetricSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn queries_are_filled_in_per_pipeline() {
+        let cpu = query_for(
+            &metric(json!({"cpu": {}, "scaleOutThreshold": 80})),
+            "data",
+            "posts",
+        )
+        .unwrap();
+        assert!(
+            cpu.contains(r#"namespace="data""#) && cpu.contains(r#"pod=~"posts-worker-.*""#),
+            "{cpu}"
+        );
+        let custom = query_for(
+            &metric(json!({"prometheus": {"query": "sum(x{ns=\"$namespace\",p=\"$pipeline\"})"}, "scaleOutThreshold": 1})),
+            "a",
+            "b",
+        )
+        .unwrap();
+        assert_eq!(custom, r#"sum(x{ns="a",p="b"})"#);
+        assert!(
+            query_for(
+                &metric(json!({"kafkaLag": {}, "scaleOutThreshold": 1})),
+                "a",
+                "b"
+            )
+            .is_none()
+        );
+    }
+}
