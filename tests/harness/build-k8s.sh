@@ -70,5 +70,5 @@ log "building kwok $KWOK_VERSION"
 GOBIN="$out" go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 
 "$out/kube-apiserver" --version
-"$out/etcd" --version | head -1
+"$out/etcd" --version | sed -n 1p
 all_built

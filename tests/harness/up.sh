@@ -246,7 +246,7 @@ YML
   wait_for prometheus 60 curl -sf "http://127.0.0.1:$port/-/ready"
   put_env VP_PROMETHEUS_URL "http://127.0.0.1:$port"
   put_env VP_PROMETHEUS_TARGETS "$dir/targets"
-  log "prometheus: ready ($(prometheus --version 2>&1 | head -1 | awk '{print $3}'))"
+  log "prometheus: ready ($(prometheus --version 2>&1 | sed -n 1p | awk '{print $3}'))"
 }
 
 up_opensearch() {
