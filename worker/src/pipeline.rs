@@ -635,7 +635,7 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
 async fn flush(sink: &Sink, shared: &Shared, mut batch: Vec<(Arc<Origin>, IndexRequest)>) {
     let mut attempt = 0;
     while !batch.is_empty() {
-        let requests: Vec<IndexRequest> = batch.iter().map(|(_, r)| r.clone()).collect();
+        let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();
         let started = std::time::Instant::now();
         let results = sink.bulk(&requests).await;
         shared

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use opensearch::http::request::JsonBody;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts};
 use opensearch::{BulkParts, DeleteByQueryParts, OpenSearch};
@@ -302,14 +301,20 @@ impl Sink {
     }
 
     /// Sends one `_bulk` request and sorts its items.
-    pub async fn bulk(&self, requests: &[IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
+    pub async fn bulk(&self, requests: &[&IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(requests.len() * 2);
+        // Each NDJSON line is serialised once, straight from the request: no copy of the vectors.
+        let mut body: Vec<Vec<u8>> = Vec::with_capacity(requests.len() * 2);
         for r in requests {
-            body.push(json!({"index": {"_id": r.id}}).into());
-            body.push(r.source.clone().into());
+            let lines = serde_json::to_vec(&json!({"index": {"_id": r.id}}))
+                .and_then(|action| Ok((action, serde_json::to_vec(&r.source)?)))
+                .map_err(|e| {
+                    SinkError::Misconfigured(format!("cannot serialise document {}: {e}", r.id))
+                })?;
+            body.push(lines.0);
+            body.push(lines.1);
         }
         let started = Instant::now();
         let response = self
