@@ -183,6 +183,15 @@ impl Setup {
         .await
     }
 
+    /// Waits until exactly the records 0..n are indexed (by id), then until the group's commits
+    /// reach the end of every partition.
+    async fn assert_exactly_indexed(&self, n: usize, limit: Duration) -> Result<()> {
+        self.wait_for_count(json!({"match_all": {}}), n as u64, limit)
+            .await?;
+        assert_eq!(self.ids().await?, expected_ids(0..n));
+        self.wait_for_commits_at_end(Duration::from_secs(30)).await
+    }
+
     /// Reads every record of the dead-letter topic: (reason header, source offset header, payload).
     async fn dead_letters(&self, want: usize) -> Result<Vec<(String, String, Vec<u8>)>> {
         let consumer: StreamConsumer = kafka::config()?
@@ -316,11 +325,7 @@ async fn a_killed_worker_restarts_without_losing_or_duplicating_records() -> Res
 
     let second = setup.start_worker("second")?;
     setup
-        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(120))
-        .await?;
-    assert_eq!(setup.ids().await?, expected_ids(0..n));
-    setup
-        .wait_for_commits_at_end(Duration::from_secs(30))
+        .assert_exactly_indexed(n, Duration::from_secs(120))
         .await?;
     assert!(second.stop()?.success());
     Ok(())
@@ -491,11 +496,7 @@ async fn two_workers_split_the_partitions_and_a_rebalance_loses_nothing() -> Res
     // The first leaves mid-stream too: its partitions go back to the second.
     assert!(first.stop()?.success());
     setup
-        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(120))
-        .await?;
-    assert_eq!(setup.ids().await?, expected_ids(0..n));
-    setup
-        .wait_for_commits_at_end(Duration::from_secs(30))
+        .assert_exactly_indexed(n, Duration::from_secs(120))
         .await?;
     assert!(second.stop()?.success());
     Ok(())
