@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kube::runtime::events::Reporter;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::controllers::embedding_pipeline::build::Defaults;
 use crate::metrics::Metrics;
@@ -45,6 +46,28 @@ impl Context {
         let n = failures.entry(key.to_owned()).or_default();
         *n = n.saturating_add(1);
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    /// Publishes a Kubernetes Event about `object`; a failure is logged, never raised.
+    pub async fn publish(
+        &self,
+        object: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &object).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
     }
 
     /// Forgets the failures of `key` after a success.

@@ -32,6 +32,9 @@ enum Command {
         /// The worker image used when a pipeline names none.
         #[arg(long, env = "VECTORPIPE_WORKER_IMAGE", default_value = concat!("ghcr.io/vectorpipe/vectorpipe-worker:", env!("CARGO_PKG_VERSION")))]
         worker_image: String,
+        /// The Prometheus server for ScalingPolicies whose spec names none.
+        #[arg(long, env = "VECTORPIPE_PROMETHEUS_URL")]
+        prometheus_url: Option<String>,
         /// Log as JSON lines or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
@@ -61,6 +64,7 @@ enum LogFormat {
 struct RunOptions {
     metrics_address: SocketAddr,
     worker_image: String,
+    prometheus_url: Option<String>,
     leader: Option<leader::Election>,
 }
 
@@ -76,12 +80,18 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         metrics,
     ));
     tracing::info!(metrics = %bound, "operator started");
+    let readers = Box::new(Arc::new(
+        controllers::scaling_policy::readers::LiveReaders::default(),
+    ));
+    let controllers = async {
+        tokio::join!(
+            controllers::embedding_pipeline::run(ctx.clone()),
+            controllers::scaling_policy::run(ctx.clone(), readers, options.prometheus_url),
+        );
+    };
     match options.leader {
-        None => controllers::embedding_pipeline::run(ctx).await,
-        Some(election) => {
-            leader::run_as_leader(client, election, controllers::embedding_pipeline::run(ctx))
-                .await?
-        }
+        None => controllers.await,
+        Some(election) => leader::run_as_leader(client, election, controllers).await?,
     }
     tracing::info!("stopped");
     Ok(())
@@ -98,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             metrics_address,
             worker_image,
+            prometheus_url,
             log_format,
             leader_election,
             lease_namespace,
@@ -119,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(run(RunOptions {
                 metrics_address,
                 worker_image,
+                prometheus_url,
                 leader,
             }))
         }

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -22,6 +23,42 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// Labels naming a pipeline.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub pipeline: String,
+}
+
+/// Labels naming a scaling policy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub policy: String,
+}
+
+/// Labels of a scale change.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    /// The policy's namespace.
+    pub namespace: String,
+    /// The policy.
+    pub policy: String,
+    /// `out` or `in`.
+    pub direction: String,
+}
+
+/// Labels naming a metric source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `kafka` or `prometheus`.
+    pub source: String,
+}
+
 /// Operator metrics.
 pub struct Metrics {
     /// Reconciles run.
@@ -30,6 +67,14 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// Seconds per reconcile.
     pub duration: Family<ControllerLabel, Histogram>,
+    /// Consumer lag of each scaled pipeline, as the scaling controller last read it.
+    pub consumer_lag: Family<PipelineLabels, Gauge>,
+    /// The worker count each policy wants.
+    pub desired_replicas: Family<PolicyLabels, Gauge>,
+    /// Scale changes made, by direction.
+    pub scale_changes: Family<ScaleLabels, Counter>,
+    /// Metric reads that failed, by source.
+    pub metric_read_errors: Family<SourceLabel, Counter>,
 }
 
 impl Metrics {
@@ -42,6 +87,10 @@ impl Metrics {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
+            consumer_lag: Family::default(),
+            desired_replicas: Family::default(),
+            scale_changes: Family::default(),
+            metric_read_errors: Family::default(),
         };
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
         registry.register(
@@ -53,6 +102,26 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Seconds per reconcile",
             metrics.duration.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Records behind of each scaled pipeline's consumer group, as last read",
+            metrics.consumer_lag.clone(),
+        );
+        registry.register(
+            "scaling_desired_replicas",
+            "The worker count each ScalingPolicy wants",
+            metrics.desired_replicas.clone(),
+        );
+        registry.register(
+            "scaling_changes",
+            "Worker count changes made by ScalingPolicies, by direction",
+            metrics.scale_changes.clone(),
+        );
+        registry.register(
+            "scaling_metric_read_errors",
+            "Metric reads that failed, by source",
+            metrics.metric_read_errors.clone(),
         );
         (metrics, registry)
     }

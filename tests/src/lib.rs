@@ -403,7 +403,12 @@ pub mod operator {
                 .create(true)
                 .append(true)
                 .open(log)?;
-            let child = Command::new(operator)
+            let mut command = Command::new(operator);
+            // The harness Prometheus is the default server for ScalingPolicies, when it runs.
+            if let Ok(url) = std::env::var("VP_PROMETHEUS_URL") {
+                command.env("VECTORPIPE_PROMETHEUS_URL", url);
+            }
+            let child = command
                 .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
                 .args(["--lease-name", lease, "--lease-namespace", "default"])
                 .env("KUBECONFIG", kubeconfig)

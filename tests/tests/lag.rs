@@ -55,7 +55,8 @@ async fn lag_is_read_per_partition_from_outside_the_group() -> Result<()> {
             sum: 26,
             max: 10,
             partitions: 3,
-            partitions_with_lag: 3
+            partitions_with_lag: 3,
+            position: 4
         }
     );
     assert_eq!(
@@ -64,7 +65,8 @@ async fn lag_is_read_per_partition_from_outside_the_group() -> Result<()> {
             sum: 6,
             max: 6,
             partitions: 3,
-            partitions_with_lag: 1
+            partitions_with_lag: 1,
+            position: 24
         }
     );
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+use kube::api::PostParams;
+use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
 use vectorpipe_tests::k8s::{self, kubectl};
 use vectorpipe_tests::operator::Operator;
 use vectorpipe_tests::{eventually, repo_root, unique_name};
@@ -75,6 +76,36 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
                     .flat_map(|s| &s.conditions)
                     .any(|c| c.type_ == "Ready" && c.status == "True");
                 Ok(ready.then_some(()))
+            },
+        )
+        .await?;
+        // The scaling controller too: a policy with unreadable metrics sets its fallback count
+        // through the scale subresource, writes both statuses and publishes events.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let policy: ScalingPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "ScalingPolicy",
+            "metadata": {"name": "posts"},
+            "spec": {
+                "targetRef": {"name": "posts"},
+                "maxReplicas": 3,
+                "fallbackReplicas": 2,
+                "pollInterval": "1s",
+                "prometheus": {"address": format!("http://{closed}")},
+                "metrics": [{"prometheus": {"query": "vector(1)"}, "scaleOutThreshold": 5}]
+            }
+        }))?;
+        Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
+            .create(&PostParams::default(), &policy)
+            .await?;
+        eventually(
+            "2 workers set by the scaling controller",
+            Duration::from_secs(60),
+            || async {
+                let ep = pipelines.get("posts").await?;
+                Ok((ep.spec.workers.replicas == 2
+                    && ep.status.and_then(|s| s.last_scale_time).is_some())
+                .then_some(()))
             },
         )
         .await?;

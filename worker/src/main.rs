@@ -124,12 +124,7 @@ async fn run(
     let namespace = namespace
         .or(identity.namespace)
         .unwrap_or_else(|| "default".to_owned());
-    let group_id = spec
-        .source
-        .kafka
-        .group_id
-        .clone()
-        .unwrap_or_else(|| format!("vectorpipe-{namespace}-{name}"));
+    let group_id = spec.source.kafka.consumer_group(&namespace, &name);
     let dimensions = spec.embedding.bedrock.vector_dimensions()?;
 
     let (metrics, registry) = metrics::Metrics::new(&name);

@@ -320,6 +320,16 @@ pub struct Transform {
     pub on_missing_field: OnMissingField,
 }
 
+impl KafkaSource {
+    /// The consumer group the workers join: `groupId`, else `vectorpipe-<namespace>-<pipeline>`.
+    /// The worker and the operator's lag reader both use this, so they always agree.
+    pub fn consumer_group(&self, namespace: &str, pipeline: &str) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| format!("vectorpipe-{namespace}-{pipeline}"))
+    }
+}
+
 impl Default for Transform {
     fn default() -> Self {
         Self {

@@ -13,8 +13,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::watcher;
+use kube::runtime::events::EventType;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -166,10 +166,15 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
     let new_status = status::compute(pipeline, problem.as_ref(), deployment.as_ref(), &now);
     if pipeline.status.as_ref() != Some(&new_status) {
         let api: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &namespace);
+        // consumerLag and lastScaleTime belong to the scaling controller: left out of this
+        // merge patch, so an older cached value never overwrites a newer one.
+        let mut patch = new_status.clone();
+        patch.consumer_lag = None;
+        patch.last_scale_time = None;
         api.patch_status(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": new_status })),
+            &Patch::Merge(json!({ "status": patch })),
         )
         .await
         .map_err(kerr("writing the status"))?;
@@ -209,17 +214,8 @@ async fn publish(
     reason: &str,
     note: &str,
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &pipeline.object_ref(&())).await {
-        warn!(error = %e, "could not publish an event");
-    }
+    ctx.publish(pipeline.object_ref(&()), type_, reason, "Reconcile", note)
+        .await;
 }
 
 /// Transient failures: retried with per-object exponential backoff.
@@ -247,7 +243,15 @@ pub async fn run(ctx: Arc<Context>) {
     let pipelines: Api<EmbeddingPipeline> = Api::all(client.clone());
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=vectorpipe-operator");
-    Controller::new(pipelines, watcher::Config::default().any_semantic())
+    // Only spec changes (a new generation) of a pipeline trigger a reconcile: status writes, by
+    // this controller or the scaling controller, do not. Changes of the children still do.
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(pipelines, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(trigger, reader)
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)

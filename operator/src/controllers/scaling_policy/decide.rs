@@ -239,6 +239,18 @@ fn bound(
     (desired, limit)
 }
 
+/// Bounds a count that a schedule set: the policy's min/max and the partition cap still apply;
+/// zero stays zero only with scale-to-zero enabled.
+pub fn bound_scheduled(inputs: &Inputs<'_>, wanted: i32) -> (i32, Option<Limit>) {
+    let allow_zero = wanted == 0
+        && inputs
+            .spec
+            .scale_to_zero
+            .as_ref()
+            .is_some_and(|z| z.enabled);
+    bound(inputs, wanted, false, allow_zero)
+}
+
 /// Decides the worker count.
 pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let spec = inputs.spec;
@@ -342,7 +354,18 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
                 limited_by,
             };
         }
-        let (desired, limited_by) = bound(inputs, step_out(current, &spec.scale_out), true, false);
+        // The lagging-partitions cap only binds a lag-driven scale-out: a CPU or PromQL alarm
+        // may need more workers even while commits keep the lag near zero.
+        let lag_driven = names
+            .iter()
+            .filter(|(name, _)| out_alarm.contains(&name.as_str()))
+            .all(|(_, m)| m.kafka_lag.is_some() || m.time_lag.is_some());
+        let (desired, limited_by) = bound(
+            inputs,
+            step_out(current, &spec.scale_out),
+            lag_driven,
+            false,
+        );
         return Decision {
             desired,
             reason: Reason::ScaleOutAlarm,
@@ -586,6 +609,34 @@ mod tests {
         let low = lag(&[0.0, 0.0, 0.0]);
         let d = decide(&inputs(&spec, &low, 3));
         assert_eq!((d.desired, d.limited_by), (3, Some(Limit::Min)));
+    }
+
+    #[test]
+    fn only_lag_alarms_are_capped_at_the_partitions_with_lag() {
+        let spec = policy(json!({
+            "maxReplicas": 20,
+            "metrics": [{"cpu": {}, "scaleOutThreshold": 80}]
+        }));
+        let hot: Vec<Sample> = (0..3)
+            .map(|_| Sample {
+                values: BTreeMap::from([("cpu".to_owned(), 95.0)]),
+                total_lag: Some(0.0),
+            })
+            .collect();
+        let mut i = inputs(&spec, &hot, 2);
+        i.partitions_with_lag = Some(0);
+        let d = decide(&i);
+        assert_eq!(
+            (d.desired, d.reason),
+            (4, Reason::ScaleOutAlarm),
+            "busy CPUs need workers even when commits keep the lag at zero"
+        );
+        i.current = 10;
+        assert_eq!(
+            decide(&i).limited_by,
+            Some(Limit::Partitions),
+            "the partition count still caps"
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct LagSummary {
     pub partitions: i32,
     /// Partitions with any lag.
     pub partitions_with_lag: i32,
+    /// Where the group stands, added over partitions (high watermark minus lag): its growth over
+    /// time is the consume rate.
+    pub position: i64,
 }
 
 /// Adds up per-partition lag.
@@ -73,15 +76,16 @@ pub fn summarize(partitions: &[PartitionLag], starting: StartingOffset) -> LagSu
         max: lags.iter().copied().max().unwrap_or(0),
         partitions: partitions.len() as i32,
         partitions_with_lag: lags.iter().filter(|l| **l > 0).count() as i32,
+        position: partitions
+            .iter()
+            .zip(&lags)
+            .map(|(p, lag)| p.high - lag)
+            .sum(),
     }
 }
 
-/// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
-pub fn read(
-    kafka: &KafkaSource,
-    group: &str,
-    timeout: Duration,
-) -> Result<Vec<PartitionLag>, LagError> {
+/// A consumer that reads `group`'s committed offsets without joining the group.
+pub fn consumer(kafka: &KafkaSource, group: &str) -> Result<BaseConsumer, LagError> {
     if let Some(auth) = &kafka.auth {
         return Err(LagError::UnsupportedAuth(if auth.tls.is_some() {
             "tls"
@@ -91,11 +95,28 @@ pub fn read(
             "mskIam"
         }));
     }
-    let consumer: BaseConsumer = ClientConfig::new()
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create()?)
+}
+
+/// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
+pub fn read(
+    kafka: &KafkaSource,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, LagError> {
+    read_with(&consumer(kafka, group)?, kafka, timeout)
+}
+
+/// Like [`read`], with a consumer made by [`consumer`] (kept between polls to save connections).
+pub fn read_with(
+    consumer: &BaseConsumer,
+    kafka: &KafkaSource,
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, LagError> {
     let metadata = consumer.fetch_metadata(None, timeout)?;
     let pattern = kafka
         .topic_pattern
@@ -176,7 +197,8 @@ mod tests {
                 sum: 35,
                 max: 25,
                 partitions: 3,
-                partitions_with_lag: 2
+                partitions_with_lag: 2,
+                position: 15
             }
         );
     }

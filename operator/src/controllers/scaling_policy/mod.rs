@@ -1,7 +1,671 @@
-//! The ScalingPolicy controller. This increment holds the pure decision engine, schedules, the Kafka lag reader and the PromQL reader; the metric
-//! readers, the reconcile loop and the status writer come next.
+//! The ScalingPolicy controller: every `pollInterval` it reads the policy's metrics, decides the
+//! worker count (a pure function), sets it through the pipeline's scale subresource, and reports
+//! the decision in the policy's status, in Events and in the operator's metrics.
 
 pub mod decide;
 pub mod lag;
+pub mod observe;
 pub mod promql;
+pub mod readers;
 pub mod schedule;
+pub mod status;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingMode, ScalingPolicy};
+use vectorpipe_crds::validate;
+
+use crate::context::Context;
+use crate::error::{Error, kube as kerr};
+use crate::metrics::{
+    ControllerLabel, ErrorLabels, PipelineLabels, PolicyLabels, ScaleLabels, SourceLabel,
+};
+use decide::{Decision, Inputs, Reason, Sample};
+use observe::Positions;
+use readers::MetricReaders;
+use status::{Inactive, Judgement, Outcome};
+
+const CONTROLLER: &str = "scalingpolicy";
+/// The shortest poll interval honoured.
+const MIN_POLL: Duration = Duration::from_millis(500);
+/// How often state of deleted policies is dropped.
+const CLEANUP_EVERY: Duration = Duration::from_secs(30);
+
+/// What the controller remembers about a policy between polls (lost on restart: the window
+/// refills within `evaluationPeriods` polls; cooldowns survive through `status.history`).
+#[derive(Default)]
+struct PolicyState {
+    namespace: String,
+    name: String,
+    pipeline: String,
+    generation: Option<i64>,
+    last_poll: Option<Instant>,
+    window: VecDeque<Sample>,
+    positions: Positions,
+    idle_since: Option<Timestamp>,
+    last_scale_out: Option<Timestamp>,
+    last_scale_in: Option<Timestamp>,
+}
+
+/// Shared state of the scaling controller.
+pub struct ScalingContext {
+    /// What both controllers share.
+    pub base: Arc<Context>,
+    /// Where metrics come from.
+    pub readers: Box<dyn MetricReaders>,
+    /// The Prometheus server for policies that name none.
+    pub default_prometheus: Option<String>,
+    store: Store<ScalingPolicy>,
+    states: Mutex<HashMap<String, PolicyState>>,
+    last_cleanup: Mutex<Instant>,
+}
+
+fn key_of(policy: &ScalingPolicy) -> String {
+    policy.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            policy.namespace().unwrap_or_default(),
+            policy.name_any()
+        )
+    })
+}
+
+/// The policy that owns `policy`'s target when several point at it: the oldest, then by name.
+fn owner_of_target(store: &Store<ScalingPolicy>, policy: &ScalingPolicy) -> Option<String> {
+    let namespace = policy.namespace();
+    let order = |p: &ScalingPolicy| (p.metadata.creation_timestamp.clone(), p.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace() == namespace
+                && p.spec.target_ref.name == policy.spec.target_ref.name
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .min_by(|a, b| order(a).cmp(&order(b)))
+        .map(|p| p.name_any())
+        .filter(|owner| *owner != policy.name_any())
+}
+
+/// When the policy last scaled out and in, from its recorded history (dry-run decisions count
+/// in dry-run mode, so its cooldowns behave as they would for real).
+fn last_changes(policy: &ScalingPolicy) -> (Option<Timestamp>, Option<Timestamp>) {
+    let dry_run = policy.spec.mode == ScalingMode::DryRun;
+    let mut out = None;
+    let mut inn = None;
+    for h in policy
+        .status
+        .iter()
+        .flat_map(|s| &s.history)
+        .filter(|h| h.applied || dry_run)
+    {
+        let slot = if h.to_replicas > h.from_replicas {
+            &mut out
+        } else {
+            &mut inn
+        };
+        if slot.is_none_or(|t: Timestamp| h.time.0 > t) {
+            *slot = Some(h.time.0);
+        }
+    }
+    (out, inn)
+}
+
+fn latest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Applies the open schedule windows to a decision and bounds the result again.
+fn with_schedules(
+    inputs: &Inputs<'_>,
+    decision: Decision,
+    open: &[schedule::OpenWindow],
+) -> (i32, String, String, Option<decide::Limit>) {
+    let (scheduled, by) = schedule::apply(open, decision.desired);
+    let Some(window) = by else {
+        return (
+            decision.desired,
+            decision.reason.as_str().to_owned(),
+            decision.message,
+            decision.limited_by,
+        );
+    };
+    let (desired, limit) = decide::bound_scheduled(inputs, scheduled);
+    let exact = open.iter().any(|w| w.desired.is_some());
+    let reason = if exact {
+        "ScheduleDesired"
+    } else if scheduled > decision.desired {
+        "ScheduleFloor"
+    } else {
+        "ScheduleCeiling"
+    };
+    let message = format!(
+        "schedule {window} sets {scheduled} workers (the metrics alone would give {}: {})",
+        decision.desired, decision.message
+    );
+    (desired, reason.to_owned(), message, limit)
+}
+
+fn limit_text(limit: decide::Limit, desired: i32, inputs: &Inputs<'_>) -> String {
+    use decide::Limit;
+    match limit {
+        Limit::Min => format!("held at minReplicas ({})", inputs.spec.min_replicas),
+        Limit::Max => format!("held at maxReplicas ({})", inputs.spec.max_replicas),
+        Limit::Partitions => format!(
+            "capped at {desired}: the source has {} partitions, and more workers would idle",
+            inputs.partitions.unwrap_or(desired)
+        ),
+        Limit::PartitionsWithLag => format!(
+            "capped at {desired}: only {} partitions have lag",
+            inputs.partitions_with_lag.unwrap_or(desired)
+        ),
+    }
+}
+
+/// One reconcile of one policy.
+#[instrument(skip(policy, ctx), fields(namespace = policy.namespace().as_deref(), name = %policy.name_any()))]
+pub async fn reconcile(
+    policy: Arc<ScalingPolicy>,
+    ctx: Arc<ScalingContext>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let label = ControllerLabel {
+        controller: CONTROLLER.into(),
+    };
+    ctx.base.metrics.reconciles.get_or_create(&label).inc();
+    cleanup(&ctx);
+    let result = reconcile_inner(&policy, &ctx).await;
+    ctx.base
+        .metrics
+        .duration
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Forgets policies that are gone (their metrics series too).
+fn cleanup(ctx: &ScalingContext) {
+    {
+        let mut last = ctx.last_cleanup.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() < CLEANUP_EVERY {
+            return;
+        }
+        *last = Instant::now();
+    }
+    let live: std::collections::HashSet<String> =
+        ctx.store.state().iter().map(|p| key_of(p)).collect();
+    let mut states = ctx.states.lock().unwrap_or_else(|e| e.into_inner());
+    states.retain(|key, state| {
+        let keep = live.contains(key);
+        if !keep {
+            let metrics = &ctx.base.metrics;
+            metrics.desired_replicas.remove(&PolicyLabels {
+                namespace: state.namespace.clone(),
+                policy: state.name.clone(),
+            });
+            metrics.consumer_lag.remove(&PipelineLabels {
+                namespace: state.namespace.clone(),
+                pipeline: state.pipeline.clone(),
+            });
+        }
+        keep
+    });
+}
+
+async fn reconcile_inner(policy: &ScalingPolicy, ctx: &ScalingContext) -> Result<Action, Error> {
+    let namespace = policy
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let name = policy
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingMetadata("name"))?;
+    let spec = &policy.spec;
+    let interval = spec.poll_interval.get().max(MIN_POLL);
+    let key = key_of(policy);
+
+    // Woken early (e.g. by its own status write): wait for the rest of the interval.
+    {
+        let states = ctx.states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = states.get(&key)
+            && state.generation == policy.metadata.generation
+            && let Some(last) = state.last_poll
+            && last.elapsed() < interval.mul_f64(0.9)
+        {
+            return Ok(Action::requeue(interval - last.elapsed()));
+        }
+    }
+    let now = Timestamp::now();
+    let time = Time(now);
+
+    let problems = validate::scaling_policy(spec)
+        .err()
+        .map(|p| p.to_string())
+        .or_else(|| {
+            schedule::validate(&spec.schedules)
+                .err()
+                .map(|e| e.to_string())
+        });
+    if let Some(message) = problems {
+        let inactive = Inactive {
+            reason: "InvalidSpec",
+            message,
+        };
+        write_status(ctx, policy, &Judgement::Inactive(inactive), &time).await?;
+        ctx.base.reset_backoff(&key);
+        return Ok(Action::await_change());
+    }
+
+    let target = &spec.target_ref.name;
+    let inactive = owner_of_target(&ctx.store, policy).map(|owner| Inactive {
+        reason: "ConflictingPolicy",
+        message: format!(
+            "ScalingPolicy {namespace}/{owner} already scales EmbeddingPipeline {target}; delete or retarget one of the two"
+        ),
+    });
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(ctx.base.client.clone(), &namespace);
+    let pipeline = match inactive {
+        Some(_) => None,
+        None => pipelines
+            .get_opt(target)
+            .await
+            .map_err(kerr("reading the target pipeline"))?,
+    };
+    let inactive = inactive.or_else(|| match &pipeline {
+        None => Some(Inactive {
+            reason: "TargetNotFound",
+            message: format!(
+                "EmbeddingPipeline {namespace}/{target} does not exist; create it or fix spec.targetRef.name"
+            ),
+        }),
+        Some(p) if p.spec.suspend => Some(Inactive {
+            reason: "TargetSuspended",
+            message: format!(
+                "EmbeddingPipeline {namespace}/{target} is suspended (spec.suspend: true); scaling resumes when it is not"
+            ),
+        }),
+        Some(_) => None,
+    });
+    let (Some(pipeline), None) = (pipeline, inactive.clone()) else {
+        if let Some(inactive) = inactive {
+            write_status(ctx, policy, &Judgement::Inactive(inactive), &time).await?;
+        }
+        ctx.base.reset_backoff(&key);
+        return Ok(Action::requeue(interval));
+    };
+
+    // Take the state out of the map while reading, so no lock is held across awaits.
+    let mut state = ctx
+        .states
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key)
+        .unwrap_or_else(|| {
+            let (out, inn) = last_changes(policy);
+            PolicyState {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                last_scale_out: out,
+                last_scale_in: inn,
+                ..PolicyState::default()
+            }
+        });
+    let result = poll(ctx, policy, &pipeline, &mut state, now, &time).await;
+    state.generation = policy.metadata.generation;
+    state.pipeline = target.clone();
+    ctx.states
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone(), state);
+    result?;
+    ctx.base.reset_backoff(&key);
+    Ok(Action::requeue(interval))
+}
+
+/// Reads, decides, scales and reports.
+async fn poll(
+    ctx: &ScalingContext,
+    policy: &ScalingPolicy,
+    pipeline: &EmbeddingPipeline,
+    state: &mut PolicyState,
+    now: Timestamp,
+    time: &Time,
+) -> Result<(), Error> {
+    let spec = &policy.spec;
+    let namespace = state.namespace.clone();
+    let policy_name = state.name.clone();
+    let target = pipeline.name_any();
+    let current = pipeline.spec.workers.replicas;
+    state.last_poll = Some(Instant::now());
+
+    let observation = observe::observe(
+        spec,
+        &pipeline.spec,
+        &namespace,
+        &target,
+        current,
+        ctx.readers.as_ref(),
+        ctx.default_prometheus.as_deref(),
+        &mut state.positions,
+        now,
+    )
+    .await;
+    for error in &observation.errors {
+        let source = if error.starts_with("kafkaLag") {
+            "kafka"
+        } else {
+            "prometheus"
+        };
+        ctx.base
+            .metrics
+            .metric_read_errors
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc();
+    }
+    let keep = spec
+        .scale_out
+        .evaluation_periods
+        .max(spec.scale_in.evaluation_periods)
+        .max(1) as usize;
+    state.window.push_back(observation.sample.clone());
+    while state.window.len() > keep {
+        state.window.pop_front();
+    }
+    state.idle_since = match observation.lag.as_ref().map(|l| l.sum) {
+        Some(0) => state.idle_since.or(Some(now)),
+        Some(_) => None,
+        None => state.idle_since,
+    };
+    let (out, inn) = last_changes(policy);
+    state.last_scale_out = latest(state.last_scale_out, out);
+    state.last_scale_in = latest(state.last_scale_in, inn);
+
+    let window: Vec<Sample> = state.window.iter().cloned().collect();
+    let inputs = Inputs {
+        spec,
+        window: &window,
+        metrics_available: observation.errors.is_empty(),
+        current,
+        partitions: observation.lag.as_ref().map(|l| l.partitions),
+        partitions_with_lag: observation.lag.as_ref().map(|l| l.partitions_with_lag),
+        now,
+        last_scale_out: state.last_scale_out,
+        last_scale_in: state.last_scale_in,
+        idle_since: state.idle_since,
+    };
+    let decision = decide::decide(&inputs);
+    let cooling_down = decision.reason == Reason::CoolingDown;
+    let open = schedule::open_windows(&spec.schedules, now).unwrap_or_default();
+    let (desired, reason, message, limit) = with_schedules(&inputs, decision, &open);
+    let dry_run = spec.mode == ScalingMode::DryRun;
+    let applied = !dry_run && desired != current;
+
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(ctx.base.client.clone(), &namespace);
+    if applied {
+        pipelines
+            .patch_scale(
+                &target,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "replicas": desired } })),
+            )
+            .await
+            .map_err(kerr("scaling the target pipeline"))?;
+        let direction = if desired > current { "out" } else { "in" };
+        if desired > current {
+            state.last_scale_out = Some(now);
+        } else {
+            state.last_scale_in = Some(now);
+        }
+        info!(pipeline = %target, from = current, to = desired, %reason, "scaled");
+        ctx.base
+            .metrics
+            .scale_changes
+            .get_or_create(&ScaleLabels {
+                namespace: namespace.clone(),
+                policy: policy_name.clone(),
+                direction: direction.into(),
+            })
+            .inc();
+        let note = format!(
+            "Scaled EmbeddingPipeline {target} from {current} to {desired} workers: {message}"
+        );
+        let event_reason = if desired > current {
+            "ScaledOut"
+        } else {
+            "ScaledIn"
+        };
+        ctx.base
+            .publish(
+                policy.object_ref(&()),
+                EventType::Normal,
+                event_reason,
+                "Scale",
+                &note,
+            )
+            .await;
+        ctx.base
+            .publish(
+                pipeline.object_ref(&()),
+                EventType::Normal,
+                event_reason,
+                "Scale",
+                &note,
+            )
+            .await;
+    } else if dry_run && desired != current {
+        debug!(pipeline = %target, from = current, to = desired, %reason, "dry run: would scale");
+    }
+
+    // The lag (and the scale time) also go to the pipeline's status, for `kubectl get vp`.
+    let lag = observation.lag.as_ref().map(|l| l.sum);
+    if let Some(lag) = lag {
+        ctx.base
+            .metrics
+            .consumer_lag
+            .get_or_create(&PipelineLabels {
+                namespace: namespace.clone(),
+                pipeline: target.clone(),
+            })
+            .set(lag);
+    }
+    let current_lag = pipeline.status.as_ref().and_then(|s| s.consumer_lag);
+    if applied || (lag.is_some() && lag != current_lag) {
+        let mut patch = serde_json::Map::new();
+        if let Some(lag) = lag {
+            patch.insert("consumerLag".into(), json!(lag));
+        }
+        if applied {
+            patch.insert("lastScaleTime".into(), json!(time));
+        }
+        pipelines
+            .patch_status(
+                &target,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": patch })),
+            )
+            .await
+            .map_err(kerr("writing the pipeline's consumerLag"))?;
+    }
+    ctx.base
+        .metrics
+        .desired_replicas
+        .get_or_create(&PolicyLabels {
+            namespace: namespace.clone(),
+            policy: policy_name.clone(),
+        })
+        .set(i64::from(desired));
+
+    let metrics_error = (!observation.errors.is_empty()).then(|| observation.errors.join("; "));
+    let outcome = Outcome {
+        from: current,
+        to: desired,
+        applied,
+        dry_run,
+        reason,
+        message,
+        inputs: observe::inputs_of(&observation),
+        metrics_error: metrics_error.clone(),
+        limit: limit.map(|l| (l.as_str().to_owned(), limit_text(l, desired, &inputs))),
+        cooling_down,
+    };
+    let was_able = policy
+        .status
+        .as_ref()
+        .and_then(|s| {
+            vectorpipe_crds::v1alpha1::conditions::find_condition(
+                &s.conditions,
+                vectorpipe_crds::v1alpha1::conditions::ABLE_TO_SCALE,
+            )
+        })
+        .map(|c| c.reason.clone());
+    if let Some(error) = &metrics_error
+        && was_able.as_deref() != Some("MetricsUnavailable")
+    {
+        warn!(%error, "metrics cannot be read");
+        ctx.base
+            .publish(
+                policy.object_ref(&()),
+                EventType::Warning,
+                "MetricsUnavailable",
+                "Poll",
+                &format!("{error}; {}", outcome.message),
+            )
+            .await;
+    }
+    if dry_run && desired != current {
+        let new = !policy
+            .status
+            .as_ref()
+            .and_then(|s| s.history.first())
+            .is_some_and(|h| {
+                h.from_replicas == current && h.to_replicas == desired && h.reason == outcome.reason
+            });
+        if new {
+            ctx.base
+                .publish(
+                    policy.object_ref(&()),
+                    EventType::Normal,
+                    "WouldScale",
+                    "Scale",
+                    &format!(
+                        "dry run: would scale EmbeddingPipeline {target} from {current} to {desired} workers: {}",
+                        outcome.message
+                    ),
+                )
+                .await;
+        }
+    }
+    write_status(ctx, policy, &Judgement::Judged(outcome), time).await
+}
+
+async fn write_status(
+    ctx: &ScalingContext,
+    policy: &ScalingPolicy,
+    judgement: &Judgement,
+    time: &Time,
+) -> Result<(), Error> {
+    let new_status = status::compute(policy, judgement, time);
+    if policy.status.as_ref() == Some(&new_status) {
+        return Ok(());
+    }
+    let api: Api<ScalingPolicy> = Api::namespaced(
+        ctx.base.client.clone(),
+        &policy.namespace().unwrap_or_default(),
+    );
+    let was = policy
+        .status
+        .as_ref()
+        .and_then(|s| {
+            vectorpipe_crds::v1alpha1::conditions::find_condition(
+                &s.conditions,
+                vectorpipe_crds::v1alpha1::conditions::ACTIVE,
+            )
+        })
+        .map(|c| c.reason.clone());
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": new_status })),
+    )
+    .await
+    .map_err(kerr("writing the policy status"))?;
+    if let Judgement::Inactive(inactive) = judgement
+        && was.as_deref() != Some(inactive.reason)
+    {
+        ctx.base
+            .publish(
+                policy.object_ref(&()),
+                EventType::Warning,
+                inactive.reason,
+                "Poll",
+                &inactive.message,
+            )
+            .await;
+    }
+    Ok(())
+}
+
+/// Transient failures: retried with per-object exponential backoff.
+pub fn error_policy(policy: Arc<ScalingPolicy>, error: &Error, ctx: Arc<ScalingContext>) -> Action {
+    ctx.base
+        .metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            controller: CONTROLLER.into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
+    let key = key_of(&policy);
+    let wait = ctx
+        .base
+        .backoff(&key)
+        .min(policy.spec.poll_interval.get().max(MIN_POLL) * 4);
+    warn!(%error, policy = %policy.name_any(), retry_in = ?wait, "poll failed");
+    Action::requeue(wait)
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(
+    base: Arc<Context>,
+    readers: Box<dyn MetricReaders>,
+    default_prometheus: Option<String>,
+) {
+    let policies: Api<ScalingPolicy> = Api::all(base.client.clone());
+    let controller = Controller::new(policies, watcher::Config::default().any_semantic());
+    let ctx = Arc::new(ScalingContext {
+        base,
+        readers,
+        default_prometheus,
+        store: controller.store(),
+        states: Mutex::new(HashMap::new()),
+        last_cleanup: Mutex::new(Instant::now()),
+    });
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "scaling controller error");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,347 @@
+//! The status of a ScalingPolicy from one judgement. Pure, with the clock passed in.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use vectorpipe_crds::v1alpha1::conditions::{
+    ABLE_TO_SCALE, ACTIVE, ConditionStatus, ConditionUpdate, SCALING_LIMITED, set_condition,
+};
+use vectorpipe_crds::v1alpha1::{ScalingDecision, ScalingPolicy, ScalingPolicyStatus};
+
+/// What one poll concluded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The target's count before.
+    pub from: i32,
+    /// The count chosen.
+    pub to: i32,
+    /// Whether the target was changed.
+    pub applied: bool,
+    /// Whether the policy is in dry-run mode.
+    pub dry_run: bool,
+    /// Why, in CamelCase.
+    pub reason: String,
+    /// Why, for people.
+    pub message: String,
+    /// The values used.
+    pub inputs: BTreeMap<String, f64>,
+    /// Metrics that could not be read.
+    pub metrics_error: Option<String>,
+    /// A bound that clipped the count: (reason, message).
+    pub limit: Option<(String, String)>,
+    /// An alarm is waiting for its cooldown.
+    pub cooling_down: bool,
+}
+
+/// The policy was not judged: why, and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inactive {
+    /// CamelCase reason, e.g. `TargetNotFound`.
+    pub reason: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The two kinds of poll result.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Judgement {
+    /// The policy could not act.
+    Inactive(Inactive),
+    /// The policy decided.
+    Judged(Outcome),
+}
+
+fn same_decision(a: &ScalingDecision, b: &ScalingDecision) -> bool {
+    a.from_replicas == b.from_replicas
+        && a.to_replicas == b.to_replicas
+        && a.reason == b.reason
+        && a.message == b.message
+        && a.inputs == b.inputs
+        && a.applied == b.applied
+}
+
+/// The status the policy should have after `judgement`.
+pub fn compute(policy: &ScalingPolicy, judgement: &Judgement, now: &Time) -> ScalingPolicyStatus {
+    let generation = policy.metadata.generation;
+    let mut status = policy.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let mut set = |type_: &'static str, value: ConditionStatus, reason: &str, message: String| {
+        set_condition(
+            &mut status.conditions,
+            ConditionUpdate::new(type_, value, reason, message),
+            generation,
+            now,
+        );
+    };
+    use ConditionStatus::{False, True};
+    let outcome = match judgement {
+        Judgement::Inactive(inactive) => {
+            set(ACTIVE, False, inactive.reason, inactive.message.clone());
+            set(
+                ABLE_TO_SCALE,
+                False,
+                inactive.reason,
+                "the policy is not being evaluated".into(),
+            );
+            set(
+                SCALING_LIMITED,
+                False,
+                inactive.reason,
+                "the policy is not being evaluated".into(),
+            );
+            return status;
+        }
+        Judgement::Judged(outcome) => outcome,
+    };
+    if outcome.dry_run {
+        set(
+            ACTIVE,
+            True,
+            "DryRun",
+            "judging the metrics and recording decisions; spec.mode is dryRun, so the worker count is left alone".into(),
+        );
+    } else {
+        set(
+            ACTIVE,
+            True,
+            "Evaluating",
+            "judging the metrics every pollInterval and scaling the target".into(),
+        );
+    }
+    match (&outcome.metrics_error, outcome.cooling_down) {
+        (Some(error), _) => set(
+            ABLE_TO_SCALE,
+            False,
+            "MetricsUnavailable",
+            format!("{error}; {}", outcome.message),
+        ),
+        (None, true) => set(ABLE_TO_SCALE, False, "CoolingDown", outcome.message.clone()),
+        (None, false) => set(
+            ABLE_TO_SCALE,
+            True,
+            "ReadyForNewScale",
+            "the metrics are readable and no cooldown is running".into(),
+        ),
+    }
+    match &outcome.limit {
+        Some((reason, message)) => set(SCALING_LIMITED, True, reason, message.clone()),
+        None => set(
+            SCALING_LIMITED,
+            False,
+            "DesiredWithinRange",
+            "the desired count is within every bound".into(),
+        ),
+    }
+
+    status.current_replicas = Some(if outcome.applied {
+        outcome.to
+    } else {
+        outcome.from
+    });
+    status.desired_replicas = Some(outcome.to);
+    let decision = ScalingDecision {
+        time: now.clone(),
+        from_replicas: outcome.from,
+        to_replicas: outcome.to,
+        reason: outcome.reason.clone(),
+        message: outcome.message.clone(),
+        inputs: outcome.inputs.clone(),
+        applied: outcome.applied,
+    };
+    // An unchanged decision keeps its time, so a steady policy writes no status.
+    if !status
+        .last_decision
+        .as_ref()
+        .is_some_and(|d| same_decision(d, &decision))
+    {
+        status.last_decision = Some(decision.clone());
+    }
+    let record = if outcome.applied {
+        true
+    } else {
+        // Dry-run: each distinct would-be change once, not once per poll.
+        outcome.dry_run
+            && outcome.to != outcome.from
+            && !status.history.first().is_some_and(|h| {
+                h.from_replicas == decision.from_replicas
+                    && h.to_replicas == decision.to_replicas
+                    && h.reason == decision.reason
+            })
+    };
+    if record {
+        status.history.insert(0, decision);
+        status
+            .history
+            .truncate(usize::try_from(policy.spec.history_limit.max(1)).unwrap_or(1));
+    }
+    if outcome.applied {
+        status.last_scale_time = Some(now.clone());
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use vectorpipe_crds::v1alpha1::conditions::find_condition;
+
+    fn policy(mode: &str, history_limit: i32) -> ScalingPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "ScalingPolicy",
+            "metadata": {"name": "p", "namespace": "n", "generation": 3},
+            "spec": {
+                "targetRef": {"name": "t"},
+                "maxReplicas": 8,
+                "mode": mode,
+                "historyLimit": history_limit,
+                "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 10}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn outcome(from: i32, to: i32, applied: bool, dry_run: bool) -> Outcome {
+        Outcome {
+            from,
+            to,
+            applied,
+            dry_run,
+            reason: "ScaleOutAlarm".into(),
+            message: "kafkaLag above the scale-out threshold".into(),
+            inputs: BTreeMap::from([("kafkaLag".into(), 500.0)]),
+            metrics_error: None,
+            limit: None,
+            cooling_down: false,
+        }
+    }
+
+    fn condition(status: &ScalingPolicyStatus, type_: &str) -> (String, String) {
+        let c = find_condition(&status.conditions, type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn an_applied_scale_is_recorded_with_its_time() {
+        let mut p = policy("active", 10);
+        let status = compute(&p, &Judgement::Judged(outcome(1, 2, true, false)), &at(100));
+        assert_eq!(status.current_replicas, Some(2));
+        assert_eq!(status.desired_replicas, Some(2));
+        assert_eq!(status.last_scale_time, Some(at(100)));
+        assert_eq!(status.history.len(), 1);
+        assert!(status.history[0].applied);
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(
+            condition(&status, ACTIVE),
+            ("True".into(), "Evaluating".into())
+        );
+        assert_eq!(
+            condition(&status, ABLE_TO_SCALE),
+            ("True".into(), "ReadyForNewScale".into())
+        );
+        // The next poll at the new count changes nothing but the decision.
+        p.status = Some(status);
+        let steady = Outcome {
+            reason: "WithinThresholds".into(),
+            message: "no alarm".into(),
+            ..outcome(2, 2, false, false)
+        };
+        let next = compute(&p, &Judgement::Judged(steady.clone()), &at(101));
+        assert_eq!(next.history.len(), 1, "no change, no history entry");
+        assert_eq!(next.last_scale_time, Some(at(100)));
+        // A third identical poll writes exactly the same status (no status churn).
+        p.status = Some(next.clone());
+        assert_eq!(compute(&p, &Judgement::Judged(steady), &at(102)), next);
+    }
+
+    #[test]
+    fn dry_run_records_each_would_be_change_once_and_changes_nothing() {
+        let mut p = policy("dryRun", 10);
+        let first = compute(&p, &Judgement::Judged(outcome(1, 2, false, true)), &at(100));
+        assert_eq!(first.current_replicas, Some(1));
+        assert_eq!(first.desired_replicas, Some(2));
+        assert_eq!(first.history.len(), 1);
+        assert!(!first.history[0].applied);
+        assert_eq!(first.last_scale_time, None);
+        assert_eq!(condition(&first, ACTIVE), ("True".into(), "DryRun".into()));
+        p.status = Some(first);
+        let second = compute(&p, &Judgement::Judged(outcome(1, 2, false, true)), &at(105));
+        assert_eq!(second.history.len(), 1);
+    }
+
+    #[test]
+    fn history_is_bounded_newest_first() {
+        let mut p = policy("active", 3);
+        for i in 0..5 {
+            let s = compute(
+                &p,
+                &Judgement::Judged(outcome(i + 1, i + 2, true, false)),
+                &at(100 + i64::from(i)),
+            );
+            p.status = Some(s);
+        }
+        let history = &p.status.as_ref().unwrap().history;
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[0].to_replicas, 6);
+        assert_eq!(history[2].to_replicas, 4);
+    }
+
+    #[test]
+    fn unreadable_metrics_cooldowns_and_limits_show_in_conditions() {
+        let p = policy("active", 10);
+        let failing = Outcome {
+            metrics_error: Some("kafkaLag: brokers unreachable".into()),
+            reason: "MetricsUnavailable".into(),
+            message: "running fallbackReplicas (2)".into(),
+            ..outcome(1, 2, true, false)
+        };
+        let s = compute(&p, &Judgement::Judged(failing), &at(100));
+        let able = find_condition(&s.conditions, ABLE_TO_SCALE).unwrap();
+        assert_eq!(
+            (able.status.as_str(), able.reason.as_str()),
+            ("False", "MetricsUnavailable")
+        );
+        assert!(
+            able.message.contains("brokers unreachable"),
+            "{}",
+            able.message
+        );
+        let cooling = Outcome {
+            cooling_down: true,
+            limit: Some(("CappedAtPartitions".into(), "4 partitions".into())),
+            ..outcome(4, 4, false, false)
+        };
+        let s = compute(&p, &Judgement::Judged(cooling), &at(100));
+        assert_eq!(
+            condition(&s, ABLE_TO_SCALE),
+            ("False".into(), "CoolingDown".into())
+        );
+        assert_eq!(
+            condition(&s, SCALING_LIMITED),
+            ("True".into(), "CappedAtPartitions".into())
+        );
+    }
+
+    #[test]
+    fn an_inactive_policy_says_why() {
+        let p = policy("active", 10);
+        let s = compute(
+            &p,
+            &Judgement::Inactive(Inactive {
+                reason: "TargetNotFound",
+                message: "EmbeddingPipeline n/t does not exist".into(),
+            }),
+            &at(100),
+        );
+        assert_eq!(
+            condition(&s, ACTIVE),
+            ("False".into(), "TargetNotFound".into())
+        );
+        assert_eq!(s.desired_replicas, None);
+    }
+}
