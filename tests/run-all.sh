@@ -17,6 +17,8 @@ missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+# Argo CD health checks are Lua 5.1 (gopher-lua); the tests run them with Debian's interpreter.
+command -v lua5.1 >/dev/null || missing+=(lua5.1)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     step "installing Debian packages: ${missing[*]}"

@@ -123,6 +123,33 @@ pub mod k8s {
         Ok(path.to_owned())
     }
 
+    /// Runs the harness helm (v4) against the harness cluster and returns its stdout.
+    pub fn helm(args: &[&str]) -> Result<String> {
+        let helm = harness_var("VP_HELM")?;
+        let out = Command::new(&helm)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig()?)
+            .env(
+                "HELM_CACHE_HOME",
+                std::env::temp_dir().join("vp-helm/cache"),
+            )
+            .env(
+                "HELM_CONFIG_HOME",
+                std::env::temp_dir().join("vp-helm/config"),
+            )
+            .env("HELM_DATA_HOME", std::env::temp_dir().join("vp-helm/data"))
+            .output()
+            .with_context(|| format!("running {helm}"))?;
+        if !out.status.success() {
+            bail!(
+                "helm {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Creates a namespace for one test; it is removed when the guard is dropped.
     pub fn namespace(prefix: &str) -> Result<Namespace> {
         let name = unique_name(prefix);
@@ -398,6 +425,32 @@ pub mod operator {
             kubeconfig: &Path,
             lease: &str,
         ) -> Result<Self> {
+            Self::start_full(operator, log, kubeconfig, "default", lease)
+        }
+
+        /// The operator with its leader Lease in `lease_namespace` (as the Helm chart runs it).
+        pub fn start_in(
+            log: &Path,
+            kubeconfig: &Path,
+            lease_namespace: &str,
+            lease: &str,
+        ) -> Result<Self> {
+            Self::start_full(
+                &crate::worker::binary("vectorpipe-operator")?,
+                log,
+                kubeconfig,
+                lease_namespace,
+                lease,
+            )
+        }
+
+        fn start_full(
+            operator: &Path,
+            log: &Path,
+            kubeconfig: &Path,
+            lease_namespace: &str,
+            lease: &str,
+        ) -> Result<Self> {
             let metrics = format!("127.0.0.1:{}", crate::worker::free_port()?);
             let out = std::fs::OpenOptions::new()
                 .create(true)
@@ -410,7 +463,7 @@ pub mod operator {
             }
             let child = command
                 .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
-                .args(["--lease-name", lease, "--lease-namespace", "default"])
+                .args(["--lease-name", lease, "--lease-namespace", lease_namespace])
                 .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())

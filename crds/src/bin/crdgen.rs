@@ -1,16 +1,23 @@
-//! Writes the CustomResourceDefinitions into the `crds/` directory (or the directory given).
+//! Writes the CustomResourceDefinitions into `crds/` and the Helm chart's `crds/` folder (or into
+//! the one directory given).
 
 use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
-    let dir = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    for (name, yaml) in vectorpipe_crds::crd_yaml() {
-        let path = dir.join(name);
-        std::fs::write(&path, yaml)?;
-        println!("wrote {}", path.display());
+    let dirs = match std::env::args_os().nth(1) {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => {
+            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let chart = here.join("../charts/vectorpipe/crds");
+            vec![here, chart]
+        }
+    };
+    for dir in dirs {
+        for (name, yaml) in vectorpipe_crds::crd_yaml() {
+            let path = dir.join(name);
+            std::fs::write(&path, yaml)?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
 }
