@@ -267,6 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_librdkafka_speaks_tls_and_scram() {
+        // librdkafka refuses these settings at client creation when it was built without
+        // OpenSSL (rdkafka's `ssl` feature), so every auth mode the API offers is checked here.
+        for (protocol, mechanism) in [
+            ("ssl", None),
+            ("sasl_ssl", Some("SCRAM-SHA-512")),
+            ("sasl_plaintext", Some("SCRAM-SHA-256")),
+        ] {
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", "127.0.0.1:1")
+                .set("group.id", "g")
+                .set("security.protocol", protocol);
+            if let Some(mechanism) = mechanism {
+                config
+                    .set("sasl.mechanisms", mechanism)
+                    .set("sasl.username", "u")
+                    .set("sasl.password", "p");
+            }
+            let created: KafkaResult<rdkafka::consumer::BaseConsumer> = config.create();
+            assert!(created.is_ok(), "{protocol}: {:?}", created.err());
+        }
+    }
+
+    #[test]
     fn msk_iam_is_refused_with_a_clear_message() {
         let err = client_config(&kafka(json!({"auth": {"mskIam": {"region": "eu-west-1"}}})))
             .unwrap_err();
