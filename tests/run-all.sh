@@ -19,6 +19,9 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 # Argo CD health checks are Lua 5.1 (gopher-lua); the tests run them with Debian's interpreter.
 command -v lua5.1 >/dev/null || missing+=(lua5.1)
+# librdkafka's TLS and SCRAM link the system OpenSSL.
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     step "installing Debian packages: ${missing[*]}"

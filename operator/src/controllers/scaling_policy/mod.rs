@@ -83,8 +83,12 @@ fn key_of(policy: &ScalingPolicy) -> String {
     })
 }
 
-/// The policy that owns `policy`'s target when several point at it: the oldest, then by name.
+/// The policy that owns `policy`'s target when several active ones point at it: the oldest, then
+/// by name. A dry-run policy changes nothing, so it never conflicts: it can shadow a live one.
 fn owner_of_target(store: &Store<ScalingPolicy>, policy: &ScalingPolicy) -> Option<String> {
+    if policy.spec.mode == ScalingMode::DryRun {
+        return None;
+    }
     let namespace = policy.namespace();
     let order = |p: &ScalingPolicy| (p.metadata.creation_timestamp.clone(), p.name_any());
     store
@@ -93,6 +97,7 @@ fn owner_of_target(store: &Store<ScalingPolicy>, policy: &ScalingPolicy) -> Opti
         .filter(|p| {
             p.namespace() == namespace
                 && p.spec.target_ref.name == policy.spec.target_ref.name
+                && p.spec.mode == ScalingMode::Active
                 && p.metadata.deletion_timestamp.is_none()
         })
         .min_by(|a, b| order(a).cmp(&order(b)))
