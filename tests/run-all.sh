@@ -52,7 +52,7 @@ tests/harness/up.sh
 
 step "running the tests"
 status=0
-cargo test --workspace --features vectorpipe-tests/harness 2>&1 | tee "$VP_RUN/test-output.txt" || status=$?
+cargo test --workspace --features vectorpipe-tests/harness --no-fail-fast 2>&1 | tee "$VP_RUN/test-output.txt" || status=$?
 passed=$(grep -E '^test result:' "$VP_RUN/test-output.txt" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -E '^test result:' "$VP_RUN/test-output.txt" | awk '{s += $6} END {print s + 0}')
 ignored=$(grep -E '^test result:' "$VP_RUN/test-output.txt" | awk '{s += $8} END {print s + 0}')

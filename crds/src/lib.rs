@@ -5,6 +5,7 @@
 //! uses to read a pipeline spec from a file. With it, the types also derive `kube::CustomResource`
 //! and [`crd_yaml`] renders the CustomResourceDefinitions.
 
+pub mod index;
 pub mod v1alpha1;
 pub mod validate;
 

@@ -20,6 +20,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Who reports events.
     pub reporter: Reporter,
+    /// Recent checks of pipelines' OpenSearch indices.
+    pub index_checks: crate::controllers::embedding_pipeline::index::Cache,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -35,6 +37,7 @@ impl Context {
                 controller: "vectorpipe-operator".into(),
                 instance: std::env::var("POD_NAME").ok(),
             },
+            index_checks: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }

@@ -157,12 +157,20 @@ fn the_application_example_is_valid_against_argo_cds_crd() -> Result<()> {
     // Right after creation the CRD may have no conditions yet, which `kubectl wait` rejects.
     let mut established = false;
     for _ in 0..60 {
-        let status = kubectl(&[
+        let crd: Value = serde_json::from_str(&kubectl(&[
             "get",
             "crd/applications.argoproj.io",
             "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
-        ])?;
+            "json",
+        ])?)?;
+        let status = crd["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Established")
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or_default()
+            .to_owned();
         if status.trim() == "True" {
             established = true;
             break;

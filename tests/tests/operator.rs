@@ -101,9 +101,12 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
         config_map.data.unwrap_or_default()["pipeline.yaml"]
             .contains("amazon.titan-embed-text-v2:0")
     );
-    let service = Api::<Service>::namespaced(client.clone(), &ns.name)
-        .get("posts-worker")
-        .await?;
+    // The Service is applied right after the Deployment.
+    let services = Api::<Service>::namespaced(client.clone(), &ns.name);
+    let service = eventually("the metrics Service", LIMIT, || async {
+        Ok(services.get_opt("posts-worker").await?)
+    })
+    .await?;
     assert!(owned_by(service.metadata.owner_references.clone()));
     let ep = wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
     assert_eq!(ep.status.as_ref().and_then(|s| s.ready_replicas), Some(1));

@@ -110,7 +110,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         )
         .await?;
         assert!(
-            !operator.log_text().contains("forbidden"),
+            !operator.log_text().contains("forbidden: User"),
             "{}",
             operator.log_text()
         );
@@ -152,7 +152,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
             let log = operator.log_text();
             let metrics = operator.metrics_text().await.unwrap_or_default();
             Ok(
-                (log.contains("forbidden") && metrics.contains("applying the Deployment"))
+                (log.contains("forbidden: User") && metrics.contains("applying the Deployment"))
                     .then_some(()),
             )
         },

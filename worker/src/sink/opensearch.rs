@@ -7,7 +7,8 @@ use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts};
 use opensearch::{BulkParts, DeleteByQueryParts, OpenSearch};
 use serde_json::{Map, Value, json};
-use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SpaceType};
+use vectorpipe_crds::index::{check_mapping, space_type_name};
+use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink};
 
 use super::{CHUNK_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD};
 use crate::transform::Document;
@@ -61,14 +62,6 @@ fn engine(e: KnnEngine) -> &'static str {
     }
 }
 
-fn space(s: SpaceType) -> &'static str {
-    match s {
-        SpaceType::L2 => "l2",
-        SpaceType::Cosinesimil => "cosinesimil",
-        SpaceType::Innerproduct => "innerproduct",
-    }
-}
-
 /// The index body (settings and mappings) the pipeline creates.
 pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
     let method = &spec.method;
@@ -81,7 +74,7 @@ pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
             "method": {
                 "name": "hnsw",
                 "engine": engine(method.engine),
-                "space_type": space(method.space_type),
+                "space_type": space_type_name(method.space_type),
                 "parameters": {"m": method.m, "ef_construction": method.ef_construction}
             }
         }),
@@ -100,50 +93,6 @@ pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
         }},
         "mappings": {"properties": properties}
     })
-}
-
-/// Checks an existing index's mapping against the pipeline; the error says what to change.
-pub fn check_mapping(
-    spec: &OpenSearchSink,
-    dimensions: i32,
-    mapping: &Value,
-) -> Result<(), String> {
-    let index = &spec.index;
-    let field = mapping
-        .as_object()
-        .and_then(|m| m.values().next())
-        .map(|m| &m["mappings"]["properties"][&spec.vector_field])
-        .filter(|f| !f.is_null())
-        .ok_or_else(|| {
-            format!(
-                "index {index:?} exists but has no field {:?}; set sink.opensearch.vectorField to its knn_vector field or use a new index",
-                spec.vector_field
-            )
-        })?;
-    if field["type"] != "knn_vector" {
-        return Err(format!(
-            "field {:?} of index {index:?} is {}, not knn_vector; use a new index",
-            spec.vector_field, field["type"]
-        ));
-    }
-    let existing = field["dimension"].as_i64().unwrap_or_default();
-    if existing != i64::from(dimensions) {
-        return Err(format!(
-            "sink.opensearch.index {index:?} has dimension {existing} but the model is configured for {dimensions}; set embedding.bedrock.dimensions: {existing} (if the model supports it) or use a new index"
-        ));
-    }
-    let existing_space = field["method"]["space_type"]
-        .as_str()
-        .or_else(|| field["space_type"].as_str());
-    let wanted = space(spec.method.space_type);
-    if let Some(existing_space) = existing_space
-        && existing_space != wanted
-    {
-        return Err(format!(
-            "sink.opensearch.index {index:?} uses space type {existing_space} but the pipeline asks for {wanted}; set sink.opensearch.method.spaceType: {existing_space} or use a new index"
-        ));
-    }
-    Ok(())
 }
 
 /// The `_source` of a document.
@@ -297,7 +246,8 @@ impl Sink {
             .json()
             .await
             .map_err(|e| SinkError::Transient(e.to_string()))?;
-        check_mapping(&self.spec, self.dimensions, &mapping).map_err(SinkError::IndexMismatch)
+        check_mapping(&self.spec, self.dimensions, &mapping)
+            .map_err(|e| SinkError::IndexMismatch(e.to_string()))
     }
 
     /// Sends one `_bulk` request and sorts its items.
@@ -390,31 +340,6 @@ mod tests {
         assert_eq!(field["method"]["engine"], "lucene");
         assert_eq!(field["method"]["space_type"], "cosinesimil");
         assert_eq!(field["method"]["parameters"]["ef_construction"], 128);
-    }
-
-    #[test]
-    fn an_existing_index_must_match_dimension_and_space() {
-        let spec = sink(json!({}));
-        let mapping = |dim: i64, space: &str| {
-            json!({"docs": {"mappings": {"properties": {"embedding": {
-                "type": "knn_vector", "dimension": dim, "method": {"space_type": space}
-            }}}}})
-        };
-        assert!(check_mapping(&spec, 1024, &mapping(1024, "l2")).is_ok());
-        let err = check_mapping(&spec, 1024, &mapping(768, "l2")).unwrap_err();
-        assert!(
-            err.contains("has dimension 768") && err.contains("embedding.bedrock.dimensions: 768"),
-            "{err}"
-        );
-        let err = check_mapping(&spec, 1024, &mapping(1024, "innerproduct")).unwrap_err();
-        assert!(err.contains("spaceType: innerproduct"), "{err}");
-        let err = check_mapping(
-            &spec,
-            1024,
-            &json!({"docs": {"mappings": {"properties": {}}}}),
-        )
-        .unwrap_err();
-        assert!(err.contains("no field"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The EmbeddingPipeline controller: validate → build → apply → status.
 
 pub mod build;
+pub mod index;
 pub mod status;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -146,12 +147,23 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         .ok_or(Error::MissingMetadata("name"))?;
     let client = &ctx.client;
 
+    if let Some(action) = finalize(pipeline, ctx, &namespace, &name).await? {
+        return Ok(action);
+    }
+
     let problem = match validate::pipeline(&pipeline.spec) {
         Err(problems) => Some(Problem {
             reason: "InvalidSpec",
             message: problems.to_string(),
         }),
         Ok(()) => check_secrets(client, &namespace, pipeline).await?,
+    };
+    let problem = match problem {
+        Some(p) => Some(p),
+        None => match index::check(&ctx.index_checks, client, &namespace, pipeline).await {
+            index::Finding::Mismatch(p) => Some(p),
+            index::Finding::Fine | index::Finding::Unchecked(_) => None,
+        },
     };
     if problem.is_none() {
         let children = build::build(pipeline, &ctx.defaults);
@@ -207,6 +219,96 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
     })
 }
 
+/// The finalizer that deletes the OpenSearch index with the pipeline (`deleteIndexOnDelete`).
+pub const INDEX_FINALIZER: &str = "vectorpipe.io/delete-index";
+
+/// Writes the finalizer list, failing on a concurrent change (the reconcile then retries).
+async fn set_finalizers(
+    api: &Api<EmbeddingPipeline>,
+    pipeline: &EmbeddingPipeline,
+    name: &str,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": pipeline.metadata.resource_version,
+        }})),
+    )
+    .await
+    .map_err(kerr("updating the finalizers"))?;
+    Ok(())
+}
+
+/// Adds or removes the index finalizer as the spec asks, and on deletion deletes the index
+/// before letting the pipeline go. Some(action) ends the reconcile.
+async fn finalize(
+    pipeline: &EmbeddingPipeline,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Action>, Error> {
+    let api: Api<EmbeddingPipeline> = Api::namespaced(ctx.client.clone(), namespace);
+    let finalizers = pipeline.finalizers().to_vec();
+    let has = finalizers.iter().any(|f| f == INDEX_FINALIZER);
+    let wanted = pipeline.spec.sink.opensearch.delete_index_on_delete;
+    let without: Vec<String> = finalizers
+        .iter()
+        .filter(|f| *f != INDEX_FINALIZER)
+        .cloned()
+        .collect();
+    if pipeline.metadata.deletion_timestamp.is_some() {
+        if !has {
+            return Ok(Some(Action::await_change()));
+        }
+        let index = &pipeline.spec.sink.opensearch.index;
+        if wanted {
+            match index::delete_index(&ctx.client, namespace, pipeline).await {
+                Ok(()) => {
+                    info!(%index, "deleted the index with the pipeline");
+                    publish(
+                        ctx,
+                        pipeline,
+                        EventType::Normal,
+                        "IndexDeleted",
+                        &format!("deleted OpenSearch index {index} (deleteIndexOnDelete)"),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let note = format!(
+                        "could not delete OpenSearch index {index}: {e}; retrying. To let the pipeline go without deleting the index, remove the finalizer {INDEX_FINALIZER}"
+                    );
+                    warn!(%note);
+                    publish(
+                        ctx,
+                        pipeline,
+                        EventType::Warning,
+                        "IndexDeleteFailed",
+                        &note,
+                    )
+                    .await;
+                    return Ok(Some(Action::requeue(
+                        ctx.backoff(&format!("{namespace}/{name}/delete")),
+                    )));
+                }
+            }
+        }
+        set_finalizers(&api, pipeline, name, without).await?;
+        return Ok(Some(Action::await_change()));
+    }
+    if wanted && !has {
+        let mut with = finalizers;
+        with.push(INDEX_FINALIZER.to_owned());
+        set_finalizers(&api, pipeline, name, with).await?;
+    } else if !wanted && has {
+        set_finalizers(&api, pipeline, name, without).await?;
+    }
+    Ok(None)
+}
+
 async fn publish(
     ctx: &Context,
     pipeline: &EmbeddingPipeline,
@@ -237,6 +339,21 @@ pub fn error_policy(pipeline: Arc<EmbeddingPipeline>, error: &Error, ctx: Arc<Co
     Action::requeue(wait)
 }
 
+/// What triggers a reconcile of a pipeline itself: a new generation (spec change), the start of
+/// its deletion, or a change of its finalizers. Status writes do not.
+fn spec_or_deletion(pipeline: &EmbeddingPipeline) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    pipeline.metadata.generation.hash(&mut hasher);
+    pipeline
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    pipeline.metadata.finalizers.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Runs the controller until the process is told to stop.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
@@ -250,7 +367,7 @@ pub async fn run(ctx: Arc<Context>) {
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(spec_or_deletion, Default::default());
     Controller::for_stream(trigger, reader)
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())

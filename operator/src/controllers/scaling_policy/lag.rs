@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
@@ -99,6 +99,9 @@ pub fn consumer(kafka: &KafkaSource, group: &str) -> Result<BaseConsumer, LagErr
         .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        // Unreachable brokers surface as a failed read (MetricsUnavailable), once per poll;
+        // librdkafka's own connection chatter would repeat it in the operator's log.
+        .set_log_level(RDKafkaLogLevel::Critical)
         .create()?)
 }
 

@@ -1,0 +1,189 @@
+//! The check CEL cannot make: when the pipeline's OpenSearch index already exists and answers, its
+//! k-NN field must fit the model (dimension, space type). An unreachable cluster or a missing index
+//! is not a problem here: the worker creates the index, and reports what it cannot reach.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::ResourceExt;
+use vectorpipe_crds::index::check_mapping;
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+
+use super::status::Problem;
+
+/// How long one answer is trusted (per pipeline generation).
+const TTL: Duration = Duration::from_secs(30);
+/// How long the operator waits for OpenSearch.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// The index exists and fits, or does not exist yet.
+    Fine,
+    /// The index exists and does not fit.
+    Mismatch(Problem),
+    /// The check could not run; why (logged, not a status problem).
+    Unchecked(String),
+}
+
+/// A finding with the generation it was made for and when.
+type Entry = (Option<i64>, Instant, Finding);
+
+/// Recent findings per pipeline, so that every reconcile does not call OpenSearch.
+#[derive(Default)]
+pub struct Cache(Mutex<HashMap<String, Entry>>);
+
+impl Cache {
+    fn get(&self, key: &str, generation: Option<i64>) -> Option<Finding> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .filter(|(g, at, _)| *g == generation && at.elapsed() < TTL)
+            .map(|(_, _, f)| f.clone())
+    }
+
+    fn put(&self, key: String, generation: Option<i64>, finding: Finding) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (_, at, _)| at.elapsed() < TTL * 10);
+        map.insert(key, (generation, Instant::now(), finding));
+    }
+}
+
+async fn secret_value(
+    secrets: &Api<Secret>,
+    name: &str,
+    key: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading Secret {name}: {e}"))?;
+    Ok(secret.and_then(|s| {
+        s.data
+            .and_then(|d| d.get(key).map(|v| v.0.clone()))
+            .or_else(|| {
+                s.string_data
+                    .and_then(|d| d.get(key).map(|v| v.clone().into_bytes()))
+            })
+    }))
+}
+
+/// A request to the pipeline's first OpenSearch endpoint at `path`, with the CA and basic
+/// credentials from the Secrets the spec names. Err says why it cannot be made.
+async fn request(
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<reqwest::RequestBuilder, String> {
+    let sink = &pipeline.spec.sink.opensearch;
+    if sink.auth.as_ref().is_some_and(|a| a.sigv4.is_some()) {
+        return Err("the operator does not sign SigV4 requests yet".into());
+    }
+    let endpoint = sink.endpoints.first().ok_or("no endpoint")?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut http = reqwest::Client::builder().timeout(TIMEOUT);
+    if let Some(ca) = sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        let pem = secret_value(&secrets, &ca.name, &ca.key)
+            .await?
+            .ok_or_else(|| format!("Secret {} has no key {}", ca.name, ca.key))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("the CA in Secret {}: {e}", ca.name))?;
+        http = http.add_root_certificate(cert);
+    }
+    let http = http.build().map_err(|e| e.to_string())?;
+    let url = format!("{}/{path}", endpoint.trim_end_matches('/'));
+    let mut request = http.request(method, url);
+    if let Some(basic) = sink.auth.as_ref().and_then(|a| a.basic.as_ref()) {
+        let name = &basic.secret_ref.name;
+        let user = secret_value(&secrets, name, "username").await?;
+        let password = secret_value(&secrets, name, "password").await?;
+        let (Some(u), Some(p)) = (user, password) else {
+            return Err(format!("Secret {name} lacks username/password"));
+        };
+        request = request.basic_auth(
+            String::from_utf8_lossy(&u).into_owned(),
+            Some(String::from_utf8_lossy(&p).into_owned()),
+        );
+    }
+    Ok(request)
+}
+
+async fn run(client: &kube::Client, namespace: &str, pipeline: &EmbeddingPipeline) -> Finding {
+    let sink = &pipeline.spec.sink.opensearch;
+    let Ok(dimensions) = pipeline.spec.embedding.bedrock.vector_dimensions() else {
+        return Finding::Unchecked("the model's dimension is unknown".into());
+    };
+    let path = format!("{}/_mapping", sink.index);
+    let request = match request(client, namespace, pipeline, reqwest::Method::GET, &path).await {
+        Ok(r) => r,
+        Err(why) => return Finding::Unchecked(why),
+    };
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => return Finding::Unchecked(format!("GET {path}: {e}")),
+    };
+    match response.status().as_u16() {
+        404 => Finding::Fine,
+        200 => match response.json::<serde_json::Value>().await {
+            Ok(mapping) => match check_mapping(sink, dimensions, &mapping) {
+                Ok(()) => Finding::Fine,
+                Err(mismatch) => Finding::Mismatch(Problem {
+                    reason: mismatch.reason(),
+                    message: mismatch.to_string(),
+                }),
+            },
+            Err(e) => Finding::Unchecked(format!("GET {path}: {e}")),
+        },
+        status => Finding::Unchecked(format!("GET {path}: HTTP {status}")),
+    }
+}
+
+/// Deletes the pipeline's index (`deleteIndexOnDelete`); a missing index counts as deleted.
+pub async fn delete_index(
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+) -> Result<(), String> {
+    let index = &pipeline.spec.sink.opensearch.index;
+    let request = request(client, namespace, pipeline, reqwest::Method::DELETE, index).await?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("DELETE {index}: {e}"))?;
+    match response.status().as_u16() {
+        200 | 404 => Ok(()),
+        status => Err(format!(
+            "DELETE {index}: HTTP {status}: {}",
+            response.text().await.unwrap_or_default()
+        )),
+    }
+}
+
+/// Checks the pipeline's index, or returns the recent answer for this generation.
+pub async fn check(
+    cache: &Cache,
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+) -> Finding {
+    let key = pipeline
+        .metadata
+        .uid
+        .clone()
+        .unwrap_or_else(|| format!("{namespace}/{}", pipeline.name_any()));
+    let generation = pipeline.metadata.generation;
+    if let Some(found) = cache.get(&key, generation) {
+        return found;
+    }
+    let found = run(client, namespace, pipeline).await;
+    if let Finding::Unchecked(why) = &found {
+        tracing::debug!(%why, "the index was not checked");
+    }
+    cache.put(key, generation, found.clone());
+    found
+}
