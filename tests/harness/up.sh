@@ -177,19 +177,25 @@ up_kafka() {
   libs=$("$here/build-kafka.sh")
   local version
   version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")
-  local dir="$VP_RUN/kafka" port controller
+  local dir="$VP_RUN/kafka" port controller scram
   mkdir -p "$dir"
   port=$(free_port)
   controller=$(free_port)
+  # A second listener with SASL/SCRAM-SHA-512 (no TLS), for the SCRAM paths of the worker and the
+  # operator's lag reader. Its one user is created when the storage is formatted.
+  scram=$(free_port)
   cat >"$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$scram,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$scram
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 log.dirs=$dir/data
 num.partitions=3
 auto.create.topics.enable=false
@@ -211,10 +217,15 @@ PROPS
   log "kafka: formatting storage and starting the broker on :$port"
   java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool format --ignore-formatted \
     -t "$(java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid)" \
+    --add-scram 'SCRAM-SHA-512=[name=vectorpipe,password=vectorpipe-secret]' \
     -c "$dir/server.properties" >"$VP_RUN/log/kafka-format.log" 2>&1
   start kafka java "${java_opts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties"
   wait_for kafka 120 tcp_open "$port"
+  wait_for kafka 60 tcp_open "$scram"
   put_env VP_KAFKA_BOOTSTRAP "127.0.0.1:$port"
+  put_env VP_KAFKA_SCRAM_BOOTSTRAP "127.0.0.1:$scram"
+  put_env VP_KAFKA_SCRAM_USERNAME vectorpipe
+  put_env VP_KAFKA_SCRAM_PASSWORD vectorpipe-secret
   log "kafka: ready ($version, bootstrap 127.0.0.1:$port)"
 }
 

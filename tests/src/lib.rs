@@ -298,8 +298,18 @@ pub mod worker {
             self.child.id()
         }
 
+        /// Like [`Worker::start`], with extra environment variables (credentials a pod would
+        /// get from Secrets).
+        pub fn start_with_env(pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
+            Self::spawn(&binary("vectorpipe-worker")?, pipeline, log, env)
+        }
+
         /// Like [`Worker::start`], with a given worker binary (e.g. a release build).
         pub fn start_binary(worker: &Path, pipeline: &Path, log: &Path) -> Result<Self> {
+            Self::spawn(worker, pipeline, log, &[])
+        }
+
+        fn spawn(worker: &Path, pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
             let port = free_port()?;
             let metrics = format!("127.0.0.1:{port}");
             let out = std::fs::OpenOptions::new()
@@ -315,6 +325,7 @@ pub mod worker {
                 .env("AWS_REGION", "eu-west-1")
                 .env("AWS_EC2_METADATA_DISABLED", "true")
                 .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(out)
                 .spawn()?;

@@ -85,3 +85,62 @@ async fn lag_is_read_per_partition_from_outside_the_group() -> Result<()> {
     );
     Ok(())
 }
+
+/// The same reader through the broker's SASL/SCRAM-SHA-512 listener, with the credentials the
+/// operator reads from the pipeline's Secret; a wrong password is an error, not a panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_is_read_through_scram_and_bad_credentials_are_reported() -> Result<()> {
+    let topic = unique_name("lag-scram");
+    kafka::create_topic(&topic, 2).await?;
+    let producer: FutureProducer = kafka::config()?.create()?;
+    for i in 0..5 {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(i % 2)
+                    .key("k")
+                    .payload("x"),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let bootstrap = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?;
+    let source: KafkaSource = serde_json::from_value(serde_json::json!({
+        "bootstrapServers": [bootstrap],
+        "topics": [topic],
+        "auth": {"scram": {"mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false}},
+    }))?;
+    let good = lag::KafkaCredentials {
+        username: Some(vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_USERNAME")?),
+        password: Some(vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_PASSWORD")?),
+        ..Default::default()
+    };
+    let group = unique_name("lag-scram-group");
+    let (s, g, c) = (source.clone(), group.clone(), good);
+    let partitions = tokio::task::spawn_blocking(move || {
+        lag::read_with(&lag::consumer(&s, &g, &c)?, &s, Duration::from_secs(10))
+    })
+    .await??;
+    assert_eq!(
+        lag::summarize(&partitions, StartingOffset::Earliest).sum,
+        5,
+        "{partitions:?}"
+    );
+
+    let bad = lag::KafkaCredentials {
+        username: Some("vectorpipe".into()),
+        password: Some("wrong".into()),
+        ..Default::default()
+    };
+    let failed = tokio::task::spawn_blocking(move || {
+        lag::read_with(
+            &lag::consumer(&source, &group, &bad)?,
+            &source,
+            Duration::from_secs(5),
+        )
+    })
+    .await?;
+    assert!(failed.is_err(), "a wrong password must not read lag");
+    Ok(())
+}

@@ -433,6 +433,64 @@ async fn unreadable_metrics_fall_back(client: &kube::Client) -> Result<()> {
     Ok(())
 }
 
+/// Lag read through the broker's SCRAM listener with the credentials from the pipeline's Secret
+/// (the same Secret its workers mount).
+async fn lag_through_scram_scales_out(client: &kube::Client) -> Result<()> {
+    let ns = k8s::namespace("scale-scram")?;
+    let topic = unique_name("scale-scram");
+    kafka::create_topic(&topic, 2).await?;
+    let user = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_USERNAME")?;
+    let password = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_PASSWORD")?;
+    k8s::kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "kafka-user",
+        "-n",
+        &ns.name,
+        &format!("--from-literal=username={user}"),
+        &format!("--from-literal=password={password}"),
+    ])?;
+    let text = std::fs::read_to_string(repo_root().join("examples/pipelines/minimal.yaml"))?;
+    let mut value: Value = serde_yaml::from_str(&text)?;
+    value["spec"]["source"]["kafka"] = json!({
+        "bootstrapServers": [vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?],
+        "topics": [topic],
+        "auth": {"scram": {"mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false}}
+    });
+    let pipeline: EmbeddingPipeline = serde_json::from_value(value)?;
+    Api::<EmbeddingPipeline>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &pipeline)
+        .await?;
+    create_policy(
+        client,
+        &ns.name,
+        "scram",
+        json!({
+            "targetRef": {"name": "posts"},
+            "maxReplicas": 6,
+            "pollInterval": "1s",
+            "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 50}],
+            "scaleOut": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "operation": "add", "factor": 1, "cooldown": "1s"}
+        }),
+    )
+    .await?;
+    produce(&topic, 2, 50).await?;
+    let most = AtomicI32::new(0);
+    wait_replicas(client, &ns.name, 2, &most).await?;
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+    eventually("status.consumerLag = 100", LIMIT, || async {
+        let p = pipelines.get("posts").await?;
+        Ok((p.status.and_then(|s| s.consumer_lag) == Some(100)).then_some(()))
+    })
+    .await?;
+    ensure!(
+        most.load(Ordering::SeqCst) <= 2,
+        "more workers than the 2 partitions"
+    );
+    Ok(())
+}
+
 /// A policy whose target does not exist says so, and a second policy on one pipeline is refused.
 async fn missing_and_conflicting_targets_are_reported(client: &kube::Client) -> Result<()> {
     let ns = k8s::namespace("scale-misc")?;
@@ -472,6 +530,7 @@ async fn scaling_policies_act_on_real_lag_schedules_and_promql() -> Result<()> {
         dry_run_changes_nothing(&client),
         unreadable_metrics_fall_back(&client),
         missing_and_conflicting_targets_are_reported(&client),
+        lag_through_scram_scales_out(&client),
     );
     if result.is_err() {
         let log = operator.log_text();

@@ -501,3 +501,39 @@ async fn two_workers_split_the_partitions_and_a_rebalance_loses_nothing() -> Res
     assert!(second.stop()?.success());
     Ok(())
 }
+
+/// The worker reads through SASL/SCRAM-SHA-512 (the broker's second listener) with the
+/// credentials a pod gets from its Secret, and commits what it indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_reads_through_scram() -> Result<()> {
+    let setup = Setup::new("e2e-scram").await?;
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    pipeline["spec"]["source"]["kafka"]["bootstrapServers"] =
+        json!([vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?]);
+    pipeline["spec"]["source"]["kafka"]["auth"] = json!({"scram": {
+        "mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false
+    }});
+    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    let n = 30;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let user = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_USERNAME")?;
+    let password = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_PASSWORD")?;
+    let mut worker = Worker::start_with_env(
+        &setup.pipeline,
+        &setup.dir.join("worker.log"),
+        &[
+            ("VECTORPIPE_KAFKA_USERNAME", user.as_str()),
+            ("VECTORPIPE_KAFKA_PASSWORD", password.as_str()),
+        ],
+    )?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    worker.assert_running()?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}

@@ -31,6 +31,8 @@ use status::Problem;
 const CONTROLLER: &str = "embeddingpipeline";
 /// How often a healthy pipeline is looked at even without changes.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pipeline whose workers are not ready yet is looked at again.
+const PROGRESS_RECHECK: Duration = Duration::from_secs(15);
 /// How often a pipeline waiting for a Secret is looked at again.
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
@@ -209,12 +211,18 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         }
     }
     ctx.reset_backoff(&format!("{namespace}/{name}"));
+    let ready = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match problem {
         Some(Problem {
             reason: "InvalidSpec",
             ..
         }) => Action::await_change(),
         Some(_) => Action::requeue(SECRET_RECHECK),
+        // Deployment events drive a rollout; a look every few seconds covers a missed one.
+        None if !ready && !pipeline.spec.suspend => Action::requeue(PROGRESS_RECHECK),
         None => Action::requeue(RESYNC),
     })
 }

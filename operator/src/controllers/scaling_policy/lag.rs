@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
+use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
 
 /// Why the lag could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +16,12 @@ pub enum LagError {
     Kafka(#[from] rdkafka::error::KafkaError),
     /// The pipeline's Kafka auth is not supported by the operator's reader yet.
     #[error(
-        "reading consumer lag with {0} authentication is not supported by the operator yet; use a kafkaLag-free policy (cpu, prometheus) or plaintext brokers"
+        "reading consumer lag with {0} authentication is not supported by the operator yet; scale on cpu or prometheus metrics (e.g. the workers' vectorpipe_worker_consumer_lag_total) instead"
     )]
     UnsupportedAuth(&'static str),
+    /// A credential the spec names is missing.
+    #[error("{0}")]
+    MissingCredential(String),
     /// The topic pattern is not a regular expression.
     #[error("source.kafka.topicPattern is not a valid regular expression: {0}")]
     Pattern(#[from] regex::Error),
@@ -84,25 +87,109 @@ pub fn summarize(partitions: &[PartitionLag], starting: StartingOffset) -> LagSu
     }
 }
 
-/// A consumer that reads `group`'s committed offsets without joining the group.
-pub fn consumer(kafka: &KafkaSource, group: &str) -> Result<BaseConsumer, LagError> {
-    if let Some(auth) = &kafka.auth {
-        return Err(LagError::UnsupportedAuth(if auth.tls.is_some() {
-            "tls"
-        } else if auth.scram.is_some() {
-            "scram"
-        } else {
-            "mskIam"
-        }));
+/// What the lag reader needs from the pipeline's Secrets (PEM text and SCRAM credentials), the
+/// same Secrets the worker mounts.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct KafkaCredentials {
+    /// The CA bundle that signed the brokers' certificates.
+    pub ca_pem: Option<String>,
+    /// A client certificate (mutual TLS).
+    pub cert_pem: Option<String>,
+    /// Its key.
+    pub key_pem: Option<String>,
+    /// The SCRAM user.
+    pub username: Option<String>,
+    /// The SCRAM password.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for KafkaCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never prints a secret.
+        f.debug_struct("KafkaCredentials")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("cert_pem", &self.cert_pem.is_some())
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
-    Ok(ClientConfig::new()
+}
+
+/// A consumer that reads `group`'s committed offsets without joining the group, authenticated
+/// as the pipeline's workers are.
+pub fn consumer(
+    kafka: &KafkaSource,
+    group: &str,
+    credentials: &KafkaCredentials,
+) -> Result<BaseConsumer, LagError> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         // Unreachable brokers surface as a failed read (MetricsUnavailable), once per poll;
         // librdkafka's own connection chatter would repeat it in the operator's log.
-        .set_log_level(RDKafkaLogLevel::Critical)
-        .create()?)
+        .set_log_level(RDKafkaLogLevel::Critical);
+    let missing = |what: &str| {
+        LagError::MissingCredential(format!("the {what} for reading consumer lag is missing"))
+    };
+    if let Some(auth) = &kafka.auth {
+        if let Some(tls) = &auth.tls {
+            config.set("security.protocol", "ssl");
+            if tls.client_cert_secret_ref.is_some() {
+                config.set(
+                    "ssl.certificate.pem",
+                    credentials
+                        .cert_pem
+                        .as_deref()
+                        .ok_or_else(|| missing("client certificate"))?,
+                );
+                config.set(
+                    "ssl.key.pem",
+                    credentials
+                        .key_pem
+                        .as_deref()
+                        .ok_or_else(|| missing("client key"))?,
+                );
+            }
+        } else if let Some(scram) = &auth.scram {
+            config
+                .set(
+                    "security.protocol",
+                    if scram.tls {
+                        "sasl_ssl"
+                    } else {
+                        "sasl_plaintext"
+                    },
+                )
+                .set(
+                    "sasl.mechanisms",
+                    match scram.mechanism {
+                        ScramMechanism::Sha256 => "SCRAM-SHA-256",
+                        ScramMechanism::Sha512 => "SCRAM-SHA-512",
+                    },
+                )
+                .set(
+                    "sasl.username",
+                    credentials
+                        .username
+                        .as_deref()
+                        .ok_or_else(|| missing("SCRAM username"))?,
+                )
+                .set(
+                    "sasl.password",
+                    credentials
+                        .password
+                        .as_deref()
+                        .ok_or_else(|| missing("SCRAM password"))?,
+                );
+        } else {
+            return Err(LagError::UnsupportedAuth("mskIam"));
+        }
+        if let Some(ca) = &credentials.ca_pem {
+            config.set("ssl.ca.pem", ca);
+        }
+    }
+    Ok(config.create()?)
 }
 
 /// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
@@ -111,7 +198,11 @@ pub fn read(
     group: &str,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, LagError> {
-    read_with(&consumer(kafka, group)?, kafka, timeout)
+    read_with(
+        &consumer(kafka, group, &KafkaCredentials::default())?,
+        kafka,
+        timeout,
+    )
 }
 
 /// Like [`read`], with a consumer made by [`consumer`] (kept between polls to save connections).

@@ -344,6 +344,71 @@ async fn reconcile_inner(policy: &ScalingPolicy, ctx: &ScalingContext) -> Result
     Ok(Action::requeue(interval))
 }
 
+/// Reads the Kafka credentials of a pipeline from the Secrets its spec names (the ones its
+/// workers mount). Err says which Secret or key is missing.
+async fn kafka_credentials(
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec,
+) -> Result<lag::KafkaCredentials, String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut credentials = lag::KafkaCredentials::default();
+    let Some(auth) = &pipeline.source.kafka.auth else {
+        return Ok(credentials);
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let value = |secret: Option<&Secret>, name: &str, key: &str| -> Result<String, String> {
+        let secret = secret.ok_or_else(|| format!("Secret {namespace}/{name} does not exist"))?;
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .cloned()
+            })
+            .ok_or_else(|| format!("Secret {namespace}/{name} has no key {key:?}"))
+    };
+    let get = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))
+        }
+    };
+    let ca_ref = auth
+        .tls
+        .as_ref()
+        .and_then(|t| t.ca_secret_ref.as_ref())
+        .or_else(|| auth.scram.as_ref().and_then(|s| s.ca_secret_ref.as_ref()));
+    if let Some(ca) = ca_ref {
+        let secret = get(ca.name.clone()).await?;
+        credentials.ca_pem = Some(value(secret.as_ref(), &ca.name, &ca.key)?);
+    }
+    if let Some(cert) = auth
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_cert_secret_ref.as_ref())
+    {
+        let secret = get(cert.name.clone()).await?;
+        credentials.cert_pem = Some(value(secret.as_ref(), &cert.name, "tls.crt")?);
+        credentials.key_pem = Some(value(secret.as_ref(), &cert.name, "tls.key")?);
+    }
+    if let Some(scram) = &auth.scram {
+        let name = &scram.secret_ref.name;
+        let secret = get(name.clone()).await?;
+        credentials.username = Some(value(secret.as_ref(), name, "username")?);
+        credentials.password = Some(value(secret.as_ref(), name, "password")?);
+    }
+    Ok(credentials)
+}
+
 /// Reads, decides, scales and reports.
 async fn poll(
     ctx: &ScalingContext,
@@ -360,6 +425,7 @@ async fn poll(
     let current = pipeline.spec.workers.replicas;
     state.last_poll = Some(Instant::now());
 
+    let credentials = kafka_credentials(&ctx.base.client, &namespace, &pipeline.spec).await;
     let observation = observe::observe(
         spec,
         &pipeline.spec,
@@ -367,6 +433,7 @@ async fn poll(
         &target,
         current,
         ctx.readers.as_ref(),
+        credentials.as_ref().map_err(String::as_str),
         ctx.default_prometheus.as_deref(),
         &mut state.positions,
         now,

@@ -11,7 +11,7 @@ use vectorpipe_crds::v1alpha1::{
 };
 
 use super::decide::{Sample, metric_name};
-use super::lag::{self, LagSummary};
+use super::lag::{self, KafkaCredentials, LagSummary};
 use super::promql;
 use super::readers::MetricReaders;
 
@@ -89,6 +89,7 @@ pub async fn observe(
     pipeline_name: &str,
     current: i32,
     readers: &dyn MetricReaders,
+    credentials: Result<&KafkaCredentials, &str>,
     default_prometheus: Option<&str>,
     positions: &mut Positions,
     now: Timestamp,
@@ -109,7 +110,12 @@ pub async fn observe(
 
     // The lag is always read (for status.consumerLag and the partition cap), even by policies
     // that do not judge it; it only counts as a failure for those that do.
-    let lag_read = readers.kafka_lag(kafka, &group, timeout);
+    let lag_read = async {
+        match credentials {
+            Ok(credentials) => readers.kafka_lag(kafka, &group, credentials, timeout).await,
+            Err(e) => Err(e.to_owned()),
+        }
+    };
     let queries: Vec<_> = policy
         .metrics
         .iter()

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::BaseConsumer;
 use vectorpipe_crds::v1alpha1::KafkaSource;
 
-use super::lag::{self, PartitionLag};
+use super::lag::{self, KafkaCredentials, PartitionLag};
 use super::promql;
 
 /// A read's result; the error says what failed and what to check.
@@ -22,6 +22,7 @@ pub trait MetricReaders: Send + Sync + 'static {
         &self,
         source: &KafkaSource,
         group: &str,
+        credentials: &KafkaCredentials,
         timeout: Duration,
     ) -> Read<Vec<PartitionLag>>;
     /// One PromQL instant query's value.
@@ -31,7 +32,8 @@ pub trait MetricReaders: Send + Sync + 'static {
 /// How long an unused Kafka client is kept.
 const IDLE_CLIENT: Duration = Duration::from_secs(600);
 
-type ConsumerKey = (Vec<String>, String);
+/// Brokers, group and a hash of the credentials (a rotated Secret gets a new client).
+type ConsumerKey = (Vec<String>, String, u64);
 type Consumers = HashMap<ConsumerKey, (Arc<BaseConsumer>, Instant)>;
 
 /// The real readers: rdkafka against the pipeline's brokers, HTTP against Prometheus. Clients are
@@ -43,24 +45,42 @@ pub struct LiveReaders {
 }
 
 impl LiveReaders {
-    fn consumer(&self, source: &KafkaSource, group: &str) -> Result<Arc<BaseConsumer>, String> {
-        let key = (source.bootstrap_servers.clone(), group.to_owned());
+    fn key(source: &KafkaSource, group: &str, credentials: &KafkaCredentials) -> ConsumerKey {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        credentials.hash(&mut hasher);
+        source.auth.is_some().hash(&mut hasher);
+        (
+            source.bootstrap_servers.clone(),
+            group.to_owned(),
+            hasher.finish(),
+        )
+    }
+
+    fn consumer(
+        &self,
+        source: &KafkaSource,
+        group: &str,
+        credentials: &KafkaCredentials,
+    ) -> Result<Arc<BaseConsumer>, String> {
+        let key = Self::key(source, group, credentials);
         let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
         consumers.retain(|_, (_, used)| used.elapsed() < IDLE_CLIENT);
         if let Some((consumer, used)) = consumers.get_mut(&key) {
             *used = Instant::now();
             return Ok(consumer.clone());
         }
-        let consumer = Arc::new(lag::consumer(source, group).map_err(|e| e.to_string())?);
+        let consumer =
+            Arc::new(lag::consumer(source, group, credentials).map_err(|e| e.to_string())?);
         consumers.insert(key, (consumer.clone(), Instant::now()));
         Ok(consumer)
     }
 
-    fn forget(&self, source: &KafkaSource, group: &str) {
+    fn forget(&self, source: &KafkaSource, group: &str, credentials: &KafkaCredentials) {
         self.consumers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(source.bootstrap_servers.clone(), group.to_owned()));
+            .remove(&Self::key(source, group, credentials));
     }
 }
 
@@ -69,13 +89,15 @@ impl MetricReaders for Arc<LiveReaders> {
         &self,
         source: &KafkaSource,
         group: &str,
+        credentials: &KafkaCredentials,
         timeout: Duration,
     ) -> Read<Vec<PartitionLag>> {
         let this = self.clone();
         let source = source.clone();
         let group = group.to_owned();
+        let credentials = credentials.clone();
         Box::pin(async move {
-            let consumer = this.consumer(&source, &group)?;
+            let consumer = this.consumer(&source, &group, &credentials)?;
             let (source_for_read, consumer_for_read) = (source.clone(), consumer);
             let read = tokio::task::spawn_blocking(move || {
                 lag::read_with(&consumer_for_read, &source_for_read, timeout)
@@ -96,7 +118,7 @@ impl MetricReaders for Arc<LiveReaders> {
             };
             if result.is_err() {
                 // A fresh client next time, in case this one is stuck on dead connections.
-                this.forget(&source, &group);
+                this.forget(&source, &group, &credentials);
             }
             result
         })
