@@ -327,13 +327,24 @@ fn request_id() -> String {
     format!("{:08x}-fake-{:012x}", nanos >> 64, nanos & 0xffff_ffff_ffff)
 }
 
-/// Checks the request's SigV4 signature: the fake re-signs the same request with the test
-/// credentials at the request's own timestamp and compares the signatures.
+/// Checks the request's SigV4 signature for Bedrock.
 fn verify_signature(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
+) -> Result<(), String> {
+    verify_sigv4(method, uri, headers, body, "bedrock")
+}
+
+/// Checks a request's SigV4 signature for `service`: re-signs the same request with the test
+/// credentials at the request's own timestamp and compares the signatures.
+pub fn verify_sigv4(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    service: &str,
 ) -> Result<(), String> {
     let authorization = headers
         .get("authorization")
@@ -343,9 +354,9 @@ fn verify_signature(
     if parsed.access_key != ACCESS_KEY_ID {
         return Err(format!("unknown access key {}", parsed.access_key));
     }
-    if parsed.service != "bedrock" {
+    if parsed.service != service {
         return Err(format!(
-            "the request is signed for service {:?}, not \"bedrock\"",
+            "the request is signed for service {:?}, not {service:?}",
             parsed.service
         ));
     }

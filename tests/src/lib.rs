@@ -101,14 +101,35 @@ pub mod k8s {
         let dir = repo_root().join("crds");
         let dir = dir.to_string_lossy();
         kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/embeddingpipelines.vectorpipe.io",
-            "crd/scalingpolicies.vectorpipe.io",
-            "--timeout=60s",
-        ])?;
+        for crd in [
+            "embeddingpipelines.vectorpipe.io",
+            "scalingpolicies.vectorpipe.io",
+        ] {
+            wait_established(crd)?;
+        }
         Ok(())
+    }
+
+    /// Waits until a CRD is Established. (Right after creation it has no conditions at all,
+    /// which `kubectl wait` treats as an error, so the status is read instead.)
+    pub fn wait_established(crd: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = kubectl(&["get", &format!("crd/{crd}"), "-o", "json"])?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            let established = value["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Established" && c["status"] == "True");
+            if established {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("CRD {crd} was not Established within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Writes a kubeconfig that impersonates `user` (the admin token may impersonate anyone).
@@ -246,6 +267,67 @@ pub mod opensearch {
     /// A client for the node.
     pub fn client() -> Result<OpenSearch> {
         Ok(OpenSearch::new(Transport::single_node(&url()?)?))
+    }
+
+    /// Counts of a [`signing_proxy`]'s requests.
+    #[derive(Default)]
+    pub struct ProxyCounts {
+        /// Requests whose SigV4 signature was right (forwarded).
+        pub verified: std::sync::atomic::AtomicU64,
+        /// Requests refused with 403.
+        pub refused: std::sync::atomic::AtomicU64,
+    }
+
+    /// A reverse proxy in front of the node that accepts only requests signed with SigV4 for
+    /// `service` with the test credentials, as Amazon OpenSearch Service does. Returns its URL.
+    pub async fn signing_proxy(
+        service: &'static str,
+    ) -> Result<(String, std::sync::Arc<ProxyCounts>)> {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
+        let upstream = url()?;
+        let counts = Arc::new(ProxyCounts::default());
+        let http = reqwest::Client::new();
+        let state = counts.clone();
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (http, upstream, counts) = (http.clone(), upstream.clone(), state.clone());
+            async move {
+                if let Err(e) =
+                    crate::bedrock::verify_sigv4(&method, &uri, &headers, &body, service)
+                {
+                    counts.refused.fetch_add(1, Ordering::SeqCst);
+                    return (
+                        StatusCode::FORBIDDEN,
+                        serde_json::json!({"message": e}).to_string(),
+                    );
+                }
+                counts.verified.fetch_add(1, Ordering::SeqCst);
+                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let mut request = http.request(
+                    reqwest::Method::from_bytes(method.as_str().as_bytes())
+                        .unwrap_or(reqwest::Method::GET),
+                    format!("{upstream}{path}"),
+                );
+                if let Some(ct) = headers.get("content-type").and_then(|v| v.to_str().ok()) {
+                    request = request.header("content-type", ct);
+                }
+                match request.body(body.to_vec()).send().await {
+                    Ok(response) => {
+                        let status = StatusCode::from_u16(response.status().as_u16())
+                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                        (status, response.text().await.unwrap_or_default())
+                    }
+                    Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
+                }
+            }
+        };
+        let app = axum::Router::new().fallback(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok((format!("http://{address}"), counts))
     }
 }
 

@@ -154,37 +154,28 @@ fn the_application_example_is_valid_against_argo_cds_crd() -> Result<()> {
     );
     let crd = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     kubectl(&["apply", "--server-side", "-f", &crd])?;
-    // Right after creation the CRD may have no conditions yet, which `kubectl wait` rejects.
-    let mut established = false;
-    for _ in 0..60 {
-        let crd: Value = serde_json::from_str(&kubectl(&[
-            "get",
-            "crd/applications.argoproj.io",
-            "-o",
-            "json",
-        ])?)?;
-        let status = crd["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["type"] == "Established")
-            .and_then(|c| c["status"].as_str())
-            .unwrap_or_default()
-            .to_owned();
-        if status.trim() == "True" {
-            established = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    ensure!(
-        established,
-        "Argo CD's Application CRD was not established in 30 s"
-    );
+    k8s::wait_established("applications.argoproj.io")?;
     let _ = kubectl(&["create", "namespace", "argocd"]);
     let app = argocd_dir().join("application.yaml");
-    // Validated by the apiserver against Argo CD's schema, without creating it.
-    kubectl(&["apply", "--dry-run=server", "-f", &app.to_string_lossy()])?;
+    // Accepted by the apiserver against Argo CD's schema (no Argo CD runs here to act on it).
+    kubectl(&["apply", "-f", &app.to_string_lossy()])?;
+
+    // The health fixtures are valid objects too: the real CRDs (schema and CEL rules) accept
+    // them, in the namespace they name.
+    k8s::install_crds()?;
+    let _ = kubectl(&["create", "namespace", "data"]);
+    for kind in ["EmbeddingPipeline", "ScalingPolicy"] {
+        let testdata = argocd_dir()
+            .join("resource_customizations/vectorpipe.io")
+            .join(kind)
+            .join("testdata");
+        kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &testdata.to_string_lossy(),
+        ])?;
+    }
 
     // The argocd-cm with the health checks is a valid ConfigMap (applied to a scratch namespace).
     let scratch = k8s::namespace("argocd-cm")?;

@@ -117,6 +117,22 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
             && printed.contains("amazon.titan-embed-text-v2:0"),
         "{printed}"
     );
+    // Normal events tell the story: the spec was applied, the workers became ready.
+    eventually("SpecApplied and WorkersReady events", LIMIT, || async {
+        let events: serde_json::Value =
+            serde_json::from_str(&kubectl(&["get", "events", "-n", &ns.name, "-o", "json"])?)?;
+        let reasons: Vec<String> = events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["involvedObject"]["name"] == "posts" && e["type"] == "Normal")
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect();
+        Ok((reasons.iter().any(|r| r == "SpecApplied")
+            && reasons.iter().any(|r| r == "WorkersReady"))
+        .then_some(()))
+    })
+    .await?;
 
     // 2. A spec change rolls the pods (new config hash) and observedGeneration follows.
     let hash_before = template_hash(&deployment);

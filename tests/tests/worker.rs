@@ -537,3 +537,39 @@ async fn a_worker_reads_through_scram() -> Result<()> {
     assert!(worker.stop()?.success());
     Ok(())
 }
+
+/// With `auth.sigv4`, every OpenSearch request is signed with the workers' AWS credentials: a
+/// proxy that refuses unsigned or wrongly signed requests (as Amazon OpenSearch Service does)
+/// lets the whole flow through.
+#[tokio::test(flavor = "multi_thread")]
+async fn opensearch_requests_are_signed_with_sigv4() -> Result<()> {
+    let setup = Setup::new("e2e-sigv4").await?;
+    let (proxy, counts) = os::signing_proxy("es").await?;
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+    pipeline["spec"]["sink"]["opensearch"]["auth"] =
+        json!({"sigv4": {"region": "eu-west-1", "service": "es"}});
+    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    let n = 25;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let mut worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    worker.assert_running()?;
+    use std::sync::atomic::Ordering;
+    assert!(
+        counts.verified.load(Ordering::SeqCst) >= 2,
+        "index check and _bulk go through the proxy"
+    );
+    assert_eq!(
+        counts.refused.load(Ordering::SeqCst),
+        0,
+        "every request was signed right"
+    );
+    // An unsigned request is refused, so the proxy really checks.
+    let unsigned = reqwest::get(format!("{proxy}/_cluster/health")).await?;
+    assert_eq!(unsigned.status().as_u16(), 403);
+    assert!(worker.stop()?.success());
+    Ok(())
+}

@@ -143,7 +143,8 @@ async fn run(
         spec.sink.opensearch.clone(),
         dimensions,
         Duration::from_secs(60),
-    )?;
+    )
+    .await?;
     // The sink must be usable before any record is read: a wrong mapping stops the worker
     // instead of filling the dead-letter topic. Unreachable clusters are retried.
     let mut attempt = 0;

@@ -8,7 +8,7 @@ use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMapp
 use opensearch::{BulkParts, DeleteByQueryParts, OpenSearch};
 use serde_json::{Map, Value, json};
 use vectorpipe_crds::index::{check_mapping, space_type_name};
-use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink};
+use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SigV4Service};
 
 use super::{CHUNK_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD};
 use crate::transform::Document;
@@ -147,8 +147,10 @@ pub fn item_results(response: &Value, expected: usize) -> Result<Vec<ItemResult>
 
 impl Sink {
     /// Connects to the first endpoint. Basic-auth credentials come from the environment
-    /// (`VECTORPIPE_OPENSEARCH_USERNAME` / `_PASSWORD`, which the operator fills from the Secret).
-    pub fn new(
+    /// (`VECTORPIPE_OPENSEARCH_USERNAME` / `_PASSWORD`, which the operator fills from the Secret),
+    /// a custom CA from `VECTORPIPE_OPENSEARCH_CA_FILE`, and SigV4 credentials from the AWS
+    /// default chain, signed for `es` or `aoss`.
+    pub async fn new(
         spec: OpenSearchSink,
         dimensions: i32,
         timeout: Duration,
@@ -165,23 +167,49 @@ impl Sink {
         })?;
         let mut builder =
             TransportBuilder::new(SingleNodeConnectionPool::new(url)).timeout(timeout);
+        let var = |name: &str, why: &str| {
+            std::env::var(name)
+                .map_err(|_| SinkError::Misconfigured(format!("{name} is not set; {why}")))
+        };
+        if spec.tls.as_ref().is_some_and(|t| t.ca_secret_ref.is_some()) {
+            let path = var(
+                "VECTORPIPE_OPENSEARCH_CA_FILE",
+                "the operator mounts sink.opensearch.tls.caSecretRef and names the file here",
+            )?;
+            let pem = std::fs::read(&path).map_err(|e| {
+                SinkError::Misconfigured(format!("cannot read the OpenSearch CA {path}: {e}"))
+            })?;
+            let certificate = opensearch::cert::Certificate::from_pem(&pem).map_err(|e| {
+                SinkError::Misconfigured(format!(
+                    "the OpenSearch CA {path} is not a PEM certificate: {e}"
+                ))
+            })?;
+            builder =
+                builder.cert_validation(opensearch::cert::CertificateValidation::Full(certificate));
+        }
         if let Some(auth) = &spec.auth {
-            if auth.sigv4.is_some() {
-                return Err(SinkError::Misconfigured(
-                    "sink.opensearch.auth.sigv4 is not supported by this worker build yet; use basic auth or none".into(),
-                ));
+            if let Some(sigv4) = &auth.sigv4 {
+                // The default credential chain: IRSA or Pod Identity in a cluster, env locally.
+                let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_config::Region::new(sigv4.region.clone()))
+                    .load()
+                    .await;
+                let credentials =
+                    opensearch::auth::Credentials::try_from(&config).map_err(|e| {
+                        SinkError::Misconfigured(format!(
+                            "no AWS credentials for SigV4 to OpenSearch ({e}); give the workers an IAM role (IRSA or Pod Identity)"
+                        ))
+                    })?;
+                builder = builder.auth(credentials).service_name(match sigv4.service {
+                    SigV4Service::Es => "es",
+                    SigV4Service::Aoss => "aoss",
+                });
             }
             if auth.basic.is_some() {
-                let var = |name: &str| {
-                    std::env::var(name).map_err(|_| {
-                        SinkError::Misconfigured(format!(
-                            "{name} is not set; basic auth reads the username and password from the environment"
-                        ))
-                    })
-                };
+                let why = "basic auth reads the username and password from the environment";
                 builder = builder.auth(opensearch::auth::Credentials::Basic(
-                    var("VECTORPIPE_OPENSEARCH_USERNAME")?,
-                    var("VECTORPIPE_OPENSEARCH_PASSWORD")?,
+                    var("VECTORPIPE_OPENSEARCH_USERNAME", why)?,
+                    var("VECTORPIPE_OPENSEARCH_PASSWORD", why)?,
                 ));
             }
         }

@@ -32,7 +32,7 @@ const CONTROLLER: &str = "embeddingpipeline";
 /// How often a healthy pipeline is looked at even without changes.
 const RESYNC: Duration = Duration::from_secs(300);
 /// How often a pipeline whose workers are not ready yet is looked at again.
-const PROGRESS_RECHECK: Duration = Duration::from_secs(15);
+const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
 /// How often a pipeline waiting for a Secret is looked at again.
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
@@ -206,6 +206,49 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
                 EventType::Warning,
                 problem.reason,
                 &problem.message,
+            )
+            .await;
+        }
+        // Normal events for changes: a new spec generation applied, workers becoming ready.
+        let observed = pipeline.status.as_ref().and_then(|s| s.observed_generation);
+        if problem.is_none() && observed != new_status.observed_generation {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Normal,
+                "SpecApplied",
+                &format!(
+                    "applied generation {} to the worker Deployment ({} workers)",
+                    new_status.observed_generation.unwrap_or_default(),
+                    if pipeline.spec.suspend {
+                        0
+                    } else {
+                        pipeline.spec.workers.replicas
+                    }
+                ),
+            )
+            .await;
+        }
+        let ready_before = pipeline
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status == "True")
+            .unwrap_or(false);
+        let ready_now = new_status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .filter(|c| c.status == "True");
+        if let Some(ready) = ready_now
+            && !ready_before
+        {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Normal,
+                &ready.reason,
+                &ready.message,
             )
             .await;
         }
