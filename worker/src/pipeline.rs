@@ -97,7 +97,7 @@ impl Shared {
 
 /// The dead-letter topic, or the log when none is configured.
 struct DeadLetters {
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<source::TokenContext>>,
     topic: Option<String>,
     metrics: Arc<Metrics>,
 }
@@ -209,6 +209,7 @@ pub async fn run<E: Embedder>(
         tracker: tracker.clone(),
         metrics: metrics.clone(),
         assigned: assigned.clone(),
+        msk_iam_region: source::msk_iam_region(kafka),
     };
     let consumer: Arc<StreamConsumer<Context>> =
         Arc::new(source::consumer_config(kafka, &options.group_id)?.create_with_context(context)?);
@@ -226,7 +227,9 @@ pub async fn run<E: Embedder>(
                 source::client_config(kafka)?
                     .set("enable.idempotence", "true")
                     .set("linger.ms", "5")
-                    .create()?,
+                    .create_with_context(source::TokenContext {
+                        msk_iam_region: source::msk_iam_region(kafka),
+                    })?,
             ),
             None => None,
         },
