@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
 
@@ -14,11 +15,6 @@ pub enum LagError {
     /// The brokers did not answer or refused.
     #[error("reading consumer lag from Kafka failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    /// The pipeline's Kafka auth is not supported by the operator's reader yet.
-    #[error(
-        "reading consumer lag with {0} authentication is not supported by the operator yet; scale on cpu or prometheus metrics (e.g. the workers' vectorpipe_worker_consumer_lag_total) instead"
-    )]
-    UnsupportedAuth(&'static str),
     /// A credential the spec names is missing.
     #[error("{0}")]
     MissingCredential(String),
@@ -114,13 +110,53 @@ impl std::fmt::Debug for KafkaCredentials {
     }
 }
 
+/// The lag reader's client context: makes MSK IAM tokens when the source uses MSK IAM.
+pub struct LagContext {
+    msk_iam_region: Option<String>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl ClientContext for LagContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _config: Option<&str>,
+    ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        let (Some(region), Some(runtime)) = (&self.msk_iam_region, &self.runtime) else {
+            return Err("no MSK IAM region or runtime for an OAUTHBEARER token".into());
+        };
+        let region = aws_config::Region::new(region.clone());
+        // librdkafka asks from the thread that polls; sign on a plain thread that may block on
+        // the operator's runtime.
+        let runtime = runtime.clone();
+        let (token, lifetime_ms) = std::thread::spawn(move || {
+            runtime
+                .block_on(aws_msk_iam_sasl_signer::generate_auth_token(region))
+                .map_err(|e| format!("signing an MSK IAM token failed: {e}"))
+        })
+        .join()
+        .map_err(|_| "the MSK IAM signer panicked (are AWS credentials available?)")??;
+        Ok(OAuthToken {
+            token,
+            principal_name: "vectorpipe-operator".into(),
+            lifetime_ms,
+        })
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// The lag reader's consumer.
+pub type LagConsumer = BaseConsumer<LagContext>;
+
 /// A consumer that reads `group`'s committed offsets without joining the group, authenticated
-/// as the pipeline's workers are.
+/// as the pipeline's workers are (MSK IAM with the operator's own AWS credentials).
 pub fn consumer(
     kafka: &KafkaSource,
     group: &str,
     credentials: &KafkaCredentials,
-) -> Result<BaseConsumer, LagError> {
+) -> Result<LagConsumer, LagError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
@@ -182,14 +218,24 @@ pub fn consumer(
                         .as_deref()
                         .ok_or_else(|| missing("SCRAM password"))?,
                 );
-        } else {
-            return Err(LagError::UnsupportedAuth("mskIam"));
+        } else if auth.msk_iam.is_some() {
+            config
+                .set("security.protocol", "sasl_ssl")
+                .set("sasl.mechanism", "OAUTHBEARER");
         }
         if let Some(ca) = &credentials.ca_pem {
             config.set("ssl.ca.pem", ca);
         }
     }
-    Ok(config.create()?)
+    let context = LagContext {
+        msk_iam_region: kafka
+            .auth
+            .as_ref()
+            .and_then(|a| a.msk_iam.as_ref())
+            .map(|m| m.region.clone()),
+        runtime: tokio::runtime::Handle::try_current().ok(),
+    };
+    Ok(config.create_with_context(context)?)
 }
 
 /// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
@@ -207,7 +253,7 @@ pub fn read(
 
 /// Like [`read`], with a consumer made by [`consumer`] (kept between polls to save connections).
 pub fn read_with(
-    consumer: &BaseConsumer,
+    consumer: &LagConsumer,
     kafka: &KafkaSource,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, LagError> {
@@ -276,6 +322,22 @@ mod tests {
             "a commit below retention counts from the oldest record"
         );
         assert_eq!(part(Some(100), 0, 100).lag(StartingOffset::Earliest), 0);
+    }
+
+    #[tokio::test]
+    async fn msk_iam_sources_get_an_oauthbearer_client() {
+        let source: KafkaSource = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["b-1.msk.eu-west-1.amazonaws.com:9098"],
+            "topics": ["t"],
+            "auth": {"mskIam": {"region": "eu-west-1"}},
+        }))
+        .unwrap();
+        let consumer = consumer(&source, "g", &KafkaCredentials::default()).unwrap();
+        assert_eq!(
+            consumer.context().msk_iam_region.as_deref(),
+            Some("eu-west-1")
+        );
+        assert!(consumer.context().runtime.is_some());
     }
 
     #[test]

@@ -6,10 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use rdkafka::consumer::BaseConsumer;
 use vectorpipe_crds::v1alpha1::KafkaSource;
 
-use super::lag::{self, KafkaCredentials, PartitionLag};
+use super::lag::{self, KafkaCredentials, LagConsumer, PartitionLag};
 use super::promql;
 
 /// A read's result; the error says what failed and what to check.
@@ -34,7 +33,7 @@ const IDLE_CLIENT: Duration = Duration::from_secs(600);
 
 /// Brokers, group and a hash of the credentials (a rotated Secret gets a new client).
 type ConsumerKey = (Vec<String>, String, u64);
-type Consumers = HashMap<ConsumerKey, (Arc<BaseConsumer>, Instant)>;
+type Consumers = HashMap<ConsumerKey, (Arc<LagConsumer>, Instant)>;
 
 /// The real readers: rdkafka against the pipeline's brokers, HTTP against Prometheus. Clients are
 /// kept between polls (one Kafka client per brokers and group, one HTTP client per server).
@@ -62,7 +61,7 @@ impl LiveReaders {
         source: &KafkaSource,
         group: &str,
         credentials: &KafkaCredentials,
-    ) -> Result<Arc<BaseConsumer>, String> {
+    ) -> Result<Arc<LagConsumer>, String> {
         let key = Self::key(source, group, credentials);
         let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
         consumers.retain(|_, (_, used)| used.elapsed() < IDLE_CLIENT);
