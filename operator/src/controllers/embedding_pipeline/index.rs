@@ -16,6 +16,8 @@ use super::status::Problem;
 
 /// How long one answer is trusted (per pipeline generation).
 const TTL: Duration = Duration::from_secs(30);
+/// How long a failed check is trusted.
+const UNCHECKED_TTL: Duration = Duration::from_secs(300);
 /// How long the operator waits for OpenSearch.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,13 +43,20 @@ impl Cache {
     fn get(&self, key: &str, generation: Option<i64>) -> Option<Finding> {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key)
-            .filter(|(g, at, _)| *g == generation && at.elapsed() < TTL)
+            .filter(|(g, at, finding)| {
+                // An unreachable cluster is asked again less often: the worker reports it too.
+                let ttl = match finding {
+                    Finding::Unchecked(_) => UNCHECKED_TTL,
+                    _ => TTL,
+                };
+                *g == generation && at.elapsed() < ttl
+            })
             .map(|(_, _, f)| f.clone())
     }
 
     fn put(&self, key: String, generation: Option<i64>, finding: Finding) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (_, at, _)| at.elapsed() < TTL * 10);
+        map.retain(|_, (_, at, _)| at.elapsed() < UNCHECKED_TTL * 2);
         map.insert(key, (generation, Instant::now(), finding));
     }
 }
@@ -71,6 +80,20 @@ async fn secret_value(
     }))
 }
 
+fn shared_client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// A request to the pipeline's first OpenSearch endpoint at `path`, with the CA and basic
 /// credentials from the Secrets the spec names. Err says why it cannot be made.
 async fn request(
@@ -86,16 +109,23 @@ async fn request(
     }
     let endpoint = sink.endpoints.first().ok_or("no endpoint")?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let mut http = reqwest::Client::builder().timeout(TIMEOUT);
-    if let Some(ca) = sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        let pem = secret_value(&secrets, &ca.name, &ca.key)
-            .await?
-            .ok_or_else(|| format!("Secret {} has no key {}", ca.name, ca.key))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("the CA in Secret {}: {e}", ca.name))?;
-        http = http.add_root_certificate(cert);
-    }
-    let http = http.build().map_err(|e| e.to_string())?;
+    let http = match sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        Some(ca) => {
+            let pem = secret_value(&secrets, &ca.name, &ca.key)
+                .await?
+                .ok_or_else(|| format!("Secret {} has no key {}", ca.name, ca.key))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("the CA in Secret {}: {e}", ca.name))?;
+            reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .add_root_certificate(cert)
+                .build()
+                .map_err(|e| e.to_string())?
+        }
+        // One client for every pipeline that trusts the system roots: building a TLS client
+        // per reconcile costs CPU and memory at thousands of pipelines.
+        None => shared_client()?.clone(),
+    };
     let url = format!("{}/{path}", endpoint.trim_end_matches('/'));
     let mut request = http.request(method, url);
     if let Some(basic) = sink.auth.as_ref().and_then(|a| a.basic.as_ref()) {
