@@ -207,10 +207,12 @@ async fn lag_scales_out_to_the_partitions_and_back_in(client: &kube::Client) -> 
         "never more workers than partitions"
     );
 
-    let policy = Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
-        .get("lag")
-        .await?;
-    let mut history = policy.status.context("status")?.history;
+    // The status (with the last history entry) is written right after the scale itself.
+    let mut history = wait_policy(client, &ns.name, "lag", "the scale-in to 1 recorded", |p| {
+        let history = p.status.as_ref()?.history.clone();
+        (history.first()?.to_replicas == 1).then_some(history)
+    })
+    .await?;
     history.reverse(); // oldest first
     // Scale-outs up to the 4 partitions, then scale-ins one worker at a time, each only after
     // the backlog was consumed and after the cooldown since the previous change.
