@@ -573,3 +573,58 @@ async fn opensearch_requests_are_signed_with_sigv4() -> Result<()> {
     assert!(worker.stop()?.success());
     Ok(())
 }
+
+/// `/readyz` turns ready once a worker has joined its group, also with nothing to read: with
+/// more workers than partitions the spare ones are ready too (else rollouts of such a pipeline
+/// would never finish).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_worker_is_ready_once_it_joined_even_without_partitions() -> Result<()> {
+    let setup = Setup::new("e2e-ready").await?;
+    let workers: Vec<Worker> = (0..PARTITIONS + 1)
+        .map(|i| setup.start_worker(&format!("worker-{i}")))
+        .collect::<Result<_>>()?;
+    for worker in &workers {
+        let url = format!("http://{}/readyz", worker.metrics);
+        eventually(&format!("{url} ready"), Duration::from_secs(90), || {
+            let url = url.clone();
+            async move {
+                Ok(reqwest::get(&url)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            }
+        })
+        .await?;
+    }
+    for worker in workers {
+        assert!(worker.stop()?.success());
+    }
+
+    // A worker whose brokers do not answer never joins: alive, but not ready.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    pipeline["spec"]["source"]["kafka"]["bootstrapServers"] = json!([closed.to_string()]);
+    let lonely = setup.dir.join("lonely.yaml");
+    std::fs::write(&lonely, serde_yaml::to_string(&pipeline)?)?;
+    let mut worker = Worker::start(&lonely, &setup.dir.join("lonely.log"))?;
+    let health = format!("http://{}/healthz", worker.metrics);
+    eventually("the lonely worker alive", Duration::from_secs(60), || {
+        let health = health.clone();
+        async move {
+            Ok(reqwest::get(&health)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    for _ in 0..10 {
+        let ready = reqwest::get(format!("http://{}/readyz", worker.metrics)).await?;
+        assert_eq!(ready.status().as_u16(), 503, "ready without a group");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    worker.assert_running()?;
+    Ok(())
+}

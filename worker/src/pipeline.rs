@@ -210,6 +210,7 @@ pub async fn run<E: Embedder>(
         metrics: metrics.clone(),
         assigned: assigned.clone(),
         msk_iam_region: source::msk_iam_region(kafka),
+        ready: ready.clone(),
     };
     let consumer: Arc<StreamConsumer<Context>> =
         Arc::new(source::consumer_config(kafka, &options.group_id)?.create_with_context(context)?);
@@ -271,7 +272,8 @@ pub async fn run<E: Embedder>(
         stop_committer.clone(),
     ));
 
-    ready.store(true, Ordering::SeqCst);
+    // Ready once the group has assigned this worker its share (see source::Context); the sink
+    // was checked before the pipeline started.
     tokio::pin!(shutdown);
     loop {
         let message = tokio::select! {

@@ -202,6 +202,9 @@ pub struct Context {
     pub assigned: Arc<Mutex<Vec<Partition>>>,
     /// The MSK region, for MSK IAM tokens.
     pub msk_iam_region: Option<String>,
+    /// `/readyz`: set once the consumer has joined its group (its first assignment, which may
+    /// be empty when there are more workers than partitions), cleared when it stops.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
@@ -291,6 +294,7 @@ impl ConsumerContext for Context {
         if let Rebalance::Assign(tpl) = rebalance {
             let added = partitions_of(tpl);
             tracing::info!(?added, "partitions assigned");
+            self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
             self.assigned
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
