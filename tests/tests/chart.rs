@@ -288,7 +288,7 @@ async fn the_installed_chart_runs_the_operator_with_its_own_permissions() -> Res
     let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
     eventually(
         "Ready at 2 workers under the chart's ServiceAccount",
-        Duration::from_secs(90),
+        Duration::from_secs(150),
         || async {
             let ep = pipelines.get("posts").await?;
             let ready = ep

@@ -91,7 +91,7 @@ async fn an_index_of_another_dimension_is_reported_before_workers_start() -> Res
             ),
         )
         .await?;
-    eventually("Ready after the fix", Duration::from_secs(60), || async {
+    eventually("Ready after the fix", Duration::from_secs(150), || async {
         let ep = pipelines.get("posts").await?;
         Ok(condition(&ep, "Ready")
             .filter(|c| c.0 == "True")

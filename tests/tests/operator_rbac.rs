@@ -67,7 +67,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
         eventually(
             "Ready with the declared RBAC",
-            Duration::from_secs(60),
+            Duration::from_secs(150),
             || async {
                 let ep = pipelines.get("posts").await?;
                 let ready = ep
@@ -100,7 +100,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
             .await?;
         eventually(
             "2 workers set by the scaling controller",
-            Duration::from_secs(60),
+            Duration::from_secs(150),
             || async {
                 let ep = pipelines.get("posts").await?;
                 Ok((ep.spec.workers.replicas == 2
