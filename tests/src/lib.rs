@@ -78,22 +78,27 @@ pub mod k8s {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// Runs kubectl (v1.37, from the harness cache) against the harness cluster.
-    pub fn kubectl(args: &[&str]) -> Result<String> {
-        let kubectl = harness_var("VP_KUBECTL")?;
-        let out = Command::new(&kubectl)
-            .arg(format!("--kubeconfig={}", kubeconfig()?.display()))
+    /// Runs a harness tool and returns its stdout; a failure carries its stderr.
+    fn run(name: &str, command: &mut Command, args: &[&str]) -> Result<String> {
+        let out = command
             .args(args)
             .output()
-            .with_context(|| format!("running {kubectl}"))?;
+            .with_context(|| format!("running {name}"))?;
         if !out.status.success() {
             bail!(
-                "kubectl {} failed: {}",
+                "{name} {} failed: {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs kubectl (v1.37, from the harness cache) against the harness cluster.
+    pub fn kubectl(args: &[&str]) -> Result<String> {
+        let mut command = Command::new(harness_var("VP_KUBECTL")?);
+        command.arg(format!("--kubeconfig={}", kubeconfig()?.display()));
+        run("kubectl", &mut command, args)
     }
 
     /// Installs the CRDs from `crds/` and waits until they are served.
@@ -146,29 +151,40 @@ pub mod k8s {
 
     /// Runs the harness helm (v4) against the harness cluster and returns its stdout.
     pub fn helm(args: &[&str]) -> Result<String> {
-        let helm = harness_var("VP_HELM")?;
-        let out = Command::new(&helm)
-            .args(args)
+        let home = std::env::temp_dir().join("vp-helm");
+        let mut command = Command::new(harness_var("VP_HELM")?);
+        command
             .env("KUBECONFIG", kubeconfig()?)
-            .env(
-                "HELM_CACHE_HOME",
-                std::env::temp_dir().join("vp-helm/cache"),
-            )
-            .env(
-                "HELM_CONFIG_HOME",
-                std::env::temp_dir().join("vp-helm/config"),
-            )
-            .env("HELM_DATA_HOME", std::env::temp_dir().join("vp-helm/data"))
-            .output()
-            .with_context(|| format!("running {helm}"))?;
-        if !out.status.success() {
-            bail!(
-                "helm {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        run("helm", &mut command, args)
+    }
+
+    /// Creates ScalingPolicy `posts` on pipeline `posts` in `namespace` whose only metric reads a
+    /// Prometheus that does not answer, so the operator sets `fallbackReplicas: 2` through the
+    /// scale subresource (what the RBAC tests exercise).
+    pub async fn create_fallback_policy(client: &kube::Client, namespace: &str) -> Result<()> {
+        use kube::api::{Api, PostParams};
+        use vectorpipe_crds::v1alpha1::ScalingPolicy;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let policy: ScalingPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "ScalingPolicy",
+            "metadata": {"name": "posts"},
+            "spec": {
+                "targetRef": {"name": "posts"},
+                "maxReplicas": 3,
+                "fallbackReplicas": 2,
+                "pollInterval": "1s",
+                "prometheus": {"address": format!("http://{closed}")},
+                "metrics": [{"prometheus": {"query": "vector(1)"}, "scaleOutThreshold": 5}]
+            }
+        }))?;
+        Api::<ScalingPolicy>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &policy)
+            .await?;
+        Ok(())
     }
 
     /// Creates a namespace for one test; it is removed when the guard is dropped.

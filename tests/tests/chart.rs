@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::{Value, json};
-use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::k8s::{self, helm, kubectl};
 use vectorpipe_tests::operator::Operator;
 use vectorpipe_tests::{eventually, repo_root, unique_name};
@@ -268,23 +267,7 @@ async fn the_installed_chart_runs_the_operator_with_its_own_permissions() -> Res
     let client = k8s::client().await?;
     let example = repo_root().join("examples/pipelines/minimal.yaml");
     kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let policy: ScalingPolicy = serde_json::from_value(json!({
-        "apiVersion": "vectorpipe.io/v1alpha1",
-        "kind": "ScalingPolicy",
-        "metadata": {"name": "posts"},
-        "spec": {
-            "targetRef": {"name": "posts"},
-            "maxReplicas": 3,
-            "fallbackReplicas": 2,
-            "pollInterval": "1s",
-            "prometheus": {"address": format!("http://{closed}")},
-            "metrics": [{"prometheus": {"query": "vector(1)"}, "scaleOutThreshold": 5}]
-        }
-    }))?;
-    Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &policy)
-        .await?;
+    k8s::create_fallback_policy(&client, &ns.name).await?;
     let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
     eventually(
         "Ready at 2 workers under the chart's ServiceAccount",

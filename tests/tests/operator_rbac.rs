@@ -6,8 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use kube::api::PostParams;
-use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
+use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::k8s::{self, kubectl};
 use vectorpipe_tests::operator::Operator;
 use vectorpipe_tests::{eventually, repo_root, unique_name};
@@ -81,23 +80,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         .await?;
         // The scaling controller too: a policy with unreadable metrics sets its fallback count
         // through the scale subresource, writes both statuses and publishes events.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let policy: ScalingPolicy = serde_json::from_value(serde_json::json!({
-            "apiVersion": "vectorpipe.io/v1alpha1",
-            "kind": "ScalingPolicy",
-            "metadata": {"name": "posts"},
-            "spec": {
-                "targetRef": {"name": "posts"},
-                "maxReplicas": 3,
-                "fallbackReplicas": 2,
-                "pollInterval": "1s",
-                "prometheus": {"address": format!("http://{closed}")},
-                "metrics": [{"prometheus": {"query": "vector(1)"}, "scaleOutThreshold": 5}]
-            }
-        }))?;
-        Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
-            .create(&PostParams::default(), &policy)
-            .await?;
+        k8s::create_fallback_policy(&client, &ns.name).await?;
         eventually(
             "2 workers set by the scaling controller",
             Duration::from_secs(150),

@@ -26,10 +26,15 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 /// The minimal example pipeline, pointed at `topic` on the harness broker.
 async fn create_pipeline(client: &kube::Client, ns: &str, topic: &str) -> Result<()> {
+    let source = json!({"bootstrapServers": [kafka::bootstrap()?], "topics": [topic]});
+    create_pipeline_from(client, ns, source).await
+}
+
+/// The minimal example pipeline `posts` with the given `spec.source.kafka`.
+async fn create_pipeline_from(client: &kube::Client, ns: &str, source: Value) -> Result<()> {
     let text = std::fs::read_to_string(repo_root().join("examples/pipelines/minimal.yaml"))?;
     let mut value: Value = serde_yaml::from_str(&text)?;
-    value["spec"]["source"]["kafka"]["bootstrapServers"] = json!([kafka::bootstrap()?]);
-    value["spec"]["source"]["kafka"]["topics"] = json!([topic]);
+    value["spec"]["source"]["kafka"] = source;
     let pipeline: EmbeddingPipeline = serde_json::from_value(value)?;
     Api::<EmbeddingPipeline>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pipeline)
@@ -453,17 +458,12 @@ async fn lag_through_scram_scales_out(client: &kube::Client) -> Result<()> {
         &format!("--from-literal=username={user}"),
         &format!("--from-literal=password={password}"),
     ])?;
-    let text = std::fs::read_to_string(repo_root().join("examples/pipelines/minimal.yaml"))?;
-    let mut value: Value = serde_yaml::from_str(&text)?;
-    value["spec"]["source"]["kafka"] = json!({
+    let source = json!({
         "bootstrapServers": [vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?],
         "topics": [topic],
         "auth": {"scram": {"mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false}}
     });
-    let pipeline: EmbeddingPipeline = serde_json::from_value(value)?;
-    Api::<EmbeddingPipeline>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &pipeline)
-        .await?;
+    create_pipeline_from(client, &ns.name, source).await?;
     create_policy(
         client,
         &ns.name,

@@ -574,6 +574,22 @@ async fn opensearch_requests_are_signed_with_sigv4() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `url` answers 2xx.
+async fn answers_ok(url: &str, limit_secs: u64) -> Result<()> {
+    eventually(
+        &format!("{url} answering OK"),
+        Duration::from_secs(limit_secs),
+        || async {
+            Ok(reqwest::get(url)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        },
+    )
+    .await
+}
+
 /// `/readyz` turns ready once a worker has joined its group, also with nothing to read: with
 /// more workers than partitions the spare ones are ready too (else rollouts of such a pipeline
 /// would never finish).
@@ -584,18 +600,7 @@ async fn every_worker_is_ready_once_it_joined_even_without_partitions() -> Resul
         .map(|i| setup.start_worker(&format!("worker-{i}")))
         .collect::<Result<_>>()?;
     for worker in &workers {
-        let url = format!("http://{}/readyz", worker.metrics);
-        eventually(&format!("{url} ready"), Duration::from_secs(90), || {
-            let url = url.clone();
-            async move {
-                Ok(reqwest::get(&url)
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ()))
-            }
-        })
-        .await?;
+        answers_ok(&format!("http://{}/readyz", worker.metrics), 90).await?;
     }
     for worker in workers {
         assert!(worker.stop()?.success());
@@ -608,18 +613,7 @@ async fn every_worker_is_ready_once_it_joined_even_without_partitions() -> Resul
     let lonely = setup.dir.join("lonely.yaml");
     std::fs::write(&lonely, serde_yaml::to_string(&pipeline)?)?;
     let mut worker = Worker::start(&lonely, &setup.dir.join("lonely.log"))?;
-    let health = format!("http://{}/healthz", worker.metrics);
-    eventually("the lonely worker alive", Duration::from_secs(60), || {
-        let health = health.clone();
-        async move {
-            Ok(reqwest::get(&health)
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ()))
-        }
-    })
-    .await?;
+    answers_ok(&format!("http://{}/healthz", worker.metrics), 60).await?;
     for _ in 0..10 {
         let ready = reqwest::get(format!("http://{}/readyz", worker.metrics)).await?;
         assert_eq!(ready.status().as_u16(), 503, "ready without a group");
