@@ -20,6 +20,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
+use vectorpipe_crds::v1alpha1::conditions::{READY, find_condition};
 use vectorpipe_crds::validate;
 
 use crate::context::Context;
@@ -178,6 +179,7 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         .map_err(kerr("reading the Deployment"))?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let new_status = status::compute(pipeline, problem.as_ref(), deployment.as_ref(), &now);
+    let ready_now = find_condition(&new_status.conditions, READY).filter(|c| c.status == "True");
     if pipeline.status.as_ref() != Some(&new_status) {
         let api: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &namespace);
         // consumerLag and lastScaleTime belong to the scaling controller: left out of this
@@ -232,14 +234,8 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         let ready_before = pipeline
             .status
             .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .map(|c| c.status == "True")
-            .unwrap_or(false);
-        let ready_now = new_status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .filter(|c| c.status == "True");
+            .and_then(|s| find_condition(&s.conditions, READY))
+            .is_some_and(|c| c.status == "True");
         if let Some(ready) = ready_now
             && !ready_before
         {
@@ -254,10 +250,6 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         }
     }
     ctx.reset_backoff(&format!("{namespace}/{name}"));
-    let ready = new_status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match problem {
         Some(Problem {
             reason: "InvalidSpec",
@@ -265,7 +257,7 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         }) => Action::await_change(),
         Some(_) => Action::requeue(SECRET_RECHECK),
         // Deployment events drive a rollout; a look every few seconds covers a missed one.
-        None if !ready && !pipeline.spec.suspend => Action::requeue(PROGRESS_RECHECK),
+        None if ready_now.is_none() && !pipeline.spec.suspend => Action::requeue(PROGRESS_RECHECK),
         None => Action::requeue(RESYNC),
     })
 }

@@ -25,7 +25,10 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
-use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingMode, ScalingPolicy};
+use vectorpipe_crds::v1alpha1::conditions::{ABLE_TO_SCALE, ACTIVE, find_condition};
+use vectorpipe_crds::v1alpha1::{
+    EmbeddingPipeline, ScalingMode, ScalingPolicy, ScalingPolicyStatus,
+};
 use vectorpipe_crds::validate;
 
 use crate::context::Context;
@@ -599,16 +602,7 @@ async fn poll(
         limit: limit.map(|l| (l.as_str().to_owned(), limit_text(l, desired, &inputs))),
         cooling_down,
     };
-    let was_able = policy
-        .status
-        .as_ref()
-        .and_then(|s| {
-            vectorpipe_crds::v1alpha1::conditions::find_condition(
-                &s.conditions,
-                vectorpipe_crds::v1alpha1::conditions::ABLE_TO_SCALE,
-            )
-        })
-        .map(|c| c.reason.clone());
+    let was_able = condition_reason(policy, ABLE_TO_SCALE);
     if let Some(error) = &metrics_error
         && was_able.as_deref() != Some("MetricsUnavailable")
     {
@@ -623,56 +617,53 @@ async fn poll(
             )
             .await;
     }
-    if dry_run && desired != current {
-        let new = !policy
-            .status
-            .as_ref()
-            .and_then(|s| s.history.first())
-            .is_some_and(|h| {
-                h.from_replicas == current && h.to_replicas == desired && h.reason == outcome.reason
-            });
-        if new {
-            ctx.base
-                .publish(
-                    policy.object_ref(&()),
-                    EventType::Normal,
-                    "WouldScale",
-                    "Scale",
-                    &format!(
-                        "dry run: would scale EmbeddingPipeline {target} from {current} to {desired} workers: {}",
-                        outcome.message
-                    ),
-                )
-                .await;
-        }
+    let message = outcome.message.clone();
+    let written = write_status(ctx, policy, &Judgement::Judged(outcome), time).await?;
+    // status::compute adds a dry-run decision to the history once per distinct would-be change;
+    // the event follows the history.
+    let recorded =
+        written.history.first() != policy.status.as_ref().and_then(|s| s.history.first());
+    if dry_run && recorded {
+        ctx.base
+            .publish(
+                policy.object_ref(&()),
+                EventType::Normal,
+                "WouldScale",
+                "Scale",
+                &format!(
+                    "dry run: would scale EmbeddingPipeline {target} from {current} to {desired} workers: {message}"
+                ),
+            )
+            .await;
     }
-    write_status(ctx, policy, &Judgement::Judged(outcome), time).await
+    Ok(())
 }
 
+/// The reason of a condition of the policy's current status.
+fn condition_reason(policy: &ScalingPolicy, type_: &str) -> Option<String> {
+    policy
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, type_))
+        .map(|c| c.reason.clone())
+}
+
+/// Writes the status `judgement` gives (only when it changed) and returns it.
 async fn write_status(
     ctx: &ScalingContext,
     policy: &ScalingPolicy,
     judgement: &Judgement,
     time: &Time,
-) -> Result<(), Error> {
+) -> Result<ScalingPolicyStatus, Error> {
     let new_status = status::compute(policy, judgement, time);
     if policy.status.as_ref() == Some(&new_status) {
-        return Ok(());
+        return Ok(new_status);
     }
     let api: Api<ScalingPolicy> = Api::namespaced(
         ctx.base.client.clone(),
         &policy.namespace().unwrap_or_default(),
     );
-    let was = policy
-        .status
-        .as_ref()
-        .and_then(|s| {
-            vectorpipe_crds::v1alpha1::conditions::find_condition(
-                &s.conditions,
-                vectorpipe_crds::v1alpha1::conditions::ACTIVE,
-            )
-        })
-        .map(|c| c.reason.clone());
+    let was = condition_reason(policy, ACTIVE);
     api.patch_status(
         &policy.name_any(),
         &PatchParams::default(),
@@ -693,7 +684,7 @@ async fn write_status(
             )
             .await;
     }
-    Ok(())
+    Ok(new_status)
 }
 
 /// Transient failures: retried with per-object exponential backoff.
