@@ -127,13 +127,17 @@ KC
     "https://127.0.0.1:$api_port/readyz"
 
   log "k8s: starting kube-controller-manager, kube-scheduler and kwok"
+  # kwok's fake node sends heartbeats only now and then; with the default grace period a loaded
+  # machine let the node lifecycle controller take the node for NotReady and flip every pod on it
+  # to not ready (kwok never sets them ready again), so Deployments stopped being available. The
+  # controller stays on (it removes the node's initial not-ready taint) with a long grace period.
   start kube-controller-manager "$bins/kube-controller-manager" \
     --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
     --authorization-kubeconfig="$dir/kubeconfig" \
     --bind-address=127.0.0.1 --secure-port="$kcm_port" --leader-elect=false \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --use-service-account-credentials=false \
-    --controllers='*,-nodeipam' \
+    --controllers='*,-node-ipam-controller' --node-monitor-grace-period=1h \
     --concurrent-deployment-syncs=10 --v=0
   start kube-scheduler "$bins/kube-scheduler" --kubeconfig="$dir/kubeconfig" \
     --authentication-kubeconfig="$dir/kubeconfig" --authorization-kubeconfig="$dir/kubeconfig" \
