@@ -36,6 +36,10 @@ for tool in cargo go java mvn python3; do
   command -v "$tool" >/dev/null || { log "$tool is required and not installed"; exit 1; }
 done
 
+step "the laptop mode's local model"
+VECTORPIPE_MODEL_DIR="$(VECTORPIPE_CACHE="$VP_CACHE" examples/laptop/install-model.sh)"
+export VECTORPIPE_MODEL_DIR
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"

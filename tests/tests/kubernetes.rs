@@ -70,13 +70,13 @@ async fn every_example_applies_cleanly() -> Result<()> {
     k8s::install_crds()?;
     let ns = k8s::namespace("examples")?;
     let examples = repo_root().join("examples");
-    for dir in ["pipelines", "scaling"] {
+    for dir in ["pipelines", "scaling", "laptop/pipeline.yaml"] {
         let path = examples.join(dir);
         let out = kubectl(&["apply", "-n", &ns.name, "-f", &path.to_string_lossy()])?;
         assert!(out.contains("created"), "{out}");
     }
     let listed = kubectl(&["get", "vp,sp", "-n", &ns.name, "-o", "name"])?;
-    assert_eq!(listed.lines().count(), 8, "{listed}");
+    assert_eq!(listed.lines().count(), 9, "{listed}");
     Ok(())
 }
 

@@ -1,12 +1,14 @@
 //! `vectorpipe-worker`: the data plane of one EmbeddingPipeline.
 //!
 //! `run` consumes the pipeline's Kafka topics, embeds the records with Bedrock and indexes them
-//! into OpenSearch; `check` reads and checks a pipeline file without connecting anywhere.
+//! into OpenSearch; `check` reads and checks a pipeline file without connecting anywhere;
+//! `local` and `search` are the laptop mode (a JSONL file, a local model, an embedded store).
 
 mod chunk;
 mod config;
 mod embed;
 mod http;
+mod local;
 mod metrics;
 mod offsets;
 mod pipeline;
@@ -61,6 +63,169 @@ enum Command {
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
     },
+    /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
+    Local {
+        /// The pipeline whose transform and chunking apply. Default: examples/laptop/pipeline.yaml
+        /// (built in).
+        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
+        pipeline: Option<PathBuf>,
+        /// The JSONL file, one record per line; `-` for stdin.
+        #[arg(long, default_value = "-")]
+        input: PathBuf,
+        #[command(flatten)]
+        laptop: LaptopArgs,
+    },
+    /// Search the laptop mode's store: prints the nearest documents with their scores.
+    Search {
+        /// The question or text to search for.
+        query: String,
+        /// How many documents to print.
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+        #[command(flatten)]
+        laptop: LaptopArgs,
+    },
+}
+
+/// Settings of the laptop mode.
+#[derive(clap::Args, Debug)]
+struct LaptopArgs {
+    /// The store directory (created when missing).
+    #[arg(long, env = "VECTORPIPE_STORE", default_value = ".vectorpipe/store")]
+    store: PathBuf,
+    /// The model directory (config.json, tokenizer.json, model.safetensors). Default: where
+    /// examples/laptop/install-model.sh puts all-MiniLM-L6-v2.
+    #[arg(long, env = "VECTORPIPE_MODEL_DIR")]
+    model: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LaptopArgs {
+    fn open(&self) -> anyhow::Result<(local::model::LocalModel, local::store::Store)> {
+        let dir = self.model.clone().unwrap_or_else(local::default_model_dir);
+        let model = local::model::LocalModel::load(&dir)?;
+        let store = local::store::Store::open(&self.store, model.name(), model.dimensions())?;
+        Ok((model, store))
+    }
+}
+
+fn laptop_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn local_ingest(
+    pipeline: Option<PathBuf>,
+    input: PathBuf,
+    laptop: LaptopArgs,
+) -> anyhow::Result<()> {
+    let spec = match &pipeline {
+        Some(path) => config::load(path)?,
+        None => config::parse(
+            local::DEFAULT_PIPELINE,
+            std::path::Path::new("examples/laptop/pipeline.yaml"),
+        )?,
+    };
+    let (model, mut store) = laptop.open()?;
+    let started = std::time::Instant::now();
+    let (summary, source) = if input.as_os_str() == "-" {
+        let stdin = std::io::stdin().lock();
+        let summary =
+            local::ingest(&spec, stdin, "stdin", &model, &mut store, &laptop.store).await?;
+        (summary, "stdin".to_owned())
+    } else {
+        let file = std::fs::File::open(&input)
+            .map_err(|e| anyhow::anyhow!("cannot open --input {}: {e}", input.display()))?;
+        let name = input
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "input".to_owned());
+        let reader = std::io::BufReader::new(file);
+        let summary =
+            local::ingest(&spec, reader, &name, &model, &mut store, &laptop.store).await?;
+        (summary, input.display().to_string())
+    };
+    if laptop.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "{source}: {} records → {} documents embedded with {} into {} in {:.1} s \
+             ({} unchanged, {} skipped, {} left-over chunks deleted, {} dead-lettered{}); \
+             {} documents in the store",
+            summary.records,
+            summary.indexed,
+            model.name(),
+            laptop.store.display(),
+            started.elapsed().as_secs_f64(),
+            summary.unchanged,
+            summary.skipped,
+            summary.deleted,
+            summary.dead_lettered,
+            if summary.dead_lettered > 0 {
+                format!(
+                    ", see {}",
+                    laptop.store.join("dead-letters.jsonl").display()
+                )
+            } else {
+                String::new()
+            },
+            summary.stored,
+        );
+    }
+    Ok(())
+}
+
+async fn local_search(query: String, k: usize, laptop: LaptopArgs) -> anyhow::Result<()> {
+    use embed::Embedder;
+    let (model, store) = laptop.open()?;
+    if store.is_empty() {
+        anyhow::bail!(
+            "the store {} is empty; index something first with `vectorpipe-worker local --input FILE`",
+            laptop.store.display()
+        );
+    }
+    let query_vector = model
+        .embed(vec![query])
+        .await?
+        .pop()
+        .map(|e| e.vector)
+        .unwrap_or_default();
+    let hits = store.search(&query_vector, k)?;
+    if laptop.json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+        return Ok(());
+    }
+    for (rank, hit) in hits.iter().enumerate() {
+        let fields: Vec<String> = hit
+            .metadata
+            .iter()
+            .filter(|(name, _)| name.as_str() != "title")
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => format!("{name}={s}"),
+                other => format!("{name}={other}"),
+            })
+            .collect();
+        let text: String = hit.text.chars().take(160).collect();
+        let ellipsis = if hit.text.chars().count() > 160 {
+            "…"
+        } else {
+            ""
+        };
+        println!(
+            "{:>2}. {:.3}  {}  [{}]\n    {text}{ellipsis}",
+            rank + 1,
+            hit.score,
+            hit.id,
+            fields.join(", ")
+        );
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -186,8 +351,41 @@ async fn run(
     Ok(())
 }
 
+/// Runs a laptop-mode command on a small runtime and reports its error.
+fn laptop(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    laptop_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vectorpipe-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Local {
+            pipeline,
+            input,
+            laptop: args,
+        } => laptop(local_ingest(pipeline, input, args)),
+        Command::Search {
+            query,
+            k,
+            laptop: args,
+        } => laptop(local_search(query, k, args)),
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {
                 println!(

@@ -1,0 +1,222 @@
+//! The laptop mode end to end: `vectorpipe-worker local` indexes the sample posts with the real
+//! local model (all-MiniLM-L6-v2, installed by tests/run-all.sh) into the embedded store, and
+//! `vectorpipe-worker search` finds posts about what a question is about.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use vectorpipe_tests::worker::binary;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+}
+
+/// Runs the worker with `args`; fails with its stderr when it fails.
+fn worker(args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+    let mut child = Command::new(binary("vectorpipe-worker")?)
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().context("stdin")?.write_all(input)?;
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "vectorpipe-worker {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+fn summary(output: &Output) -> Result<Value> {
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "not a JSON summary: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn search(store: &str, query: &str, k: usize) -> Result<Vec<Value>> {
+    let output = worker(
+        &[
+            "search",
+            query,
+            "-k",
+            &k.to_string(),
+            "--store",
+            store,
+            "--json",
+        ],
+        None,
+    )?;
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[test]
+fn the_sample_posts_are_indexed_and_questions_find_posts_on_their_topic() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store = store.to_str().context("path")?;
+    let first = summary(&worker(
+        &[
+            "local",
+            "--input",
+            "examples/laptop/posts.jsonl",
+            "--store",
+            store,
+            "--json",
+        ],
+        None,
+    )?)?;
+    assert_eq!(first["records"], 300, "{first}");
+    assert_eq!(first["indexed"], 300, "{first}");
+    assert_eq!(first["stored"], 300, "{first}");
+    assert_eq!(first["dead_lettered"], 0, "{first}");
+
+    // Questions in other words than the posts: the three nearest posts share the topic.
+    for (question, topic) in [
+        ("bread dough that stays heavy and does not rise", "baking"),
+        ("rebalancing partitions between consumers", "kafka"),
+        ("looking at planets through a telescope", "astronomy"),
+        ("my young dog destroys the sofa", "dogs"),
+        ("saving money and paying off debt", "finance"),
+        ("sore feet and blisters on a mountain trail", "hiking"),
+        ("grinding beans for a better espresso", "coffee"),
+        ("fixing the gears on my bicycle", "cycling"),
+    ] {
+        let hits = search(store, question, 3)?;
+        ensure!(hits.len() == 3, "{question}: {hits:?}");
+        let topics: Vec<&str> = hits
+            .iter()
+            .map(|h| h["metadata"]["topic"].as_str().unwrap_or_default())
+            .collect();
+        ensure!(
+            topics.iter().all(|t| *t == topic),
+            "{question:?} should find {topic} posts, found {topics:?}: {hits:#?}"
+        );
+        let scores: Vec<f64> = hits.iter().filter_map(|h| h["score"].as_f64()).collect();
+        ensure!(
+            scores.windows(2).all(|w| w[0] >= w[1]) && scores[0] > 0.3,
+            "{question}: scores {scores:?}"
+        );
+    }
+
+    // Running again embeds nothing: every document is stored with the same content.
+    let again = summary(&worker(
+        &[
+            "local",
+            "--input",
+            "examples/laptop/posts.jsonl",
+            "--store",
+            store,
+            "--json",
+        ],
+        None,
+    )?)?;
+    assert_eq!(again["indexed"], 0, "{again}");
+    assert_eq!(again["unchanged"], 300, "{again}");
+    assert_eq!(again["stored"], 300, "{again}");
+    Ok(())
+}
+
+#[test]
+fn bad_lines_go_to_the_dead_letter_file_and_good_ones_around_them_are_indexed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().context("path")?;
+    let long_text = "The harbour crane lifts containers all night long. ".repeat(60);
+    let mut input = Vec::new();
+    input.extend_from_slice(br#"{"id": "good-1", "topic": "t", "title": "x", "author": "a", "created": "2026-01-01T00:00:00Z", "text": "Ships unload containers at the harbour."}"#);
+    input.extend_from_slice(b"\n{not json\n");
+    input.extend_from_slice(b"{\"id\": \"latin1\", \"text\": \"caf\xe9\"}\n");
+    input.extend_from_slice(br#"{"id": "no-text", "topic": "t", "title": "x", "author": "a", "created": "2026-01-01T00:00:00Z"}"#);
+    input.extend_from_slice(b"\n[1, 2, 3]\n\n");
+    input.extend_from_slice(
+        serde_json::json!({"id": "long", "topic": "t", "title": "x", "author": "a",
+            "created": "2026-01-01T00:00:00Z", "text": long_text})
+        .to_string()
+        .as_bytes(),
+    );
+    input.extend_from_slice(b"\n");
+    input.extend_from_slice(br#"{"id": "good-2", "topic": "t", "title": "x", "author": "a", "created": "2026-01-01T00:00:00Z", "text": "Cranes at the port work through the night."}"#);
+    input.push(b'\n');
+
+    let run = summary(&worker(
+        &["local", "--store", store_arg, "--json"],
+        Some(&input),
+    )?)?;
+    assert_eq!(run["records"], 7, "blank lines are not records: {run}");
+    assert_eq!(run["dead_lettered"], 4, "{run}");
+    let chunks = run["stored"].as_u64().unwrap_or_default() - 2;
+    assert!(
+        chunks >= 3,
+        "the long record is split into chunks of at most 800 characters: {run}"
+    );
+
+    let dead: Vec<Value> = std::fs::read_to_string(store.join("dead-letters.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let reasons: Vec<(u64, &str)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["line"].as_u64().unwrap_or_default(),
+                d["reason"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (2, "parse"),
+            (3, "parse"),
+            (4, "missing-field"),
+            (5, "parse")
+        ]
+    );
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not valid JSON"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0]["record"], "{not json");
+
+    let hits = search(store_arg, "containers in a port at night", 3)?;
+    let ids: Vec<&str> = hits.iter().filter_map(|h| h["id"].as_str()).collect();
+    assert!(
+        ids.contains(&"good-1") && ids.contains(&"good-2"),
+        "{ids:?}"
+    );
+
+    // The long record shrinks to one chunk: its left-over chunks are removed.
+    let shrunk = serde_json::json!({"id": "long", "topic": "t", "title": "x", "author": "a",
+        "created": "2026-01-01T00:00:00Z", "text": "A short text now."})
+    .to_string();
+    let run = summary(&worker(
+        &["local", "--store", store_arg, "--json"],
+        Some(shrunk.as_bytes()),
+    )?)?;
+    assert_eq!(
+        run["deleted"].as_u64(),
+        Some(chunks),
+        "every chunk id is gone: {run}"
+    );
+    assert_eq!(run["stored"], 3, "{run}");
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The local embedding model of the laptop mode: a sentence-transformers BERT model
+//! (all-MiniLM-L6-v2) run on the CPU with candle, mean-pooled and L2-normalised.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::embed::{EmbedError, Embedded, Embedder};
+
+/// Word pieces the model reads per text; longer texts are truncated (chunk them in the spec).
+pub const MAX_TOKENS: usize = 256;
+/// Texts per forward pass.
+const BATCH_SIZE: usize = 32;
+
+/// Why the model cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file of the model is missing or unreadable.
+    #[error(
+        "cannot read {path}: {source}; install the model with examples/laptop/install-model.sh \
+         or point --model (VECTORPIPE_MODEL_DIR) at a directory with config.json, \
+         tokenizer.json and model.safetensors"
+    )]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The files are there but do not make a BERT model.
+    #[error("{path} is not a usable BERT sentence model: {message}")]
+    Invalid {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+struct Inner {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    dimensions: usize,
+}
+
+/// A BERT sentence model loaded from a directory.
+#[derive(Clone)]
+pub struct LocalModel {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl LocalModel {
+    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let invalid = |path: &Path, message: String| ModelError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config_path = dir.join("config.json");
+        let config: Config = serde_json::from_slice(&read(&config_path)?)
+            .map_err(|e| invalid(&config_path, e.to_string()))?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_bytes(read(&tokenizer_path)?)
+            .map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
+        // The packaged tokenizer pads and truncates every text to 128 pieces: batches are padded
+        // here to their longest text instead, and texts are cut at the model's 256.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS,
+                ..Default::default()
+            }))
+            .map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
+        let weights_path = dir.join("model.safetensors");
+        let weights = read(&weights_path)?;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
+            .map_err(|e| invalid(&weights_path, e.to_string()))?;
+        let model =
+            BertModel::load(vb, &config).map_err(|e| invalid(&weights_path, e.to_string()))?;
+        let name = dir
+            .ancestors()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .find(|n| n != "model")
+            .unwrap_or_else(|| "local".to_owned());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                model,
+                tokenizer,
+                dimensions: config.hidden_size,
+            }),
+            name,
+        })
+    }
+
+    /// The vector length.
+    pub fn dimensions(&self) -> usize {
+        self.inner.dimensions
+    }
+
+    /// A name for the model (its directory), recorded in the store.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Embeds texts synchronously (CPU-bound: call it off the async runtime).
+    pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Embedded>, String> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = &*self.inner;
+        let encodings = inner
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| format!("tokenizing: {e}"))?;
+        let width = encodings
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(texts.len() * width);
+        let mut mask = Vec::with_capacity(texts.len() * width);
+        for encoding in &encodings {
+            let n = encoding.get_ids().len();
+            ids.extend_from_slice(encoding.get_ids());
+            ids.extend(std::iter::repeat_n(0u32, width - n));
+            mask.extend(std::iter::repeat_n(1u32, n));
+            mask.extend(std::iter::repeat_n(0u32, width - n));
+        }
+        let maths = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let device = &Device::Cpu;
+            let input_ids = Tensor::from_vec(ids, (texts.len(), width), device)?;
+            let token_types = input_ids.zeros_like()?;
+            let attention = Tensor::from_vec(mask, (texts.len(), width), device)?;
+            let hidden = inner
+                .model
+                .forward(&input_ids, &token_types, Some(&attention))?;
+            // Mean over the real tokens, then unit length: cosine similarity becomes a dot product.
+            let weights = attention.to_dtype(DType::F32)?.unsqueeze(2)?;
+            let summed = hidden.broadcast_mul(&weights)?.sum(1)?;
+            let mean = summed.broadcast_div(&weights.sum(1)?)?;
+            let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
+            mean.broadcast_div(&norm)?.to_vec2::<f32>()
+        };
+        let vectors = maths().map_err(|e| format!("running the model: {e}"))?;
+        Ok(vectors
+            .into_iter()
+            .zip(&encodings)
+            .map(|(vector, encoding)| Embedded {
+                vector,
+                tokens: encoding.get_ids().len() as u64,
+            })
+            .collect())
+    }
+}
+
+impl Embedder for LocalModel {
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>, EmbedError> {
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || model.embed_blocking(&texts))
+            .await
+            .map_err(|e| EmbedError::Misconfigured(format!("the model task failed: {e}")))?
+            .map_err(EmbedError::Misconfigured)
+    }
+
+    fn batch_size(&self) -> usize {
+        BATCH_SIZE
+    }
+}

@@ -1,0 +1,560 @@
+//! The embedded vector store of the laptop mode.
+//!
+//! SQLite (one file, transactional) holds every document with its vector; an in-memory HNSW graph
+//! from usearch answers k-NN queries. SQLite is the truth: the graph is saved next to it after each
+//! run and reused only when it matches the database's write counter, else rebuilt from the rows.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Map, Value};
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("the store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// The HNSW index failed.
+    #[error("the store's vector index: {0}")]
+    Index(String),
+    /// The store was built with another model.
+    #[error(
+        "the store {path} holds vectors of the model {stored} ({stored_dimensions} dimensions), \
+         not of {model} ({dimensions}); use another --store directory or delete this one"
+    )]
+    OtherModel {
+        /// The database file.
+        path: PathBuf,
+        /// The model it was built with.
+        stored: String,
+        /// Its dimensions.
+        stored_dimensions: usize,
+        /// The model in use now.
+        model: String,
+        /// Its dimensions.
+        dimensions: usize,
+    },
+    /// A file or directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// One document to store.
+#[derive(Clone, Debug)]
+pub struct StoredDocument {
+    /// The document id (`<id>` or `<id>#<n>`).
+    pub id: String,
+    /// The record id.
+    pub parent_id: String,
+    /// The chunk number.
+    pub chunk: usize,
+    /// The embedded text.
+    pub text: String,
+    /// The spec's metadata fields and the timestamp.
+    pub metadata: Map<String, Value>,
+    /// A hash of what was embedded, to skip unchanged documents.
+    pub content_hash: String,
+    /// The vector.
+    pub vector: Vec<f32>,
+}
+
+/// A search result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Hit {
+    /// Cosine similarity to the query, 1 = same direction.
+    pub score: f32,
+    /// The document id.
+    pub id: String,
+    /// The record id.
+    pub parent_id: String,
+    /// The chunk number.
+    pub chunk: usize,
+    /// The embedded text.
+    pub text: String,
+    /// The metadata fields.
+    pub metadata: Map<String, Value>,
+}
+
+/// The store: a directory with `documents.sqlite` and `vectors.usearch`.
+pub struct Store {
+    db: Connection,
+    db_path: PathBuf,
+    index_path: PathBuf,
+    index: Index,
+    dimensions: usize,
+    dirty: bool,
+}
+
+fn index_options(dimensions: usize) -> IndexOptions {
+    IndexOptions {
+        dimensions,
+        metric: MetricKind::Cos,
+        quantization: ScalarKind::F32,
+        ..Default::default()
+    }
+}
+
+fn to_bytes(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` for vectors of `model` with `dimensions`.
+    pub fn open(dir: &Path, model: &str, dimensions: usize) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let db_path = dir.join("documents.sqlite");
+        let sql = sqlite_error(&db_path);
+        let db = Connection::open(&db_path).map_err(&sql)?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS documents (
+                 key INTEGER PRIMARY KEY,
+                 id TEXT NOT NULL UNIQUE,
+                 parent_id TEXT NOT NULL,
+                 chunk INTEGER NOT NULL,
+                 text TEXT NOT NULL,
+                 metadata TEXT NOT NULL,
+                 content_hash TEXT NOT NULL,
+                 vector BLOB NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS documents_by_parent ON documents (parent_id, chunk);",
+        )
+        .map_err(&sql)?;
+        let meta = |key: &str| -> Result<Option<String>, StoreError> {
+            db.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(&sql)
+        };
+        match (meta("model")?, meta("dimensions")?) {
+            (Some(stored), Some(stored_dimensions)) => {
+                let stored_dimensions = stored_dimensions.parse().unwrap_or(0);
+                if stored != model || stored_dimensions != dimensions {
+                    return Err(StoreError::OtherModel {
+                        path: db_path.clone(),
+                        stored,
+                        stored_dimensions,
+                        model: model.to_owned(),
+                        dimensions,
+                    });
+                }
+            }
+            _ => {
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('model', ?1), ('dimensions', ?2)",
+                    params![model, dimensions.to_string()],
+                )
+                .map_err(&sql)?;
+            }
+        }
+        let version = meta("version")?;
+        let index_version = meta("index_version")?;
+        let index_path = dir.join("vectors.usearch");
+        let index = Index::new(&index_options(dimensions)).map_err(index_error)?;
+        drop(sql);
+        let mut store = Self {
+            db,
+            db_path,
+            index_path,
+            index,
+            dimensions,
+            dirty: false,
+        };
+        let saved_matches = version.is_some() && version == index_version;
+        let loaded = saved_matches
+            && store.index_path.exists()
+            && store
+                .index
+                .load(&store.index_path.to_string_lossy())
+                .is_ok()
+            && store.index.dimensions() == dimensions;
+        if !loaded {
+            store.rebuild()?;
+        }
+        Ok(store)
+    }
+
+    /// Fills the HNSW graph from the documents table.
+    fn rebuild(&mut self) -> Result<(), StoreError> {
+        let index = Index::new(&index_options(self.dimensions)).map_err(index_error)?;
+        let count: i64 = self
+            .db
+            .query_row("SELECT count(*) FROM documents", [], |r| r.get(0))
+            .map_err(sqlite_error(&self.db_path))?;
+        index
+            .reserve((count as usize).max(64))
+            .map_err(index_error)?;
+        let mut statement = self
+            .db
+            .prepare("SELECT key, vector FROM documents")
+            .map_err(sqlite_error(&self.db_path))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .map_err(sqlite_error(&self.db_path))?;
+        for row in rows {
+            let (key, vector) = row.map_err(sqlite_error(&self.db_path))?;
+            index
+                .add(key as u64, &from_bytes(&vector))
+                .map_err(index_error)?;
+        }
+        drop(statement);
+        self.index = index;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The number of documents.
+    pub fn len(&self) -> usize {
+        self.index.size()
+    }
+
+    /// True when the store holds no documents.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when the document is stored with this content hash (nothing to embed again).
+    pub fn unchanged(&self, id: &str, content_hash: &str) -> Result<bool, StoreError> {
+        self.db
+            .query_row(
+                "SELECT 1 FROM documents WHERE id = ?1 AND content_hash = ?2",
+                params![id, content_hash],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(sqlite_error(&self.db_path))
+    }
+
+    fn make_room(&self, more: usize) -> Result<(), StoreError> {
+        let needed = self.index.size() + more;
+        if needed > self.index.capacity() {
+            self.index
+                .reserve(needed.next_power_of_two().max(64))
+                .map_err(index_error)?;
+        }
+        Ok(())
+    }
+
+    /// Writes documents, replacing those with the same id (one transaction).
+    pub fn upsert(&mut self, documents: &[StoredDocument]) -> Result<(), StoreError> {
+        self.make_room(documents.len())?;
+        let tx = self.db.transaction().map_err(sqlite_error(&self.db_path))?;
+        let mut keys = Vec::with_capacity(documents.len());
+        {
+            let mut upsert = tx
+                .prepare(
+                    "INSERT INTO documents (id, parent_id, chunk, text, metadata, content_hash, vector)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (id) DO UPDATE SET parent_id = excluded.parent_id,
+                         chunk = excluded.chunk, text = excluded.text,
+                         metadata = excluded.metadata, content_hash = excluded.content_hash,
+                         vector = excluded.vector
+                     RETURNING key",
+                )
+                .map_err(sqlite_error(&self.db_path))?;
+            for d in documents {
+                let metadata = Value::Object(d.metadata.clone()).to_string();
+                let key: i64 = upsert
+                    .query_row(
+                        params![
+                            d.id,
+                            d.parent_id,
+                            d.chunk as i64,
+                            d.text,
+                            metadata,
+                            d.content_hash,
+                            to_bytes(&d.vector)
+                        ],
+                        |r| r.get(0),
+                    )
+                    .map_err(sqlite_error(&self.db_path))?;
+                keys.push(key as u64);
+            }
+        }
+        bump_version(&tx).map_err(sqlite_error(&self.db_path))?;
+        tx.commit().map_err(sqlite_error(&self.db_path))?;
+        for (key, d) in keys.into_iter().zip(documents) {
+            if self.index.contains(key) {
+                self.index.remove(key).map_err(index_error)?;
+            }
+            self.index.add(key, &d.vector).map_err(index_error)?;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Deletes the documents of a record whose ids are not in `keep`: the chunks a record no
+    /// longer has after it changed (all of them with an empty `keep`). Returns how many.
+    pub fn retain_chunks(&mut self, parent_id: &str, keep: &[&str]) -> Result<usize, StoreError> {
+        let error = sqlite_error(&self.db_path);
+        let tx = self.db.transaction().map_err(&error)?;
+        let stale: Vec<(i64, String)> = {
+            let mut statement = tx
+                .prepare("SELECT key, id FROM documents WHERE parent_id = ?1")
+                .map_err(&error)?;
+            let rows = statement
+                .query_map([parent_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(&error)?;
+            rows.filter(|row| {
+                row.as_ref()
+                    .map_or(true, |(_, id): &(i64, String)| !keep.contains(&id.as_str()))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(&error)?
+        };
+        for (key, _) in &stale {
+            tx.execute("DELETE FROM documents WHERE key = ?1", [key])
+                .map_err(&error)?;
+        }
+        if !stale.is_empty() {
+            bump_version(&tx).map_err(&error)?;
+        }
+        tx.commit().map_err(&error)?;
+        for (key, _) in &stale {
+            self.index.remove(*key as u64).map_err(index_error)?;
+        }
+        self.dirty |= !stale.is_empty();
+        Ok(stale.len())
+    }
+
+    /// The `k` documents nearest to `query`, best first.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>, StoreError> {
+        if self.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        let matches = self.index.search(query, k).map_err(index_error)?;
+        let mut statement = self
+            .db
+            .prepare_cached(
+                "SELECT id, parent_id, chunk, text, metadata FROM documents WHERE key = ?1",
+            )
+            .map_err(sqlite_error(&self.db_path))?;
+        let mut hits = Vec::with_capacity(matches.keys.len());
+        for (key, distance) in matches.keys.iter().zip(&matches.distances) {
+            let row = statement
+                .query_row([*key as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })
+                .optional()
+                .map_err(sqlite_error(&self.db_path))?;
+            if let Some((id, parent_id, chunk, text, metadata)) = row {
+                hits.push(Hit {
+                    score: 1.0 - distance,
+                    id,
+                    parent_id,
+                    chunk: chunk as usize,
+                    text,
+                    metadata: match serde_json::from_str(&metadata) {
+                        Ok(Value::Object(map)) => map,
+                        _ => Map::new(),
+                    },
+                });
+            }
+        }
+        Ok(hits)
+    }
+
+    /// Saves the HNSW graph next to the database (atomically), so the next open skips the rebuild.
+    pub fn save(&mut self) -> Result<(), StoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let partial = self.index_path.with_extension("usearch.partial");
+        self.index
+            .save(&partial.to_string_lossy())
+            .map_err(index_error)?;
+        std::fs::rename(&partial, &self.index_path).map_err(|source| StoreError::Io {
+            path: self.index_path.clone(),
+            source,
+        })?;
+        self.db
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value)
+                 SELECT 'index_version', value FROM meta WHERE key = 'version'",
+                [],
+            )
+            .map_err(sqlite_error(&self.db_path))?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+fn index_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+fn sqlite_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + use<'_> {
+    move |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Counts writes, so a saved graph can tell whether it is current.
+fn bump_version(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('version', '1')
+         ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        [],
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unit vector along axis `i` (of 4), slightly tilted towards axis `j`.
+    fn vector(i: usize, j: usize, tilt: f32) -> Vec<f32> {
+        let mut v = [0.0; 4];
+        v[i] = 1.0;
+        v[j] += tilt;
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / norm).collect()
+    }
+
+    fn doc(id: &str, parent: &str, chunk: usize, v: Vec<f32>) -> StoredDocument {
+        StoredDocument {
+            id: id.into(),
+            parent_id: parent.into(),
+            chunk,
+            text: format!("text of {id}"),
+            metadata: Map::from_iter([("n".to_owned(), Value::from(chunk))]),
+            content_hash: format!("hash-{id}"),
+            vector: v,
+        }
+    }
+
+    #[test]
+    fn nearest_documents_come_first_with_cosine_scores() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        store.upsert(&[
+            doc("a", "a", 0, vector(0, 1, 0.0)),
+            doc("b", "b", 0, vector(1, 0, 0.0)),
+            doc("c", "c", 0, vector(0, 1, 0.5)),
+        ])?;
+        let hits = store.search(&vector(0, 1, 0.1), 3)?;
+        let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c", "b"]);
+        assert!((hits[0].score - 0.995).abs() < 0.01, "{hits:?}");
+        assert!(hits[2].score.abs() < 0.2, "{hits:?}");
+        assert_eq!(hits[0].text, "text of a");
+        assert_eq!(hits[0].metadata["n"], 0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_same_id_is_replaced_not_duplicated() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        store.upsert(&[doc("a", "a", 0, vector(0, 1, 0.0))])?;
+        assert!(store.unchanged("a", "hash-a")?);
+        assert!(!store.unchanged("a", "another-hash")?);
+        let mut moved = doc("a", "a", 0, vector(2, 1, 0.0));
+        moved.content_hash = "hash-2".into();
+        store.upsert(&[moved])?;
+        assert_eq!(store.len(), 1);
+        let hits = store.search(&vector(2, 1, 0.0), 1)?;
+        assert_eq!(hits[0].id, "a");
+        assert!(hits[0].score > 0.99, "the vector was replaced: {hits:?}");
+        assert!(store.unchanged("a", "hash-2")?);
+        Ok(())
+    }
+
+    #[test]
+    fn left_over_chunks_of_a_shrunk_record_are_deleted() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        store.upsert(&[
+            doc("r#0", "r", 0, vector(0, 1, 0.0)),
+            doc("r#1", "r", 1, vector(1, 0, 0.0)),
+            doc("r#2", "r", 2, vector(2, 0, 0.0)),
+            doc("s", "s", 0, vector(3, 0, 0.0)),
+        ])?;
+        assert_eq!(store.retain_chunks("r", &["r#0", "s"])?, 2);
+        assert_eq!(store.len(), 2);
+        let ids: Vec<String> = store
+            .search(&vector(1, 0, 0.0), 4)?
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert!(ids.contains(&"r#0".to_owned()) && ids.contains(&"s".to_owned()));
+        assert!(!ids.iter().any(|id| id == "r#1" || id == "r#2"), "{ids:?}");
+        assert_eq!(store.retain_chunks("r", &[])?, 1);
+        assert_eq!(store.retain_chunks("nothing", &[])?, 0);
+        assert_eq!(store.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_reopened_store_has_its_documents_with_or_without_the_saved_graph() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let mut store = Store::open(dir.path(), "test-model", 4)?;
+            store.upsert(&[
+                doc("a", "a", 0, vector(0, 1, 0.0)),
+                doc("b", "b", 0, vector(1, 0, 0.0)),
+            ])?;
+            store.save()?;
+            // Written after the save: the saved graph is stale and must not be used.
+            store.upsert(&[doc("c", "c", 0, vector(2, 0, 0.0))])?;
+        }
+        let store = Store::open(dir.path(), "test-model", 4)?;
+        assert_eq!(store.len(), 3, "rebuilt from the database");
+        assert_eq!(store.search(&vector(2, 0, 0.0), 1)?[0].id, "c");
+        let mut store = store;
+        store.save()?;
+        drop(store);
+        let store = Store::open(dir.path(), "test-model", 4)?;
+        assert_eq!(store.len(), 3, "loaded from the saved graph");
+        assert_eq!(store.search(&vector(1, 0, 0.0), 1)?[0].id, "b");
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_of_another_model_is_refused_with_what_to_do() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        drop(Store::open(dir.path(), "test-model", 4)?);
+        let Err(e) = Store::open(dir.path(), "other-model", 8) else {
+            anyhow::bail!("opened a store of another model");
+        };
+        let message = e.to_string();
+        assert!(message.contains("test-model") && message.contains("other-model"));
+        assert!(
+            message.contains("use another --store directory"),
+            "{message}"
+        );
+        Ok(())
+    }
+}
