@@ -428,6 +428,101 @@ async fn a_tombstone_deletes_every_chunk_of_its_record() -> Result<()> {
     Ok(())
 }
 
+/// A record text of `sentences` sentences (about 40 characters each; chunks hold 200).
+fn sentences(version: &str, sentences: usize) -> String {
+    (0..sentences)
+        .map(|i| format!("Version {version} sentence {i} is about vectors."))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_replace_all_chunks_of_a_record_and_a_tombstone_right_behind_wins() -> Result<()> {
+    let setup = Setup::new("e2e-updates").await?;
+    let version = |v: &str, n: usize| {
+        Some(
+            json!({"id": "doc", "text": sentences(v, n)})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    let stored = || async {
+        let response: Value = os::client()?
+            .search(SearchParts::Index(&[&setup.index]))
+            .body(json!({"size": 100, "_source": ["text"], "query": {"term": {"parentId": "doc"}}}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut docs: Vec<(String, String)> = response["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                (
+                    h["_id"].as_str().unwrap_or_default().to_owned(),
+                    h["_source"]["text"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        docs.sort();
+        anyhow::Ok(docs)
+    };
+    let worker = setup.start_worker("worker")?;
+
+    // Ten chunks, then the same record as one document, then three chunks: each version replaces
+    // the whole previous one, even when it is written right behind it.
+    setup
+        .produce(&[
+            (Some("doc"), version("a", 40)),
+            (Some("doc"), version("b", 2)),
+        ])
+        .await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    setup.count(json!({"match_all": {}})).await?;
+    let docs = stored().await?;
+    assert_eq!(
+        docs.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["doc"],
+        "only the single-document version is left: {docs:?}"
+    );
+    assert!(docs[0].1.starts_with("Version b"), "{docs:?}");
+
+    setup.produce(&[(Some("doc"), version("c", 12))]).await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    setup.count(json!({"match_all": {}})).await?;
+    let docs = stored().await?;
+    let ids: Vec<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["doc#0", "doc#1", "doc#2"], "{docs:?}");
+    assert!(
+        docs.iter().all(|(_, text)| text.contains("Version c")),
+        "{docs:?}"
+    );
+
+    // A new version and its tombstone back to back: the tombstone is applied after the version
+    // was written, so nothing of the record is left.
+    setup
+        .produce(&[(Some("doc"), version("d", 30)), (Some("doc"), None)])
+        .await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    setup.count(json!({"match_all": {}})).await?;
+    assert_eq!(stored().await?, [], "the tombstone deleted every chunk");
+
+    let metrics = worker.metrics_text().await?;
+    assert!(
+        metrics.contains("outcome=\"waited-for-same-id\""),
+        "versions of one record were written one after the other: {metrics}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn throttling_loses_nothing_and_shows_in_the_metrics() -> Result<()> {
     let setup = Setup::new("e2e-throttle").await?;

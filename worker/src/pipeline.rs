@@ -12,7 +12,8 @@
 //! A record's offset is committed only once every one of its documents is acknowledged by
 //! OpenSearch, or the record is in the dead-letter topic, or it was skipped on purpose.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use crate::embed::{EmbedError, Embedder};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Partition};
 use crate::sink::opensearch::{IndexRequest, ItemResult, Sink, document_source};
+use crate::sink::record_ids;
 use crate::source::{self, Context};
 use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
 
@@ -58,6 +60,10 @@ struct Origin {
     offset: i64,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
+    /// The record id when records with the same id must be written one after the other.
+    parent: Option<String>,
+    /// Units of work (documents) not finished yet.
+    remaining: AtomicUsize,
 }
 
 struct EmbedJob {
@@ -83,15 +89,68 @@ struct Shared {
     tracker: Arc<Mutex<OffsetTracker>>,
     metrics: Arc<Metrics>,
     dead_letters: DeadLetters,
+    /// Record ids with a record in flight: a later record with the same id waits for it, so
+    /// versions and tombstones of one record reach OpenSearch in the order they were read.
+    active: Mutex<HashSet<String>>,
+    /// Signalled when a record id leaves `active`.
+    released: Notify,
+    /// Asks the sink stage to send what it holds now (someone waits for it).
+    flush_now: Notify,
 }
 
 impl Shared {
     /// Marks work of a record done; true when the record is complete.
     fn finish(&self, origin: &Origin, units: usize) -> bool {
+        let before = origin
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                Some(r.saturating_sub(units))
+            })
+            .unwrap_or(0);
+        if before > 0
+            && before <= units
+            && let Some(parent) = &origin.parent
+        {
+            self.active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(parent);
+            self.released.notify_waiters();
+        }
         self.tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .finish(&origin.partition, origin.offset, units)
+    }
+
+    /// Waits until no record with this id is in flight and claims the id; false on shutdown.
+    async fn claim<F: std::future::Future<Output = ()>>(
+        &self,
+        parent: &str,
+        shutdown: &mut std::pin::Pin<&mut F>,
+    ) -> bool {
+        let mut waited = false;
+        loop {
+            let released = self.released.notified();
+            if self
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(parent.to_owned())
+            {
+                return true;
+            }
+            if !waited {
+                waited = true;
+                self.metrics.record("waited-for-same-id");
+            }
+            self.flush_now.notify_one();
+            tokio::select! {
+                () = released => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = shutdown.as_mut() => return false,
+            }
+        }
     }
 }
 
@@ -248,6 +307,9 @@ pub async fn run<E: Embedder>(
         tracker: tracker.clone(),
         metrics: metrics.clone(),
         dead_letters,
+        active: Mutex::new(HashSet::new()),
+        released: Notify::new(),
+        flush_now: Notify::new(),
     });
 
     let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
@@ -298,13 +360,25 @@ pub async fn run<E: Embedder>(
             timestamp_ms: message.timestamp().to_millis(),
         };
         let outcome = transform::transform(&spec, &record);
+        // Records with ids of their own (idPointer) can be updated and deleted: one at a time per
+        // id. Positional ids are unique, so nothing needs ordering there.
+        let parent = match &outcome {
+            Outcome::Index(docs) if spec.transform.id_pointer.is_some() => {
+                docs.first().map(|d| d.parent_id.clone())
+            }
+            Outcome::Delete(parent_id) => Some(parent_id.clone()),
+            _ => None,
+        };
         let origin = Arc::new(Origin {
             partition: partition.clone(),
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
+            parent,
+            remaining: AtomicUsize::new(0),
         });
         let start = |units: usize| {
+            origin.remaining.store(units, Ordering::SeqCst);
             tracker.lock().unwrap_or_else(|e| e.into_inner()).start(
                 &partition,
                 origin.offset,
@@ -326,6 +400,9 @@ pub async fn run<E: Embedder>(
                 });
             }
             Outcome::Delete(parent_id) => {
+                if !shared.claim(&parent_id, &mut shutdown).await {
+                    break;
+                }
                 start(1);
                 if let Some(cache) = &dedup {
                     cache.invalidate(&parent_id);
@@ -348,6 +425,11 @@ pub async fn run<E: Embedder>(
                         continue;
                     }
                     cache.insert(id, hash);
+                }
+                if let Some(parent) = &origin.parent
+                    && !shared.claim(parent, &mut shutdown).await
+                {
+                    break;
                 }
                 start(docs.len());
                 if embed_tx.send(EmbedJob { origin, docs }).await.is_err() {
@@ -523,6 +605,8 @@ async fn embed_batch<E: Embedder>(
                             origin: origin.clone(),
                             request: IndexRequest {
                                 id: doc.id.clone(),
+                                parent_id: doc.parent_id.clone(),
+                                chunks: doc.chunks,
                                 source,
                             },
                             bytes,
@@ -572,17 +656,21 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
     let mut bytes = 0;
     let mut deadline: Option<Instant> = None;
     loop {
-        let item = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                Ok(item) => item,
-                Err(_) => {
-                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
-                    bytes = 0;
-                    deadline = None;
-                    continue;
-                }
-            },
-            None => rx.recv().await,
+        let due = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            () = tokio::time::sleep_until(due), if deadline.is_some() => {
+                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                bytes = 0;
+                deadline = None;
+                continue;
+            }
+            () = shared.flush_now.notified(), if !pending.is_empty() => {
+                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                bytes = 0;
+                deadline = None;
+                continue;
+            }
         };
         match item {
             None => break,
@@ -611,7 +699,7 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
                 deadline = None;
                 let mut attempt = 0;
                 loop {
-                    match sink.delete_records(std::slice::from_ref(&parent_id)).await {
+                    match delete_record(&sink, &parent_id).await {
                         Ok(deleted) => {
                             shared.metrics.documents_deleted.inc_by(deleted);
                             shared.metrics.record("deleted");
@@ -636,8 +724,76 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
     flush(&sink, &shared, pending).await;
 }
 
+/// Deletes every document of a record: by id from its first document's chunk count (exact, and
+/// in real time), then by query on the parent id (also finds strays, once they are searchable).
+async fn delete_record(
+    sink: &Sink,
+    parent_id: &str,
+) -> Result<u64, crate::sink::opensearch::SinkError> {
+    let ids = sink.stored_ids(&[parent_id]).await?;
+    let by_id = sink.delete_ids(&ids).await?;
+    let by_query = sink.delete_records(&[parent_id.to_owned()]).await?;
+    Ok(by_id + by_query)
+}
+
+/// Deletes the chunks that records of this batch had before and no longer have (a record that
+/// shrank from 5 chunks to 2 leaves `#2`…`#4`, one that became a single document leaves all of
+/// `#n`). Runs before the batch is written; retried until it succeeds.
+async fn remove_stale_chunks(sink: &Sink, shared: &Shared, batch: &[(Arc<Origin>, IndexRequest)]) {
+    let records: BTreeMap<&str, usize> = batch
+        .iter()
+        .map(|(_, r)| (r.parent_id.as_str(), r.chunks))
+        .collect();
+    let current: HashSet<String> = records
+        .iter()
+        .flat_map(|(parent, chunks)| record_ids(parent, *chunks))
+        .collect();
+    let parents: Vec<&str> = records.keys().copied().collect();
+    let mut attempt = 0;
+    loop {
+        let result = match sink.stored_ids(&parents).await {
+            Ok(stored) => {
+                let stale: Vec<String> = stored
+                    .into_iter()
+                    .filter(|id| !current.contains(id))
+                    .collect();
+                sink.delete_ids(&stale).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(deleted) => {
+                if deleted > 0 {
+                    shared.metrics.documents_deleted.inc_by(deleted);
+                    tracing::debug!(
+                        deleted,
+                        "deleted chunks that updated records no longer have"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "looking up or deleting stale chunks failed; retrying");
+                tokio::time::sleep(backoff(
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                    attempt,
+                ))
+                .await;
+            }
+        }
+    }
+}
+
 /// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
 async fn flush(sink: &Sink, shared: &Shared, mut batch: Vec<(Arc<Origin>, IndexRequest)>) {
+    if batch.is_empty() {
+        return;
+    }
+    if shared.spec.transform.id_pointer.is_some() {
+        remove_stale_chunks(sink, shared, &batch).await;
+    }
     let mut attempt = 0;
     while !batch.is_empty() {
         let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();

@@ -42,6 +42,8 @@ pub struct Document {
     pub parent_id: String,
     /// The chunk's position in the record.
     pub chunk: usize,
+    /// How many chunks the record has (all its ids follow from this and the parent id).
+    pub chunks: usize,
     /// The text to embed.
     pub text: String,
     /// The `@timestamp` value.
@@ -295,6 +297,7 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
         );
     }
     let single = chunks.len() == 1;
+    let count = chunks.len();
     let documents = chunks
         .into_iter()
         .enumerate()
@@ -306,6 +309,7 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
             },
             parent_id: parent_id.clone(),
             chunk: n,
+            chunks: count,
             text,
             timestamp: timestamp.clone(),
             metadata: metadata.clone(),

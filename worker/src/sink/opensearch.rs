@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts};
-use opensearch::{BulkParts, DeleteByQueryParts, OpenSearch};
+use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch};
 use serde_json::{Map, Value, json};
 use vectorpipe_crds::index::{check_mapping, space_type_name};
 use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SigV4Service};
 
-use super::{CHUNK_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD};
+use super::{CHUNK_FIELD, CHUNKS_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD, record_ids};
 use crate::transform::Document;
 
 /// Why the sink failed.
@@ -43,6 +43,10 @@ pub enum ItemResult {
 pub struct IndexRequest {
     /// The `_id`.
     pub id: String,
+    /// The record id.
+    pub parent_id: String,
+    /// The number of chunks of the record.
+    pub chunks: usize,
     /// The source, serialised.
     pub source: Value,
 }
@@ -82,6 +86,7 @@ pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
     properties.insert(spec.text_field.clone(), json!({"type": "text"}));
     properties.insert(PARENT_ID_FIELD.into(), json!({"type": "keyword"}));
     properties.insert(CHUNK_FIELD.into(), json!({"type": "integer"}));
+    properties.insert(CHUNKS_FIELD.into(), json!({"type": "integer"}));
     properties.insert(TIMESTAMP_FIELD.into(), json!({"type": "date"}));
     json!({
         "settings": {"index": {
@@ -102,10 +107,35 @@ pub fn document_source(spec: &OpenSearchSink, doc: &Document, vector: &[f32]) ->
     source.insert(spec.text_field.clone(), json!(doc.text));
     source.insert(PARENT_ID_FIELD.into(), json!(doc.parent_id));
     source.insert(CHUNK_FIELD.into(), json!(doc.chunk));
+    source.insert(CHUNKS_FIELD.into(), json!(doc.chunks));
     if let Some(ts) = &doc.timestamp {
         source.insert(TIMESTAMP_FIELD.into(), ts.clone());
     }
     Value::Object(source)
+}
+
+/// The document ids of every record found in an `_mget` response for `<id>` and `<id>#0`.
+pub fn stored_ids_of(response: &Value) -> Vec<String> {
+    let mut ids = Vec::new();
+    for doc in response["docs"].as_array().into_iter().flatten() {
+        if doc["found"] != true {
+            continue;
+        }
+        let source = &doc["_source"];
+        let (Some(parent), Some(id)) = (source[PARENT_ID_FIELD].as_str(), doc["_id"].as_str())
+        else {
+            continue;
+        };
+        if id == parent {
+            ids.push(id.to_owned());
+        } else {
+            let chunks = source[CHUNKS_FIELD].as_u64().unwrap_or(1).max(1) as usize;
+            ids.extend(record_ids(parent, chunks.max(2)));
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// Sorts the items of a `_bulk` response.
@@ -319,6 +349,80 @@ impl Sink {
         item_results(&value, requests.len()).map_err(SinkError::Transient)
     }
 
+    /// The ids of every document stored now for these records, read in real time (`_mget` sees
+    /// writes that a search would only see after the next refresh). A record's first document
+    /// (`<id>` or `<id>#0`) says how many chunks it has.
+    pub async fn stored_ids(&self, parent_ids: &[&str]) -> Result<Vec<String>, SinkError> {
+        if parent_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Value> = parent_ids
+            .iter()
+            .flat_map(|p| [p.to_string(), format!("{p}#0")])
+            .map(|id| json!({"_id": id, "_source": [PARENT_ID_FIELD, CHUNKS_FIELD]}))
+            .collect();
+        let response = self
+            .client
+            .mget(MgetParts::Index(&self.spec.index))
+            .body(json!({ "docs": docs }))
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let status = response.status_code().as_u16();
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| SinkError::Transient(format!("unreadable _mget response: {e}")))?;
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Transient(format!(
+                "_mget answered {status}: {value}"
+            )));
+        }
+        Ok(stored_ids_of(&value))
+    }
+
+    /// Deletes documents by id (missing ones are fine). Returns how many existed.
+    pub async fn delete_ids(&self, ids: &[String]) -> Result<u64, SinkError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let body: Vec<String> = ids
+            .iter()
+            .map(|id| json!({"delete": {"_id": id}}).to_string())
+            .collect();
+        let response = self
+            .client
+            .bulk(BulkParts::Index(&self.spec.index))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let status = response.status_code().as_u16();
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| SinkError::Transient(format!("unreadable _bulk response: {e}")))?;
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Transient(format!(
+                "deleting by id answered {status}: {value}"
+            )));
+        }
+        let mut deleted = 0;
+        for item in value["items"].as_array().into_iter().flatten() {
+            match item["delete"]["status"].as_u64().unwrap_or(0) {
+                200..=299 => deleted += 1,
+                404 => {}
+                other => {
+                    return Err(SinkError::Transient(format!(
+                        "deleting {} answered {other}: {}",
+                        item["delete"]["_id"], item["delete"]["error"]
+                    )));
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Deletes every document whose parent id is one of `parent_ids`.
     pub async fn delete_records(&self, parent_ids: &[String]) -> Result<u64, SinkError> {
         let response = self
@@ -368,6 +472,19 @@ mod tests {
         assert_eq!(field["method"]["engine"], "lucene");
         assert_eq!(field["method"]["space_type"], "cosinesimil");
         assert_eq!(field["method"]["parameters"]["ef_construction"], 128);
+    }
+
+    #[test]
+    fn stored_records_are_expanded_to_all_their_chunk_ids() {
+        let response = json!({"docs": [
+            {"_id": "a", "found": false},
+            {"_id": "a#0", "found": true, "_source": {"parentId": "a", "chunks": 3}},
+            {"_id": "b", "found": true, "_source": {"parentId": "b", "chunks": 1}},
+            {"_id": "b#0", "found": false},
+            {"_id": "c", "found": false},
+            {"_id": "c#0", "found": false}
+        ]});
+        assert_eq!(stored_ids_of(&response), ["a#0", "a#1", "a#2", "b"]);
     }
 
     #[test]
