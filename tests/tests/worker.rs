@@ -515,9 +515,105 @@ async fn updates_replace_all_chunks_of_a_record_and_a_tombstone_right_behind_win
     assert_eq!(stored().await?, [], "the tombstone deleted every chunk");
 
     let metrics = worker.metrics_text().await?;
+    let waits = metrics
+        .lines()
+        .find(|l| l.starts_with("vectorpipe_worker_same_id_waits_total"))
+        .context("no same-id wait counter in /metrics")?;
     assert!(
-        metrics.contains("outcome=\"waited-for-same-id\""),
-        "versions of one record were written one after the other: {metrics}"
+        !waits.ends_with(" 0"),
+        "versions of one record were written one after the other: {waits}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_embedder_pauses_the_partitions_and_the_worker_keeps_them() -> Result<()> {
+    let setup = Setup::new("e2e-pause").await?;
+    // The group evicts a member that does not poll for 7 s; Bedrock answers after 10 s.
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
+        "session.timeout.ms": "6000",
+        "max.poll.interval.ms": "7000",
+    });
+    pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
+    pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
+    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    setup.fake.set_latency(Duration::from_secs(10));
+    let n = 60;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let worker = setup.start_worker("worker")?;
+    eventually("consumption paused", Duration::from_secs(30), || async {
+        let metrics = worker.metrics_text().await?;
+        Ok(metrics
+            .lines()
+            .any(|l| l.starts_with("vectorpipe_worker_consumer_paused{") && l.ends_with(" 1"))
+            .then_some(()))
+    })
+    .await?;
+    // Longer than max.poll.interval.ms: a consumer blocked on the embedder would be evicted now.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    setup.fake.set_latency(Duration::ZERO);
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    let log = std::fs::read_to_string(setup.dir.join("worker.log"))?;
+    assert!(
+        !log.contains("partitions revoked") && !log.contains("MAX_POLL_EXCEEDED"),
+        "the worker kept its partitions while paused: {log}"
+    );
+    let metrics = worker.metrics_text().await?;
+    let pauses = metrics
+        .lines()
+        .find(|l| l.starts_with("vectorpipe_worker_consumer_pauses_total"))
+        .context("no pause counter in /metrics")?;
+    assert!(!pauses.ends_with(" 0"), "{pauses}");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cohere_batches_are_indexed_and_their_tokens_counted_from_the_header() -> Result<()> {
+    let setup = Setup::new("e2e-cohere").await?;
+    let model = "cohere.embed-english-v3";
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    let bedrock = &mut pipeline["spec"]["embedding"]["bedrock"];
+    bedrock["modelId"] = json!(model);
+    bedrock["batchSize"] = json!(16);
+    if let Some(b) = bedrock.as_object_mut() {
+        b.remove("dimensions");
+    }
+    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    let n = 50;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    let stats = setup.fake.stats();
+    let answered = stats.models.get(model).context("no Cohere calls")?;
+    assert_eq!(answered.texts, n as u64);
+    assert!(
+        answered.succeeded < n as u64,
+        "texts were sent in batches: {} calls for {n} records",
+        answered.succeeded
+    );
+    // Cohere's response body has no token counts: they come from Bedrock's response header.
+    let metrics = worker.metrics_text().await?;
+    let tokens = metrics
+        .lines()
+        .find(|l| l.starts_with("vectorpipe_worker_input_tokens_total"))
+        .context("no token counter in /metrics")?;
+    assert!(answered.input_tokens > 0);
+    assert!(
+        tokens.ends_with(&format!(" {}", answered.input_tokens)),
+        "{tokens} (the fake answered {} tokens)",
+        answered.input_tokens
     );
     assert!(worker.stop()?.success());
     Ok(())

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub consumer_lag_total: Gauge,
     /// Offset commits by outcome.
     pub commits: Family<Outcome, Counter>,
+    /// 1 while consumption is paused because the embedder or the sink is behind.
+    pub consumer_paused: Gauge,
+    /// Times consumption was paused.
+    pub consumer_pauses: Counter,
+    /// Records that waited for an earlier record with the same id to be written.
+    pub same_id_waits: Counter,
 }
 
 impl Metrics {
@@ -79,6 +85,9 @@ impl Metrics {
             consumer_lag: Family::default(),
             consumer_lag_total: Gauge::default(),
             commits: Family::default(),
+            consumer_paused: Gauge::default(),
+            consumer_pauses: Counter::default(),
+            same_id_waits: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -130,6 +139,21 @@ impl Metrics {
             "bulk_items",
             "Bulk items, by outcome",
             metrics.bulk_items.clone(),
+        );
+        r.register(
+            "consumer_paused",
+            "1 while the partitions are paused because the embedder or the sink is behind",
+            metrics.consumer_paused.clone(),
+        );
+        r.register(
+            "consumer_pauses",
+            "Times the partitions were paused for back-pressure",
+            metrics.consumer_pauses.clone(),
+        );
+        r.register(
+            "same_id_waits",
+            "Records that waited for an earlier record with the same id to be written",
+            metrics.same_id_waits.clone(),
         );
         r.register(
             "records_in_flight",

@@ -12,7 +12,7 @@
 //! A record's offset is committed only once every one of its documents is acknowledged by
 //! OpenSearch, or the record is in the dead-letter topic, or it was skipped on purpose.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +20,10 @@ use std::time::Duration;
 use moka::sync::Cache;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -142,7 +143,7 @@ impl Shared {
             }
             if !waited {
                 waited = true;
-                self.metrics.record("waited-for-same-id");
+                self.metrics.same_id_waits.inc();
             }
             self.flush_now.notify_one();
             tokio::select! {
@@ -337,17 +338,34 @@ pub async fn run<E: Embedder>(
     // Ready once the group has assigned this worker its share (see source::Context); the sink
     // was checked before the pipeline started.
     tokio::pin!(shutdown);
+    // Messages that arrived while consumption was paused, handled before reading on.
+    let mut held: VecDeque<OwnedMessage> = VecDeque::new();
     loop {
-        let message = tokio::select! {
-            () = &mut shutdown => break,
-            message = consumer.recv() => message,
-        };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "Kafka consumer error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        let message = match held.pop_front() {
+            Some(message) => {
+                let owned = assigned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&(message.topic().to_owned(), message.partition()));
+                if !owned {
+                    // Its partition was revoked meanwhile: its new owner reads it.
+                    continue;
+                }
+                message
+            }
+            None => {
+                let received = tokio::select! {
+                    () = &mut shutdown => break,
+                    message = consumer.recv() => message,
+                };
+                match received {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
             }
         };
         let partition: Partition = (message.topic().to_owned(), message.partition());
@@ -407,10 +425,16 @@ pub async fn run<E: Embedder>(
                 if let Some(cache) = &dedup {
                     cache.invalidate(&parent_id);
                 }
-                if sink_tx
-                    .send(SinkItem::Delete { origin, parent_id })
-                    .await
-                    .is_err()
+                let item = SinkItem::Delete { origin, parent_id };
+                if !hand_over(
+                    &sink_tx,
+                    item,
+                    &consumer,
+                    &mut held,
+                    &metrics,
+                    &mut shutdown,
+                )
+                .await
                 {
                     break;
                 }
@@ -432,7 +456,17 @@ pub async fn run<E: Embedder>(
                     break;
                 }
                 start(docs.len());
-                if embed_tx.send(EmbedJob { origin, docs }).await.is_err() {
+                let job = EmbedJob { origin, docs };
+                if !hand_over(
+                    &embed_tx,
+                    job,
+                    &consumer,
+                    &mut held,
+                    &metrics,
+                    &mut shutdown,
+                )
+                .await
+                {
                     break;
                 }
             }
@@ -464,6 +498,69 @@ pub async fn run<E: Embedder>(
         tracing::info!(?offsets, "final commit");
     }
     Ok(())
+}
+
+/// Passes work to the next stage. When that stage is full, the consumer pauses its partitions
+/// and keeps polling until there is room: the group keeps the worker (no max.poll.interval.ms
+/// eviction however long Bedrock or OpenSearch stall), rebalances are served, and nothing more
+/// is fetched, so memory stays bounded at any lag. Messages that arrive anyway (fetched before
+/// the pause, or from partitions assigned meanwhile) are held in order and handled next.
+/// False when the stage is gone or the worker is stopping.
+async fn hand_over<T, F: std::future::Future<Output = ()>>(
+    tx: &mpsc::Sender<T>,
+    item: T,
+    consumer: &StreamConsumer<Context>,
+    held: &mut VecDeque<OwnedMessage>,
+    metrics: &Metrics,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> bool {
+    let item = match tx.try_send(item) {
+        Ok(()) => return true,
+        Err(TrySendError::Closed(_)) => return false,
+        Err(TrySendError::Full(item)) => item,
+    };
+    let pause = || match consumer.assignment() {
+        Ok(tpl) => {
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pausing the partitions failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+    };
+    pause();
+    metrics.consumer_paused.set(1);
+    metrics.consumer_pauses.inc();
+    let started = std::time::Instant::now();
+    let permit = loop {
+        tokio::select! {
+            permit = tx.reserve() => break permit.ok(),
+            message = consumer.recv() => match message {
+                Ok(message) => {
+                    held.push_back(message.detach());
+                    pause();
+                }
+                Err(e) => tracing::warn!(error = %e, "Kafka consumer error while paused"),
+            },
+            () = shutdown.as_mut() => break None,
+        }
+    };
+    match consumer.assignment() {
+        Ok(tpl) => {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resuming the partitions failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+    }
+    metrics.consumer_paused.set(0);
+    tracing::debug!(paused = ?started.elapsed(), held = held.len(), "consumption resumed");
+    match permit {
+        Some(permit) => {
+            permit.send(item);
+            true
+        }
+        None => false,
+    }
 }
 
 async fn commit_loop(

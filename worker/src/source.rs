@@ -180,14 +180,8 @@ pub fn consumer_config(kafka: &KafkaSource, group_id: &str) -> Result<ClientConf
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false");
-    if !kafka
-        .consumer_properties
-        .contains_key("max.poll.interval.ms")
-    {
-        // The consumer waits on a slow embedder or sink without polling; give it room before the
-        // group evicts it.
-        config.set("max.poll.interval.ms", "900000");
-    }
+    // librdkafka's default max.poll.interval.ms (5 min) stays: a worker whose embedder or sink
+    // is behind pauses its partitions and keeps polling, so only a truly stuck worker is evicted.
     Ok(config)
 }
 

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_bedrockruntime::Client;
-use aws_sdk_bedrockruntime::error::SdkError;
+use aws_sdk_bedrockruntime::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_bedrockruntime::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_bedrockruntime::error::{BoxError, SdkError};
 use aws_sdk_bedrockruntime::operation::invoke_model::InvokeModelError;
 use aws_sdk_bedrockruntime::primitives::Blob;
 use serde_json::{Value, json};
@@ -111,6 +113,47 @@ pub fn parse_response(
     Ok(out)
 }
 
+/// Reads the `X-Amzn-Bedrock-Input-Token-Count` header of an InvokeModel response: the only
+/// token count Bedrock gives for Cohere models, whose body has none.
+#[derive(Clone, Debug, Default)]
+struct TokenCountHeader(Arc<std::sync::atomic::AtomicU64>);
+
+impl Intercept for TokenCountHeader {
+    fn name(&self) -> &'static str {
+        "vectorpipe-input-token-count"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(count) = context
+            .response()
+            .headers()
+            .get("x-amzn-bedrock-input-token-count")
+            .and_then(|v| v.parse().ok())
+        {
+            self.0.store(count, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Where the body reported no token counts (Cohere), shares the header's count out over the
+/// texts of the call (the remainder to the first), so the per-pipeline total is exact.
+pub fn spread_header_tokens(embedded: &mut [Embedded], header_tokens: u64) {
+    if header_tokens == 0 || embedded.is_empty() || embedded.iter().any(|e| e.tokens > 0) {
+        return;
+    }
+    let n = embedded.len() as u64;
+    for e in embedded.iter_mut() {
+        e.tokens = header_tokens / n;
+    }
+    embedded[0].tokens += header_tokens % n;
+}
+
 /// How one failed call should be handled.
 #[derive(Debug, PartialEq, Eq)]
 enum Failure {
@@ -201,7 +244,9 @@ impl BedrockEmbedder {
         }
     }
 
-    async fn call(&self, body: &Value) -> Result<Vec<u8>, SdkError<InvokeModelError>> {
+    /// One InvokeModel call: the response body and the input tokens Bedrock reported.
+    async fn call(&self, body: &Value) -> Result<(Vec<u8>, u64), SdkError<InvokeModelError>> {
+        let tokens = TokenCountHeader::default();
         let out = self
             .client
             .invoke_model()
@@ -209,9 +254,14 @@ impl BedrockEmbedder {
             .content_type("application/json")
             .accept("application/json")
             .body(Blob::new(body.to_string()))
+            .customize()
+            .interceptor(tokens.clone())
             .send()
             .await?;
-        Ok(out.body.into_inner())
+        Ok((
+            out.body.into_inner(),
+            tokens.0.load(std::sync::atomic::Ordering::SeqCst),
+        ))
     }
 }
 
@@ -241,8 +291,9 @@ impl Embedder for BedrockEmbedder {
                 .embed_in_flight
                 .set(self.limit.in_flight() as i64);
             let failure = match result {
-                Ok(bytes) => match parse_response(family, &bytes, texts.len()) {
-                    Ok(embedded) => {
+                Ok((bytes, header_tokens)) => match parse_response(family, &bytes, texts.len()) {
+                    Ok(mut embedded) => {
+                        spread_header_tokens(&mut embedded, header_tokens);
                         self.limit.on_success();
                         self.metrics.embed_limit.set(self.limit.current() as i64);
                         self.metrics.embed_call("ok");
@@ -295,6 +346,31 @@ impl Embedder for BedrockEmbedder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_count_is_shared_out_only_where_the_body_had_none() {
+        let texts = |tokens: &[u64]| -> Vec<Embedded> {
+            tokens
+                .iter()
+                .map(|t| Embedded {
+                    vector: vec![0.0],
+                    tokens: *t,
+                })
+                .collect()
+        };
+        let mut cohere = texts(&[0, 0, 0]);
+        spread_header_tokens(&mut cohere, 10);
+        assert_eq!(
+            cohere.iter().map(|e| e.tokens).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+        let mut titan = texts(&[7]);
+        spread_header_tokens(&mut titan, 9);
+        assert_eq!(titan[0].tokens, 7, "the body's count wins");
+        let mut none = texts(&[0, 0]);
+        spread_header_tokens(&mut none, 0);
+        assert_eq!(none.iter().map(|e| e.tokens).sum::<u64>(), 0);
+    }
 
     fn spec(model: &str, extra: Value) -> BedrockEmbedding {
         let mut v = json!({ "modelId": model });
