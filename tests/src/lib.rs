@@ -294,6 +294,47 @@ pub mod opensearch {
         pub refused: std::sync::atomic::AtomicU64,
     }
 
+    /// Sends a request on to the node; answers what the node answered.
+    async fn forward(
+        http: &reqwest::Client,
+        upstream: &str,
+        method: &axum::http::Method,
+        uri: &axum::http::Uri,
+        headers: &axum::http::HeaderMap,
+        body: Vec<u8>,
+    ) -> (axum::http::StatusCode, String) {
+        use axum::http::StatusCode;
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut request = http.request(
+            reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET),
+            format!("{upstream}{path}"),
+        );
+        if let Some(ct) = headers.get("content-type").and_then(|v| v.to_str().ok()) {
+            request = request.header("content-type", ct);
+        }
+        match request.body(body).send().await {
+            Ok(response) => {
+                let status = StatusCode::from_u16(response.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                (status, response.text().await.unwrap_or_default())
+            }
+            Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
+        }
+    }
+
+    /// Serves `handler` on a free port of 127.0.0.1; returns its URL.
+    async fn serve_proxy<H, T>(handler: H) -> Result<String>
+    where
+        H: axum::handler::Handler<T, ()>,
+        T: 'static,
+    {
+        let app = axum::Router::new().fallback(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(format!("http://{address}"))
+    }
+
     /// A reverse proxy in front of the node that accepts only requests signed with SigV4 for
     /// `service` with the test credentials, as Amazon OpenSearch Service does. Returns its URL.
     pub async fn signing_proxy(
@@ -320,30 +361,119 @@ pub mod opensearch {
                     );
                 }
                 counts.verified.fetch_add(1, Ordering::SeqCst);
-                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                let mut request = http.request(
-                    reqwest::Method::from_bytes(method.as_str().as_bytes())
-                        .unwrap_or(reqwest::Method::GET),
-                    format!("{upstream}{path}"),
-                );
-                if let Some(ct) = headers.get("content-type").and_then(|v| v.to_str().ok()) {
-                    request = request.header("content-type", ct);
-                }
-                match request.body(body.to_vec()).send().await {
-                    Ok(response) => {
-                        let status = StatusCode::from_u16(response.status().as_u16())
-                            .unwrap_or(StatusCode::BAD_GATEWAY);
-                        (status, response.text().await.unwrap_or_default())
-                    }
-                    Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
-                }
+                forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await
             }
         };
-        let app = axum::Router::new().fallback(handler);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok((format!("http://{address}"), counts))
+        Ok((serve_proxy(handler).await?, counts))
+    }
+
+    /// What a [`rejecting_proxy`] refused.
+    #[derive(Default)]
+    pub struct Rejections {
+        /// Whole `_bulk` requests answered 429.
+        pub requests: std::sync::atomic::AtomicU64,
+        /// Single documents of `_bulk` requests answered 429 (not written).
+        pub documents: std::sync::atomic::AtomicU64,
+    }
+
+    /// A reverse proxy in front of the node that pushes back like a node whose write queue is
+    /// full: the first `requests` `_bulk` requests are answered 429 as a whole, then `documents`
+    /// single documents (every other one of the following index requests) are not written and
+    /// answered with an item status 429, the rest of their request is written. Returns its URL.
+    pub async fn rejecting_proxy(
+        requests: u64,
+        documents: u64,
+    ) -> Result<(String, std::sync::Arc<Rejections>)> {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use serde_json::{Value, json};
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
+        let upstream = url()?;
+        let counts = Arc::new(Rejections::default());
+        let http = reqwest::Client::new();
+        let state = counts.clone();
+        let rejected = |id: &str| {
+            json!({"index": {"_id": id, "status": 429, "error": {
+                "type": "es_rejected_execution_exception",
+                "reason": "rejected execution of primary operation [queue capacity = 200]"
+            }}})
+        };
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (http, upstream, counts) = (http.clone(), upstream.clone(), state.clone());
+            async move {
+                let bulk = method == Method::POST && uri.path().ends_with("/_bulk");
+                if !bulk {
+                    return forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await;
+                }
+                if counts.requests.load(Ordering::SeqCst) < requests {
+                    counts.requests.fetch_add(1, Ordering::SeqCst);
+                    let error = json!({"error": {"type": "es_rejected_execution_exception",
+                        "reason": "rejected execution of coordinating operation"}, "status": 429});
+                    return (StatusCode::TOO_MANY_REQUESTS, error.to_string());
+                }
+                // Index requests only (action and document line pairs): drop every other
+                // document while the budget lasts, and answer 429 in its place.
+                let lines: Vec<&[u8]> = body
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let actions: Vec<Value> = lines
+                    .iter()
+                    .step_by(2)
+                    .filter_map(|l| serde_json::from_slice(l).ok())
+                    .collect();
+                let all_index = lines.len().is_multiple_of(2)
+                    && actions.len() * 2 == lines.len()
+                    && actions.iter().all(|a| a.get("index").is_some());
+                if !all_index || counts.documents.load(Ordering::SeqCst) >= documents {
+                    return forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await;
+                }
+                let mut kept = Vec::new();
+                let mut refused = Vec::new();
+                for (n, pair) in lines.chunks(2).enumerate() {
+                    let budget_left = counts.documents.load(Ordering::SeqCst) < documents;
+                    if n % 2 == 1 && budget_left {
+                        counts.documents.fetch_add(1, Ordering::SeqCst);
+                        refused.push(n);
+                    } else {
+                        kept.extend_from_slice(pair[0]);
+                        kept.push(b'\n');
+                        kept.extend_from_slice(pair[1]);
+                        kept.push(b'\n');
+                    }
+                }
+                let (status, text) = if kept.is_empty() {
+                    (
+                        StatusCode::OK,
+                        json!({"errors": false, "items": []}).to_string(),
+                    )
+                } else {
+                    forward(&http, &upstream, &method, &uri, &headers, kept).await
+                };
+                let Ok(mut response) = serde_json::from_str::<Value>(&text) else {
+                    return (status, text);
+                };
+                let mut written = response["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter();
+                let items: Vec<Value> = (0..actions.len())
+                    .map(|n| {
+                        if refused.contains(&n) {
+                            rejected(actions[n]["index"]["_id"].as_str().unwrap_or_default())
+                        } else {
+                            written.next().unwrap_or(Value::Null)
+                        }
+                    })
+                    .collect();
+                response["items"] = Value::Array(items);
+                response["errors"] = Value::Bool(true);
+                (status, response.to_string())
+            }
+        };
+        Ok((serve_proxy(handler).await?, counts))
     }
 }
 

@@ -620,6 +620,39 @@ async fn cohere_batches_are_indexed_and_their_tokens_counted_from_the_header() -
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn opensearch_429s_lose_nothing_and_show_in_the_metrics() -> Result<()> {
+    let setup = Setup::new("e2e-os429").await?;
+    let (proxy, rejections) = os::rejecting_proxy(3, 40).await?;
+    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    let n = 150;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..n));
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    use std::sync::atomic::Ordering;
+    assert_eq!(rejections.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(rejections.documents.load(Ordering::SeqCst), 40);
+    let metrics = worker.metrics_text().await?;
+    let retried = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vectorpipe_worker_bulk_items_total")
+                && l.contains(r#"outcome="retried""#)
+        })
+        .context("no retried bulk items in /metrics")?;
+    assert!(retried.ends_with(" 40"), "{retried}");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn throttling_loses_nothing_and_shows_in_the_metrics() -> Result<()> {
     let setup = Setup::new("e2e-throttle").await?;
     let n = 100;
