@@ -752,18 +752,22 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
     let mut pending: Vec<(Arc<Origin>, IndexRequest)> = Vec::new();
     let mut bytes = 0;
     let mut deadline: Option<Instant> = None;
+    let mut flushes = Flushes {
+        tasks: JoinSet::new(),
+        limit: bulk.concurrency.max(1) as usize,
+    };
     loop {
         let due = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let item = tokio::select! {
             item = rx.recv() => item,
             () = tokio::time::sleep_until(due), if deadline.is_some() => {
-                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                flushes.send(&sink, &shared, std::mem::take(&mut pending)).await;
                 bytes = 0;
                 deadline = None;
                 continue;
             }
             () = shared.flush_now.notified(), if !pending.is_empty() => {
-                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                flushes.send(&sink, &shared, std::mem::take(&mut pending)).await;
                 bytes = 0;
                 deadline = None;
                 continue;
@@ -777,13 +781,17 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
                 bytes: size,
             }) => {
                 if !pending.is_empty() && bytes + size > max_bytes {
-                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                    flushes
+                        .send(&sink, &shared, std::mem::take(&mut pending))
+                        .await;
                     bytes = 0;
                 }
                 pending.push((origin, request));
                 bytes += size;
                 if pending.len() >= max_docs {
-                    flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                    flushes
+                        .send(&sink, &shared, std::mem::take(&mut pending))
+                        .await;
                     bytes = 0;
                     deadline = None;
                 } else if deadline.is_none() {
@@ -791,7 +799,9 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
                 }
             }
             Some(SinkItem::Delete { origin, parent_id }) => {
-                flush(&sink, &shared, std::mem::take(&mut pending)).await;
+                flushes
+                    .send(&sink, &shared, std::mem::take(&mut pending))
+                    .await;
                 bytes = 0;
                 deadline = None;
                 let mut attempt = 0;
@@ -818,7 +828,40 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
             }
         }
     }
-    flush(&sink, &shared, pending).await;
+    flushes.send(&sink, &shared, pending).await;
+    flushes.finish().await;
+}
+
+/// The `_bulk` requests in flight. Several at once are safe: records with the same id are never
+/// in flight together (see `Shared::claim`), so no two requests hold versions of one record.
+struct Flushes {
+    tasks: JoinSet<()>,
+    limit: usize,
+}
+
+impl Flushes {
+    /// Starts sending a batch, after waiting for a free slot.
+    async fn send(
+        &mut self,
+        sink: &Arc<Sink>,
+        shared: &Arc<Shared>,
+        batch: Vec<(Arc<Origin>, IndexRequest)>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        while self.tasks.len() >= self.limit {
+            self.tasks.join_next().await;
+        }
+        let (sink, shared) = (sink.clone(), shared.clone());
+        self.tasks
+            .spawn(async move { flush(&sink, &shared, batch).await });
+    }
+
+    /// Waits for every request in flight.
+    async fn finish(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 /// Deletes every document of a record: by id from its first document's chunk count (exact, and

@@ -787,6 +787,9 @@ pub struct Bulk {
     pub max_bytes: i64,
     /// The longest a document waits for a request to fill.
     pub flush_interval: Duration,
+    /// `_bulk` requests in flight at once per worker (while one is answered the next is sent).
+    #[schemars(range(min = 1, max = 16))]
+    pub concurrency: i32,
 }
 
 impl Default for Bulk {
@@ -795,6 +798,7 @@ impl Default for Bulk {
             max_docs: 500,
             max_bytes: 5 * 1024 * 1024,
             flush_interval: Duration::from_secs(1),
+            concurrency: 2,
         }
     }
 }
