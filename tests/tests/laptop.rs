@@ -220,3 +220,43 @@ fn bad_lines_go_to_the_dead_letter_file_and_good_ones_around_them_are_indexed() 
     assert_eq!(run["stored"], 3, "{run}");
     Ok(())
 }
+
+#[test]
+fn texts_longer_than_the_model_reads_are_split_by_its_word_pieces_not_truncated() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().context("path")?;
+    // 700 characters (one chunk for the spec's 800-character chunking) of rare letter groups: far
+    // more than the model's 256 word pieces.
+    let dense: String = (0..175)
+        .map(|i| format!("q{}x{} ", (b'a' + (i % 26) as u8) as char, i % 10))
+        .collect();
+    let record = serde_json::json!({"id": "dense", "topic": "t", "title": "x", "author": "a",
+        "created": "2026-01-01T00:00:00Z", "text": dense.trim()})
+    .to_string();
+    let run = summary(&worker(
+        &["local", "--store", store_arg, "--json"],
+        Some(record.as_bytes()),
+    )?)?;
+    let pieces = run["indexed"].as_u64().unwrap_or_default();
+    assert!(
+        pieces >= 2,
+        "split into pieces the model reads whole: {run}"
+    );
+    assert_eq!(run["stored"].as_u64(), Some(pieces), "{run}");
+    let hits = search(store_arg, "qax0 qbx1 qcx2", pieces as usize)?;
+    let mut ids: Vec<&str> = hits.iter().filter_map(|h| h["id"].as_str()).collect();
+    ids.sort();
+    let expected: Vec<String> = (0..pieces).map(|n| format!("dense#{n}")).collect();
+    assert_eq!(ids, expected, "{hits:?}");
+    let text: String = hits
+        .iter()
+        .filter_map(|h| h["text"].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        text.contains("qax0") && text.contains(&dense.trim()[dense.trim().len() - 6..]),
+        "the first and the last words are indexed"
+    );
+    Ok(())
+}

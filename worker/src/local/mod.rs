@@ -100,6 +100,36 @@ fn content_hash(doc: &Document) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// Re-splits chunks longer than the model reads (the spec's chunking counts characters, the
+/// model word pieces), renumbering the record's chunks, so nothing is silently truncated.
+fn fit_to_model(docs: Vec<Document>, model: &LocalModel) -> Vec<Document> {
+    let pieces: Vec<(Document, Vec<String>)> = docs
+        .into_iter()
+        .map(|doc| {
+            let parts = model.fit(&doc.text);
+            (doc, parts)
+        })
+        .collect();
+    let total: usize = pieces.iter().map(|(_, parts)| parts.len()).sum();
+    if total == pieces.len() {
+        return pieces.into_iter().map(|(doc, _)| doc).collect();
+    }
+    let mut out = Vec::with_capacity(total);
+    for (doc, parts) in pieces {
+        for text in parts {
+            let n = out.len();
+            out.push(Document {
+                id: format!("{}#{n}", doc.parent_id),
+                chunk: n,
+                chunks: total,
+                text,
+                ..doc.clone()
+            });
+        }
+    }
+    out
+}
+
 struct Ingest<'a> {
     model: &'a LocalModel,
     store: &'a mut Store,
@@ -221,6 +251,7 @@ pub async fn ingest(
         };
         match transform::transform(spec, &record) {
             Outcome::Index(docs) => {
+                let docs = fit_to_model(docs, model);
                 if let Some(first) = docs.first() {
                     let keep: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
                     run.summary.deleted += run.store.retain_chunks(&first.parent_id, &keep)? as u64;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+use text_splitter::{ChunkConfig, TextSplitter};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::embed::{EmbedError, Embedded, Embedder};
@@ -44,6 +45,8 @@ pub enum ModelError {
 struct Inner {
     model: BertModel,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, to measure texts.
+    sizer: Tokenizer,
     dimensions: usize,
 }
 
@@ -77,6 +80,10 @@ impl LocalModel {
         // The packaged tokenizer pads and truncates every text to 128 pieces: batches are padded
         // here to their longest text instead, and texts are cut at the model's 256.
         tokenizer.with_padding(None);
+        let mut sizer = tokenizer.clone();
+        sizer
+            .with_truncation(None)
+            .map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_TOKENS,
@@ -99,6 +106,7 @@ impl LocalModel {
             inner: Arc::new(Inner {
                 model,
                 tokenizer,
+                sizer,
                 dimensions: config.hidden_size,
             }),
             name,
@@ -113,6 +121,26 @@ impl LocalModel {
     /// A name for the model (its directory), recorded in the store.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Splits a text the model would truncate into pieces it reads whole (by its own word
+    /// pieces, on semantic boundaries); shorter texts come back as they are.
+    pub fn fit(&self, text: &str) -> Vec<String> {
+        // [CLS] and [SEP] take two of the model's positions.
+        let capacity = MAX_TOKENS - 2;
+        let fits = self
+            .inner
+            .sizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().len() <= capacity)
+            .unwrap_or(true);
+        if fits {
+            return vec![text.to_owned()];
+        }
+        TextSplitter::new(ChunkConfig::new(capacity).with_sizer(&self.inner.sizer))
+            .chunks(text)
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Embeds texts synchronously (CPU-bound: call it off the async runtime).
