@@ -46,7 +46,7 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --features vectorpipe-tests/harness -q -- -D warnings
 step "building the binaries and the tests"
 # The end-to-end tests run vectorpipe-worker as its own process, so the binary must exist.
-cargo build --workspace --bins -q
+cargo build --workspace --bins --features vectorpipe-tests/harness -q
 cargo test --workspace --features vectorpipe-tests/harness --no-run -q
 
 step "starting the harness servers"
