@@ -38,6 +38,8 @@ use crate::sink::record_ids;
 use crate::source::{self, Context};
 use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
 
+/// How long the next stage may stay full before the consumer pauses its partitions.
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// How long the embed stage waits to fill a multi-text batch before sending what it has.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 
@@ -500,8 +502,8 @@ pub async fn run<E: Embedder>(
     Ok(())
 }
 
-/// Passes work to the next stage. When that stage is full, the consumer pauses its partitions
-/// and keeps polling until there is room: the group keeps the worker (no max.poll.interval.ms
+/// Passes work to the next stage. When that stage stays full (a stall, not just a busy
+/// backlog), the consumer pauses its partitions and keeps polling until there is room: the group keeps the worker (no max.poll.interval.ms
 /// eviction however long Bedrock or OpenSearch stall), rebalances are served, and nothing more
 /// is fetched, so memory stays bounded at any lag. Messages that arrive anyway (fetched before
 /// the pause, or from partitions assigned meanwhile) are held in order and handled next.
@@ -519,6 +521,22 @@ async fn hand_over<T, F: std::future::Future<Output = ()>>(
         Err(TrySendError::Closed(_)) => return false,
         Err(TrySendError::Full(item)) => item,
     };
+    // A full queue is the normal state while working through a backlog, and room comes back
+    // within milliseconds. Pausing then would cost a refetch (librdkafka drops what it fetched
+    // for paused partitions), so only a stage that stays full for PAUSE_AFTER is a stall.
+    tokio::select! {
+        permit = tx.reserve() => {
+            return match permit {
+                Ok(permit) => {
+                    permit.send(item);
+                    true
+                }
+                Err(_) => false,
+            };
+        }
+        () = tokio::time::sleep(PAUSE_AFTER) => {}
+        () = shutdown.as_mut() => return false,
+    }
     let pause = || match consumer.assignment() {
         Ok(tpl) => {
             if let Err(e) = consumer.pause(&tpl) {
