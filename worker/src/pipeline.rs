@@ -715,7 +715,7 @@ async fn embed_batch<E: Embedder>(
                     for ((origin, doc), embedded) in batch.iter().zip(vectors) {
                         let source =
                             document_source(&shared.spec.sink.opensearch, doc, &embedded.vector);
-                        let bytes = embedded.vector.len() * 12 + doc.text.len() + 256;
+                        let bytes = source.len() + doc.id.len() + 32;
                         let item = SinkItem::Index {
                             origin: origin.clone(),
                             request: IndexRequest {

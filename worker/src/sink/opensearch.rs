@@ -47,8 +47,8 @@ pub struct IndexRequest {
     pub parent_id: String,
     /// The number of chunks of the record.
     pub chunks: usize,
-    /// The source, serialised.
-    pub source: Value,
+    /// The `_source`, serialised.
+    pub source: Vec<u8>,
 }
 
 /// The OpenSearch sink of one pipeline.
@@ -100,18 +100,30 @@ pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
     })
 }
 
-/// The `_source` of a document.
-pub fn document_source(spec: &OpenSearchSink, doc: &Document, vector: &[f32]) -> Value {
-    let mut source = doc.metadata.clone();
-    source.insert(spec.vector_field.clone(), json!(vector));
-    source.insert(spec.text_field.clone(), json!(doc.text));
-    source.insert(PARENT_ID_FIELD.into(), json!(doc.parent_id));
-    source.insert(CHUNK_FIELD.into(), json!(doc.chunk));
-    source.insert(CHUNKS_FIELD.into(), json!(doc.chunks));
+/// The `_source` of a document, serialised. The vector is written straight from its `f32`
+/// values (the shortest text that reads back as the same `f32`), not through a tree of JSON
+/// numbers: a third of the bytes and much less work per document.
+pub fn document_source(spec: &OpenSearchSink, doc: &Document, vector: &[f32]) -> Vec<u8> {
+    let mut fields = doc.metadata.clone();
+    fields.remove(&spec.vector_field);
+    fields.insert(spec.text_field.clone(), json!(doc.text));
+    fields.insert(PARENT_ID_FIELD.into(), json!(doc.parent_id));
+    fields.insert(CHUNK_FIELD.into(), json!(doc.chunk));
+    fields.insert(CHUNKS_FIELD.into(), json!(doc.chunks));
     if let Some(ts) = &doc.timestamp {
-        source.insert(TIMESTAMP_FIELD.into(), ts.clone());
+        fields.insert(TIMESTAMP_FIELD.into(), ts.clone());
     }
-    Value::Object(source)
+    // A map of JSON values, strings and floats always serialise (NaN becomes null).
+    let mut out = serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec());
+    out.pop();
+    if !fields.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(&serde_json::to_vec(&spec.vector_field).unwrap_or_default());
+    out.push(b':');
+    out.extend_from_slice(&serde_json::to_vec(vector).unwrap_or_else(|_| b"[]".to_vec()));
+    out.push(b'}');
+    out
 }
 
 /// The document ids of every record found in an `_mget` response for `<id>` and `<id>#0`.
@@ -317,7 +329,7 @@ impl Sink {
         let mut body: Vec<Vec<u8>> = Vec::with_capacity(requests.len() * 2);
         for r in requests {
             let lines = serde_json::to_vec(&json!({"index": {"_id": r.id}}))
-                .and_then(|action| Ok((action, serde_json::to_vec(&r.source)?)))
+                .map(|action| (action, r.source.clone()))
                 .map_err(|e| {
                     SinkError::Misconfigured(format!("cannot serialise document {}: {e}", r.id))
                 })?;
@@ -472,6 +484,36 @@ mod tests {
         assert_eq!(field["method"]["engine"], "lucene");
         assert_eq!(field["method"]["space_type"], "cosinesimil");
         assert_eq!(field["method"]["parameters"]["ef_construction"], 128);
+    }
+
+    #[test]
+    fn the_source_holds_the_fields_and_the_vector_as_its_f32_values() {
+        let spec = sink(json!({}));
+        let doc = Document {
+            id: "a#1".into(),
+            parent_id: "a".into(),
+            chunk: 1,
+            chunks: 2,
+            text: "hello".into(),
+            timestamp: Some(json!("2026-01-01T00:00:00Z")),
+            metadata: Map::from_iter([("likes".to_owned(), json!(3))]),
+        };
+        let vector = [0.1f32, -2.5, 1e-8];
+        let source: Value = serde_json::from_slice(&document_source(&spec, &doc, &vector)).unwrap();
+        assert_eq!(source["text"], "hello");
+        assert_eq!(source["parentId"], "a");
+        assert_eq!(source["chunk"], 1);
+        assert_eq!(source["chunks"], 2);
+        assert_eq!(source["likes"], 3);
+        assert_eq!(source["@timestamp"], "2026-01-01T00:00:00Z");
+        let read: Vec<f32> = serde_json::from_value(source["embedding"].clone()).unwrap();
+        assert_eq!(read, vector);
+        let empty = Document {
+            metadata: Map::new(),
+            ..doc
+        };
+        let text = String::from_utf8(document_source(&spec, &empty, &[1.0])).unwrap();
+        assert!(text.ends_with(r#","embedding":[1.0]}"#), "{text}");
     }
 
     #[test]
