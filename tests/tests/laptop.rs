@@ -40,7 +40,13 @@ fn worker(args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
     Ok(output)
 }
 
-fn summary(output: &Output) -> Result<Value> {
+/// Runs `local` into `store` on the sample posts (`stdin` None) or on `stdin`; its JSON summary.
+fn ingest(store: &str, stdin: Option<&[u8]>) -> Result<Value> {
+    let mut args = vec!["local", "--store", store, "--json"];
+    if stdin.is_none() {
+        args.extend(["--input", "examples/laptop/posts.jsonl"]);
+    }
+    let output = worker(&args, stdin)?;
     serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
             "not a JSON summary: {}",
@@ -70,17 +76,7 @@ fn the_sample_posts_are_indexed_and_questions_find_posts_on_their_topic() -> Res
     let dir = tempfile::tempdir()?;
     let store = dir.path().join("store");
     let store = store.to_str().context("path")?;
-    let first = summary(&worker(
-        &[
-            "local",
-            "--input",
-            "examples/laptop/posts.jsonl",
-            "--store",
-            store,
-            "--json",
-        ],
-        None,
-    )?)?;
+    let first = ingest(store, None)?;
     assert_eq!(first["records"], 300, "{first}");
     assert_eq!(first["indexed"], 300, "{first}");
     assert_eq!(first["stored"], 300, "{first}");
@@ -115,17 +111,7 @@ fn the_sample_posts_are_indexed_and_questions_find_posts_on_their_topic() -> Res
     }
 
     // Running again embeds nothing: every document is stored with the same content.
-    let again = summary(&worker(
-        &[
-            "local",
-            "--input",
-            "examples/laptop/posts.jsonl",
-            "--store",
-            store,
-            "--json",
-        ],
-        None,
-    )?)?;
+    let again = ingest(store, None)?;
     assert_eq!(again["indexed"], 0, "{again}");
     assert_eq!(again["unchanged"], 300, "{again}");
     assert_eq!(again["stored"], 300, "{again}");
@@ -154,10 +140,7 @@ fn bad_lines_go_to_the_dead_letter_file_and_good_ones_around_them_are_indexed() 
     input.extend_from_slice(br#"{"id": "good-2", "topic": "t", "title": "x", "author": "a", "created": "2026-01-01T00:00:00Z", "text": "Cranes at the port work through the night."}"#);
     input.push(b'\n');
 
-    let run = summary(&worker(
-        &["local", "--store", store_arg, "--json"],
-        Some(&input),
-    )?)?;
+    let run = ingest(store_arg, Some(&input))?;
     assert_eq!(run["records"], 7, "blank lines are not records: {run}");
     assert_eq!(run["dead_lettered"], 4, "{run}");
     let chunks = run["stored"].as_u64().unwrap_or_default() - 2;
@@ -208,10 +191,7 @@ fn bad_lines_go_to_the_dead_letter_file_and_good_ones_around_them_are_indexed() 
     let shrunk = serde_json::json!({"id": "long", "topic": "t", "title": "x", "author": "a",
         "created": "2026-01-01T00:00:00Z", "text": "A short text now."})
     .to_string();
-    let run = summary(&worker(
-        &["local", "--store", store_arg, "--json"],
-        Some(shrunk.as_bytes()),
-    )?)?;
+    let run = ingest(store_arg, Some(shrunk.as_bytes()))?;
     assert_eq!(
         run["deleted"].as_u64(),
         Some(chunks),
@@ -234,10 +214,7 @@ fn texts_longer_than_the_model_reads_are_split_by_its_word_pieces_not_truncated(
     let record = serde_json::json!({"id": "dense", "topic": "t", "title": "x", "author": "a",
         "created": "2026-01-01T00:00:00Z", "text": dense.trim()})
     .to_string();
-    let run = summary(&worker(
-        &["local", "--store", store_arg, "--json"],
-        Some(record.as_bytes()),
-    )?)?;
+    let run = ingest(store_arg, Some(record.as_bytes()))?;
     let pieces = run["indexed"].as_u64().unwrap_or_default();
     assert!(
         pieces >= 2,

@@ -87,6 +87,14 @@ impl Setup {
         Ok(setup)
     }
 
+    /// Changes the pipeline file before a worker starts.
+    fn edit_pipeline(&self, edit: impl FnOnce(&mut Value)) -> Result<()> {
+        let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&self.pipeline)?)?;
+        edit(&mut pipeline);
+        std::fs::write(&self.pipeline, serde_yaml::to_string(&pipeline)?)?;
+        Ok(())
+    }
+
     fn start_worker(&self, name: &str) -> Result<Worker> {
         Worker::start(&self.pipeline, &self.dir.join(format!("{name}.log")))
     }
@@ -531,14 +539,14 @@ async fn updates_replace_all_chunks_of_a_record_and_a_tombstone_right_behind_win
 async fn a_stalled_embedder_pauses_the_partitions_and_the_worker_keeps_them() -> Result<()> {
     let setup = Setup::new("e2e-pause").await?;
     // The group evicts a member that does not poll for 7 s; Bedrock answers after 10 s.
-    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
-    pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
-        "session.timeout.ms": "6000",
-        "max.poll.interval.ms": "7000",
-    });
-    pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
-    pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
-    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
+            "session.timeout.ms": "6000",
+            "max.poll.interval.ms": "7000",
+        });
+        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
+        pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
+    })?;
     setup.fake.set_latency(Duration::from_secs(10));
     let n = 60;
     setup.produce(&as_records(&posts(0..n))).await?;
@@ -555,11 +563,7 @@ async fn a_stalled_embedder_pauses_the_partitions_and_the_worker_keeps_them() ->
     tokio::time::sleep(Duration::from_secs(12)).await;
     setup.fake.set_latency(Duration::ZERO);
     setup
-        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
-        .await?;
-    assert_eq!(setup.ids().await?, expected_ids(0..n));
-    setup
-        .wait_for_commits_at_end(Duration::from_secs(30))
+        .assert_exactly_indexed(n, Duration::from_secs(90))
         .await?;
     let log = std::fs::read_to_string(setup.dir.join("worker.log"))?;
     assert!(
@@ -580,21 +584,20 @@ async fn a_stalled_embedder_pauses_the_partitions_and_the_worker_keeps_them() ->
 async fn cohere_batches_are_indexed_and_their_tokens_counted_from_the_header() -> Result<()> {
     let setup = Setup::new("e2e-cohere").await?;
     let model = "cohere.embed-english-v3";
-    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
-    let bedrock = &mut pipeline["spec"]["embedding"]["bedrock"];
-    bedrock["modelId"] = json!(model);
-    bedrock["batchSize"] = json!(16);
-    if let Some(b) = bedrock.as_object_mut() {
-        b.remove("dimensions");
-    }
-    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    setup.edit_pipeline(|pipeline| {
+        let bedrock = &mut pipeline["spec"]["embedding"]["bedrock"];
+        bedrock["modelId"] = json!(model);
+        bedrock["batchSize"] = json!(16);
+        if let Some(b) = bedrock.as_object_mut() {
+            b.remove("dimensions");
+        }
+    })?;
     let n = 50;
     setup.produce(&as_records(&posts(0..n))).await?;
     let worker = setup.start_worker("worker")?;
     setup
-        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
+        .assert_exactly_indexed(n, Duration::from_secs(90))
         .await?;
-    assert_eq!(setup.ids().await?, expected_ids(0..n));
     let stats = setup.fake.stats();
     let answered = stats.models.get(model).context("no Cohere calls")?;
     assert_eq!(answered.texts, n as u64);
@@ -623,18 +626,14 @@ async fn cohere_batches_are_indexed_and_their_tokens_counted_from_the_header() -
 async fn opensearch_429s_lose_nothing_and_show_in_the_metrics() -> Result<()> {
     let setup = Setup::new("e2e-os429").await?;
     let (proxy, rejections) = os::rejecting_proxy(3, 40).await?;
-    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
-    pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
-    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+    })?;
     let n = 150;
     setup.produce(&as_records(&posts(0..n))).await?;
     let worker = setup.start_worker("worker")?;
     setup
-        .wait_for_count(json!({"match_all": {}}), n as u64, Duration::from_secs(90))
-        .await?;
-    assert_eq!(setup.ids().await?, expected_ids(0..n));
-    setup
-        .wait_for_commits_at_end(Duration::from_secs(30))
+        .assert_exactly_indexed(n, Duration::from_secs(90))
         .await?;
     use std::sync::atomic::Ordering;
     assert_eq!(rejections.requests.load(Ordering::SeqCst), 3);
@@ -731,13 +730,13 @@ async fn two_workers_split_the_partitions_and_a_rebalance_loses_nothing() -> Res
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_reads_through_scram() -> Result<()> {
     let setup = Setup::new("e2e-scram").await?;
-    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
-    pipeline["spec"]["source"]["kafka"]["bootstrapServers"] =
-        json!([vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?]);
-    pipeline["spec"]["source"]["kafka"]["auth"] = json!({"scram": {
-        "mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false
-    }});
-    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    let bootstrap = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["bootstrapServers"] = json!([bootstrap]);
+        pipeline["spec"]["source"]["kafka"]["auth"] = json!({"scram": {
+            "mechanism": "SHA-512", "secretRef": {"name": "kafka-user"}, "tls": false
+        }});
+    })?;
     let n = 30;
     setup.produce(&as_records(&posts(0..n))).await?;
     let user = vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_USERNAME")?;
@@ -769,11 +768,11 @@ async fn a_worker_reads_through_scram() -> Result<()> {
 async fn opensearch_requests_are_signed_with_sigv4() -> Result<()> {
     let setup = Setup::new("e2e-sigv4").await?;
     let (proxy, counts) = os::signing_proxy("es").await?;
-    let mut pipeline: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
-    pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
-    pipeline["spec"]["sink"]["opensearch"]["auth"] =
-        json!({"sigv4": {"region": "eu-west-1", "service": "es"}});
-    std::fs::write(&setup.pipeline, serde_yaml::to_string(&pipeline)?)?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+        pipeline["spec"]["sink"]["opensearch"]["auth"] =
+            json!({"sigv4": {"region": "eu-west-1", "service": "es"}});
+    })?;
     let n = 25;
     setup.produce(&as_records(&posts(0..n))).await?;
     let mut worker = setup.start_worker("worker")?;
