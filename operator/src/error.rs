@@ -12,6 +12,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The pipeline's spec could not be written as the worker's file.
+    #[error("rendering the worker's pipeline file failed: {0}")]
+    Render(#[from] serde_yaml::Error),
     /// The object lacks a name or namespace (never for objects from the apiserver).
     #[error("the object has no {0}")]
     MissingMetadata(&'static str),
@@ -22,6 +25,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Kube { action, .. } => action,
+            Self::Render(_) => "render",
             Self::MissingMetadata(_) => "missing-metadata",
         }
     }

@@ -144,3 +144,34 @@ async fn lag_is_read_through_scram_and_bad_credentials_are_reported() -> Result<
     assert!(failed.is_err(), "a wrong password must not read lag");
     Ok(())
 }
+
+/// A topic the reader cannot see is an error naming it, never "no partitions" (which would let
+/// a policy scale its pipeline to zero workers).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_topic_is_an_error_naming_it_never_zero_partitions() -> Result<()> {
+    let missing = unique_name("lag-missing");
+    let group = unique_name("lag-missing-group");
+    let source: KafkaSource = serde_json::from_value(serde_json::json!({
+        "bootstrapServers": [kafka::bootstrap()?],
+        "topics": [missing],
+    }))?;
+    let (s, g) = (source.clone(), group.clone());
+    let read =
+        tokio::task::spawn_blocking(move || lag::read(&s, &g, Duration::from_secs(10))).await?;
+    let error = read.expect_err("a missing topic must not read as zero partitions");
+    assert!(
+        error.to_string().contains(&missing) && error.to_string().contains("does not exist"),
+        "{error}"
+    );
+
+    let mut by_pattern = source;
+    by_pattern.topics = None;
+    by_pattern.topic_pattern = Some(format!("{missing}-.*"));
+    let read = tokio::task::spawn_blocking(move || {
+        lag::read(&by_pattern, &group, Duration::from_secs(10))
+    })
+    .await?;
+    let error = read.expect_err("a pattern matching nothing must not read as zero partitions");
+    assert!(error.to_string().contains("no topic matches"), "{error}");
+    Ok(())
+}

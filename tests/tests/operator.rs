@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::k8s::{self, kubectl};
@@ -153,12 +153,47 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
     assert!(template_hash(&rolled).is_some());
     wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
 
-    // 3. kubectl scale reaches the Deployment; a PDB appears above one replica.
+    // 3. kubectl scale reaches the Deployment and only adds pods: the running pod, the pod
+    //    template and the ReplicaSet stay (a scale never restarts workers); a PDB appears above
+    //    one replica.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
+    let workers = ListParams::default().labels("vectorpipe.io/pipeline=posts");
+    let running_pods = || async {
+        let list = pods.list(&workers).await?;
+        let uids: Vec<String> = list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.uid)
+            .collect();
+        anyhow::Ok(uids)
+    };
+    let first_pod = eventually("one worker pod", LIMIT, || async {
+        let uids = running_pods().await?;
+        Ok((uids.len() == 1).then(|| uids[0].clone()))
+    })
+    .await?;
+    let template_before = deployments.get("posts-worker").await?.spec.template;
     kubectl(&["scale", "-n", &ns.name, "vp/posts", "--replicas=3"])?;
     eventually("3 replicas", LIMIT, || async {
         Ok((deployments.get("posts-worker").await?.spec.replicas == Some(3)).then_some(()))
     })
     .await?;
+    let scaled_out = eventually("3 worker pods", LIMIT, || async {
+        let uids = running_pods().await?;
+        Ok((uids.len() == 3).then_some(uids))
+    })
+    .await?;
+    assert!(
+        scaled_out.contains(&first_pod),
+        "scaling out replaced the running worker pod {first_pod}: {scaled_out:?}"
+    );
+    assert_eq!(
+        deployments.get("posts-worker").await?.spec.template,
+        template_before,
+        "scaling changed the pod template"
+    );
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
     eventually("a PodDisruptionBudget", LIMIT, || async {
         Ok(pdbs.get_opt("posts-worker").await?)
@@ -166,6 +201,24 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
     .await?;
     let ep = wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
     assert_eq!(ep.status.as_ref().and_then(|s| s.replicas), Some(3));
+    kubectl(&["scale", "-n", &ns.name, "vp/posts", "--replicas=1"])?;
+    let scaled_in = eventually("1 worker pod", LIMIT, || async {
+        let uids = running_pods().await?;
+        Ok((uids.len() == 1).then_some(uids))
+    })
+    .await?;
+    assert_eq!(
+        scaled_in,
+        [first_pod.clone()],
+        "scaling in removed the first worker pod instead of the added ones"
+    );
+    let sets = replica_sets.list(&workers).await?.items;
+    let live: Vec<_> = sets
+        .iter()
+        .filter(|rs| rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0)
+        .collect();
+    assert_eq!(live.len(), 1, "more than one live ReplicaSet after scaling");
+    wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
 
     // 4. suspend: zero workers, no PDB, and the status says why.
     pipelines

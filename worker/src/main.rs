@@ -6,12 +6,14 @@
 
 mod chunk;
 mod config;
+mod dead_letter;
+mod dedup;
 mod embed;
 mod http;
 mod local;
 mod metrics;
-mod offsets;
 mod pipeline;
+mod retry;
 mod sink;
 mod source;
 mod transform;
@@ -319,12 +321,7 @@ async fn run(
             Err(sink::opensearch::SinkError::Transient(e)) => {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "OpenSearch is not reachable yet; retrying");
-                tokio::time::sleep(embed::bedrock::backoff(
-                    Duration::from_millis(500),
-                    Duration::from_secs(15),
-                    attempt,
-                ))
-                .await;
+                tokio::time::sleep(retry::RetryPolicy::STARTUP.wait(attempt)).await;
             }
             Err(e) => return Err(e.into()),
         }

@@ -59,8 +59,11 @@ pub struct Metrics {
     pub consumer_paused: Gauge,
     /// Times consumption was paused.
     pub consumer_pauses: Counter,
-    /// Records that waited for an earlier record with the same id to be written.
+    /// Documents held back while an earlier write of their record id was in flight.
     pub same_id_waits: Counter,
+    /// Documents not embedded or not written because a newer version (or a tombstone) of their
+    /// record arrived first, by stage (`before-embedding` saves an embedding call).
+    pub superseded: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -88,6 +91,7 @@ impl Metrics {
             consumer_paused: Gauge::default(),
             consumer_pauses: Counter::default(),
             same_id_waits: Counter::default(),
+            superseded: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -152,8 +156,13 @@ impl Metrics {
         );
         r.register(
             "same_id_waits",
-            "Records that waited for an earlier record with the same id to be written",
+            "Documents held back while an earlier write of their record id was in flight",
             metrics.same_id_waits.clone(),
+        );
+        r.register(
+            "superseded_documents",
+            "Documents skipped because a newer version or a tombstone of their record came first, by stage",
+            metrics.superseded.clone(),
         );
         r.register(
             "records_in_flight",
@@ -201,6 +210,15 @@ impl Metrics {
         self.bulk_items
             .get_or_create(&Outcome {
                 outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts documents superseded at `stage`.
+    pub fn superseded(&self, stage: &str, n: u64) {
+        self.superseded
+            .get_or_create(&Outcome {
+                outcome: stage.to_owned(),
             })
             .inc_by(n);
     }

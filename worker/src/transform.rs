@@ -296,6 +296,10 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
             ),
         );
     }
+    if chunks.is_empty() {
+        // Only whitespace (kept by skipEmptyText: false) that the splitter trimmed away.
+        return Outcome::Skip(SkipReason::EmptyText);
+    }
     let single = chunks.len() == 1;
     let count = chunks.len();
     let documents = chunks
@@ -366,6 +370,24 @@ mod tests {
             key: Some(b"k-1"),
             payload: payload.map(str::as_bytes),
             timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    #[test]
+    fn whitespace_that_chunks_into_nothing_is_skipped_not_indexed() {
+        // skipEmptyText: false keeps whitespace-only texts, and the splitters trim them to no
+        // chunks at all: the record is skipped with a reason (it used to crash the worker).
+        for strategy in ["recursive", "sentences"] {
+            let spec = spec(json!({
+                "transform": {"textPointers": ["/text"], "skipEmptyText": false},
+                "chunking": {"strategy": strategy, "maxChars": 200, "overlapChars": 0}
+            }));
+            let text = json!({"text": " ".repeat(3000)}).to_string();
+            assert_eq!(
+                transform(&spec, &record(Some(&text))),
+                Outcome::Skip(SkipReason::EmptyText),
+                "{strategy}"
+            );
         }
     }
 

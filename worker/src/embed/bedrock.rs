@@ -5,7 +5,7 @@
 //! worker backs off a quota instead of hammering it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aws_sdk_bedrockruntime::Client;
 use aws_sdk_bedrockruntime::config::interceptors::BeforeDeserializationInterceptorContextRef;
@@ -199,15 +199,6 @@ fn classify(err: SdkError<InvokeModelError>) -> Failure {
     }
 }
 
-/// Full-jitter exponential backoff: a random wait up to `base * 2^attempt`, capped at `max`.
-pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-        .min(max);
-    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(fastrand::u64(0..=millis))
-}
-
 /// The Bedrock embedder.
 pub struct BedrockEmbedder {
     client: Client,
@@ -332,7 +323,7 @@ impl Embedder for BedrockEmbedder {
                     message,
                 });
             }
-            let wait = backoff(
+            let wait = crate::retry::backoff(
                 self.spec.retry.base_delay.get(),
                 self.spec.retry.max_delay.get(),
                 attempt - 1,
@@ -432,15 +423,5 @@ mod tests {
         assert_eq!(by_type[0].vector, [1.0]);
         assert!(parse_response(ModelFamily::CohereEmbedV3, br#"{"embeddings":[[1]]}"#, 2).is_err());
         assert!(parse_response(ModelFamily::TitanTextV1, b"not json", 1).is_err());
-    }
-
-    #[test]
-    fn backoff_is_bounded_and_grows() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(2);
-        for attempt in 0..30 {
-            assert!(backoff(base, max, attempt) <= max);
-        }
-        assert!(backoff(base, max, 0) <= base);
     }
 }

@@ -13,8 +13,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
 use crate::embed::Embedder;
@@ -85,17 +84,9 @@ pub enum LocalError {
     },
 }
 
-/// A hash of everything a document's stored form depends on.
+/// A hash of everything a document's stored form depends on (the rule shared with the Kafka path).
 fn content_hash(doc: &Document) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(doc.text.as_bytes());
-    hasher.update([0]);
-    hasher.update(Value::Object(doc.metadata.clone()).to_string().as_bytes());
-    hasher.update([0]);
-    if let Some(ts) = &doc.timestamp {
-        hasher.update(ts.to_string().as_bytes());
-    }
-    hex::encode(hasher.finalize())
+    hex::encode(crate::dedup::document_hash(doc))
 }
 
 /// Re-splits chunks longer than the model reads (the spec's chunking counts characters, the

@@ -102,9 +102,22 @@ fn meta(pipeline: &EmbeddingPipeline) -> ObjectMeta {
     }
 }
 
-/// The pipeline file the worker reads: the manifest with its spec, without status or
-/// server-managed metadata. Secrets are never in it, only references.
-pub fn render_config(pipeline: &EmbeddingPipeline) -> String {
+/// The pipeline file the worker reads: the manifest with its spec, without status, server-managed
+/// metadata, or the parts only the operator uses. `suspend` and `workers` (replicas, image, pod
+/// settings, the user's environment) stay out, so a scale never changes the file or the pod
+/// template's hash (pods are added or removed, never replaced), and literal environment values
+/// never land in the ConfigMap. Of `workers` the worker reads its log level and metrics port.
+/// Secrets are never in it, only references.
+pub fn render_config(pipeline: &EmbeddingPipeline) -> Result<String, serde_yaml::Error> {
+    let spec = &pipeline.spec;
+    let mut rendered = serde_yaml::to_value(spec)?;
+    if let serde_yaml::Value::Mapping(fields) = &mut rendered {
+        fields.remove("suspend");
+        let mut workers = serde_yaml::Mapping::new();
+        workers.insert("logLevel".into(), spec.workers.log_level.clone().into());
+        workers.insert("metricsPort".into(), spec.workers.metrics_port.into());
+        fields.insert("workers".into(), workers.into());
+    }
     let manifest = serde_json::json!({
         "apiVersion": EmbeddingPipeline::api_version(&()),
         "kind": EmbeddingPipeline::kind(&()),
@@ -112,9 +125,9 @@ pub fn render_config(pipeline: &EmbeddingPipeline) -> String {
             "name": pipeline.metadata.name,
             "namespace": pipeline.metadata.namespace,
         },
-        "spec": pipeline.spec,
+        "spec": rendered,
     });
-    serde_yaml::to_string(&manifest).unwrap_or_default()
+    serde_yaml::to_string(&manifest)
 }
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
@@ -157,12 +170,15 @@ fn ca_mount(volume: &'static str, path: &'static str, r: &SecretKeyRef) -> Secre
     }
 }
 
-/// Builds every child of a pipeline.
-pub fn build(pipeline: &EmbeddingPipeline, defaults: &Defaults) -> Children {
+/// Builds every child of a pipeline. Fails only when the spec cannot be written as YAML.
+pub fn build(
+    pipeline: &EmbeddingPipeline,
+    defaults: &Defaults,
+) -> Result<Children, serde_yaml::Error> {
     let spec = &pipeline.spec;
     let name = pipeline.metadata.name.clone().unwrap_or_default();
     let namespace = pipeline.metadata.namespace.clone().unwrap_or_default();
-    let config = render_config(pipeline);
+    let config = render_config(pipeline)?;
     let hash = hex::encode(&Sha256::digest(config.as_bytes())[..16]);
 
     let mut env = vec![
@@ -403,6 +419,8 @@ pub fn build(pipeline: &EmbeddingPipeline, defaults: &Defaults) -> Children {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: spec.workers.service_account_name.clone(),
+                    // The worker never calls the Kubernetes API: no token in its pods.
+                    automount_service_account_token: Some(false),
                     termination_grace_period_seconds: Some(WORKER_DRAIN_SECONDS + 20),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -461,12 +479,12 @@ pub fn build(pipeline: &EmbeddingPipeline, defaults: &Defaults) -> Children {
         status: None,
     });
 
-    Children {
+    Ok(Children {
         config_map,
         deployment,
         service,
         pdb,
-    }
+    })
 }
 
 /// The Secrets a pipeline references, with the keys it reads from each.
@@ -552,7 +570,7 @@ mod tests {
 
     #[test]
     fn children_are_owned_labelled_and_named_after_the_pipeline() {
-        let children = build(&pipeline(json!({})), &defaults());
+        let children = build(&pipeline(json!({})), &defaults()).unwrap();
         for meta in [
             &children.config_map.metadata,
             &children.deployment.metadata,
@@ -576,7 +594,7 @@ mod tests {
 
     #[test]
     fn the_deployment_runs_the_worker_restricted_and_probed() {
-        let children = build(&pipeline(json!({})), &defaults());
+        let children = build(&pipeline(json!({})), &defaults()).unwrap();
         let spec = &children.deployment.spec;
         assert_eq!(spec.replicas, Some(1));
         let pod = spec.template.spec.as_ref().unwrap();
@@ -624,10 +642,11 @@ mod tests {
         let suspended = build(
             &pipeline(json!({"suspend": true, "workers": {"replicas": 4}})),
             &defaults(),
-        );
+        )
+        .unwrap();
         assert_eq!(suspended.deployment.spec.replicas, Some(0));
         assert!(suspended.pdb.is_none());
-        let scaled = build(&pipeline(json!({"workers": {"replicas": 3}})), &defaults());
+        let scaled = build(&pipeline(json!({"workers": {"replicas": 3}})), &defaults()).unwrap();
         assert_eq!(scaled.deployment.spec.replicas, Some(3));
         assert!(scaled.pdb.is_some());
     }
@@ -636,6 +655,7 @@ mod tests {
     fn any_spec_change_changes_the_config_hash() {
         let hash = |p: &EmbeddingPipeline| {
             build(p, &defaults())
+                .unwrap()
                 .deployment
                 .spec
                 .template
@@ -653,12 +673,59 @@ mod tests {
     }
 
     #[test]
+    fn scaling_and_suspending_keep_the_pod_template_and_the_worker_file() {
+        // A scale (policy, kubectl, Argo CD) must only add or remove pods: the pod template (and
+        // so the ReplicaSet) and the worker's file stay byte for byte the same.
+        let one = build(&pipeline(json!({"workers": {"replicas": 1}})), &defaults()).unwrap();
+        let three = build(&pipeline(json!({"workers": {"replicas": 3}})), &defaults()).unwrap();
+        let suspended = build(
+            &pipeline(json!({"suspend": true, "workers": {"replicas": 3}})),
+            &defaults(),
+        )
+        .unwrap();
+        for other in [&three, &suspended] {
+            assert_eq!(other.deployment.spec.template, one.deployment.spec.template);
+            assert_eq!(other.config_map.data, one.config_map.data);
+        }
+        assert_eq!(three.deployment.spec.replicas, Some(3));
+        assert_eq!(suspended.deployment.spec.replicas, Some(0));
+    }
+
+    #[test]
+    fn the_worker_file_holds_only_what_the_worker_reads() {
+        let p = pipeline(json!({"workers": {
+            "replicas": 2, "logLevel": "debug", "metricsPort": 9191,
+            "env": [{"name": "API_TOKEN", "value": "literal-secret-value"}],
+            "podAnnotations": {"iam.amazonaws.com/role": "writer"}
+        }}));
+        let children = build(&p, &defaults()).unwrap();
+        let config = &children.config_map.data.as_ref().unwrap()[PIPELINE_FILE];
+        assert!(!config.contains("literal-secret-value"), "{config}");
+        assert!(!config.contains("iam.amazonaws.com"), "{config}");
+        assert!(!config.contains("replicas"), "{config}");
+        let value: serde_json::Value = serde_yaml::from_str(config).unwrap();
+        let spec: vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec =
+            serde_json::from_value(value["spec"].clone()).unwrap();
+        assert_eq!(spec.workers.log_level, "debug");
+        assert_eq!(spec.workers.metrics_port, 9191);
+        // The literal still reaches the container, where the user put it.
+        assert!(env(container(&children), "API_TOKEN").is_some());
+    }
+
+    #[test]
+    fn worker_pods_mount_no_service_account_token() {
+        let children = build(&pipeline(json!({})), &defaults()).unwrap();
+        let pod = children.deployment.spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+    }
+
+    #[test]
     fn secrets_reach_the_pod_by_reference_never_in_the_config() {
         let p = pipeline(json!({
             "source": {"kafka": {"bootstrapServers": ["k:9093"], "topics": ["in"], "auth": {"scram": {"secretRef": {"name": "kafka-scram"}, "caSecretRef": {"name": "kafka-ca"}}}}},
             "sink": {"opensearch": {"endpoints": ["https://os:9200"], "index": "docs", "auth": {"basic": {"secretRef": {"name": "os-writer"}}}}}
         }));
-        let children = build(&p, &defaults());
+        let children = build(&p, &defaults()).unwrap();
         let c = container(&children);
         let from = |name: &str| {
             env(c, name)
@@ -689,7 +756,7 @@ mod tests {
 
     #[test]
     fn the_rendered_config_is_a_manifest_the_worker_reads() {
-        let config = render_config(&pipeline(json!({})));
+        let config = render_config(&pipeline(json!({}))).unwrap();
         let value: serde_json::Value = serde_yaml::from_str(&config).unwrap();
         assert_eq!(value["kind"], "EmbeddingPipeline");
         assert_eq!(value["metadata"]["name"], "posts");

@@ -169,7 +169,7 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         },
     };
     if problem.is_none() {
-        let children = build::build(pipeline, &ctx.defaults);
+        let children = build::build(pipeline, &ctx.defaults)?;
         apply(client, &namespace, &children).await?;
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);

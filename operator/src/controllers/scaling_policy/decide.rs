@@ -204,11 +204,13 @@ fn bound(
     let mut limit = None;
     let mut max = spec.max_replicas;
     let mut max_limit = Limit::Max;
+    // A count of 0 partitions means the topic could not be seen, never "run no workers".
     if spec.cap_at_partition_count
         && let Some(p) = inputs.partitions
+        && p > 0
         && p < max
     {
-        max = p.max(0);
+        max = p;
         max_limit = Limit::Partitions;
     }
     let min = if allow_zero {
@@ -609,6 +611,22 @@ mod tests {
         let low = lag(&[0.0, 0.0, 0.0]);
         let d = decide(&inputs(&spec, &low, 3));
         assert_eq!((d.desired, d.limited_by), (3, Some(Limit::Min)));
+    }
+
+    #[test]
+    fn zero_partitions_never_scale_a_pipeline_to_nothing() {
+        // 0 partitions means the topic could not be seen (missing, unauthorized): the workers
+        // that run stay, and the floor holds.
+        let spec = policy(json!({"minReplicas": 1}));
+        let steady = lag(&[500.0, 500.0, 500.0]);
+        let mut i = inputs(&spec, &steady, 3);
+        i.partitions = Some(0);
+        i.partitions_with_lag = Some(0);
+        let d = decide(&i);
+        assert_eq!(d.desired, 3, "{d:?}");
+        assert_ne!(d.limited_by, Some(Limit::Partitions));
+        i.current = 0;
+        assert_eq!(decide(&i).desired, 1, "minReplicas holds");
     }
 
     #[test]

@@ -21,6 +21,37 @@ pub enum LagError {
     /// The topic pattern is not a regular expression.
     #[error("source.kafka.topicPattern is not a valid regular expression: {0}")]
     Pattern(#[from] regex::Error),
+    /// A source topic is missing, not visible to the operator, or in error: its lag is unknown
+    /// (never "no partitions", which would scale the pipeline to nothing).
+    #[error(
+        "topic \"{topic}\" {problem}; create the topic, or let the operator's identity describe it"
+    )]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What the brokers said.
+        problem: String,
+    },
+    /// No topic matches the pattern yet.
+    #[error(
+        "no topic matches source.kafka.topicPattern \"{0}\" (or the operator may not describe them); create one, or fix the pattern"
+    )]
+    NoTopicMatches(String),
+}
+
+/// What a topic's metadata says is wrong with it, if anything.
+fn topic_problem(topic: &rdkafka::metadata::MetadataTopic) -> Option<String> {
+    match topic.error() {
+        Some(code) => Some(match rdkafka::types::RDKafkaErrorCode::from(code) {
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition => "does not exist".into(),
+            rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed => {
+                "may not be described by the operator (not authorized)".into()
+            }
+            other => format!("is in error ({other})"),
+        }),
+        None if topic.partitions().is_empty() => Some("has no partitions".into()),
+        None => None,
+    }
 }
 
 /// One partition's positions.
@@ -268,22 +299,57 @@ pub fn read_with(
     kafka: &KafkaSource,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, LagError> {
-    let metadata = consumer.fetch_metadata(None, timeout)?;
-    let pattern = kafka
-        .topic_pattern
-        .as_ref()
-        .map(|p| regex::Regex::new(&format!("^(?:{p})$")))
-        .transpose()?;
-    let wanted = |name: &str| match (&kafka.topics, &pattern) {
-        (Some(topics), _) => topics.iter().any(|t| t == name),
-        (None, Some(p)) => p.is_match(name),
-        (None, None) => false,
-    };
     let mut list = TopicPartitionList::new();
-    for topic in metadata.topics().iter().filter(|t| wanted(t.name())) {
+    let mut add = |topic: &rdkafka::metadata::MetadataTopic| {
         for partition in topic.partitions() {
             list.add_partition(topic.name(), partition.id());
         }
+    };
+    match (&kafka.topics, &kafka.topic_pattern) {
+        (Some(topics), _) => {
+            // One metadata request per named topic: a request for all topics silently leaves
+            // out the ones the operator may not describe (and MSK IAM filters them too).
+            for name in topics {
+                let metadata = consumer.fetch_metadata(Some(name), timeout)?;
+                let topic = metadata.topics().iter().find(|t| t.name() == name);
+                let problem = match topic {
+                    None => Some("does not exist".to_owned()),
+                    Some(t) => topic_problem(t),
+                };
+                if let Some(problem) = problem {
+                    return Err(LagError::Topic {
+                        topic: name.clone(),
+                        problem,
+                    });
+                }
+                if let Some(t) = topic {
+                    add(t);
+                }
+            }
+        }
+        (None, Some(pattern)) => {
+            let regex = regex::Regex::new(&format!("^(?:{pattern})$"))?;
+            let metadata = consumer.fetch_metadata(None, timeout)?;
+            let mut matched = 0;
+            for topic in metadata
+                .topics()
+                .iter()
+                .filter(|t| regex.is_match(t.name()))
+            {
+                if let Some(problem) = topic_problem(topic) {
+                    return Err(LagError::Topic {
+                        topic: topic.name().to_owned(),
+                        problem,
+                    });
+                }
+                matched += 1;
+                add(topic);
+            }
+            if matched == 0 {
+                return Err(LagError::NoTopicMatches(pattern.clone()));
+            }
+        }
+        (None, None) => {}
     }
     let committed = consumer.committed_offsets(list.clone(), timeout)?;
     let mut out = Vec::new();

@@ -1,7 +1,12 @@
 //! Kafka: the consumer (group, offsets, auth, rebalances, lag statistics) and the dead-letter
-//! producer.
+//! producer's client settings. `assignment` keeps partition ownership and `offsets` what may be
+//! committed.
 
-use std::sync::{Arc, Mutex};
+pub mod assignment;
+pub mod offsets;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::client::{ClientContext, OAuthToken};
@@ -12,8 +17,10 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
 
+use crate::dedup::Dedup;
 use crate::metrics::{Metrics, TopicPartition};
-use crate::offsets::{OffsetTracker, Partition};
+use assignment::Assignment;
+use offsets::Partition;
 
 /// Why the Kafka client cannot be configured.
 #[derive(Debug, thiserror::Error)]
@@ -185,20 +192,24 @@ pub fn consumer_config(kafka: &KafkaSource, group_id: &str) -> Result<ClientConf
     Ok(config)
 }
 
-/// Hooks the worker into librdkafka: commits done work when partitions are revoked, and exports
-/// consumer lag from the statistics.
+/// Hooks the worker into librdkafka: partition ownership on rebalances (see `assignment`), the
+/// last commit of revoked partitions, and consumer lag from the statistics.
 pub struct Context {
-    /// The shared offset tracker.
-    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// Owned partitions, their offsets and writes in flight.
+    pub assignment: Arc<Assignment>,
+    /// Deduplication entries, dropped with their partition.
+    pub dedup: Option<Arc<Dedup>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// Partitions currently assigned.
-    pub assigned: Arc<Mutex<Vec<Partition>>>,
     /// The MSK region, for MSK IAM tokens.
     pub msk_iam_region: Option<String>,
     /// `/readyz`: set once the consumer has joined its group (its first assignment, which may
     /// be empty when there are more workers than partitions), cleared when it stops.
-    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    pub ready: Arc<AtomicBool>,
+    /// Set while the worker drains before exiting: new assignments are paused at once.
+    pub stopping: Arc<AtomicBool>,
+    /// The longest a revoke waits for writes in flight of the partitions leaving.
+    pub revoke_wait: Duration,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
@@ -251,24 +262,40 @@ impl ClientContext for Context {
     }
 }
 
+/// Runs a blocking wait from inside a librdkafka callback, which runs on the task polling the
+/// consumer: on a multi-threaded runtime the other tasks (the writes being waited for) move to
+/// other threads meanwhile.
+fn block_on_callback<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
         let revoked = partitions_of(tpl);
-        // Commit what is done for the partitions leaving, then forget them: work still in flight
-        // for them is read again by the next owner from the committed offset (replays overwrite
-        // the same document ids), so nothing is lost and nothing unindexed is committed.
-        let mut tracker = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        let done: Vec<(Partition, i64)> = tracker
-            .committable()
-            .into_iter()
-            .filter(|(p, _)| revoked.contains(p))
-            .collect();
+        // 1. No write of these partitions' records starts from now on; 2. the writes already in
+        // flight finish (their records still count); 3. what is done is committed; 4. the
+        // partitions are forgotten. Only then does librdkafka hand them to their next owner, so
+        // nothing this worker still had queued for them can overwrite what the next owner writes.
+        self.assignment.close(&revoked);
+        let started = std::time::Instant::now();
+        let busy =
+            block_on_callback(|| self.assignment.wait_for_writes(&revoked, self.revoke_wait));
+        if !busy.is_empty() {
+            tracing::warn!(?busy, waited = ?started.elapsed(), "writes of revoked partitions are still in flight after the drain time; letting the partitions go");
+        }
+        let (done, _) = self.assignment.committable(Some(&revoked));
         if !done.is_empty() {
             match commit_list(&done).and_then(|tpl| consumer.commit(&tpl, CommitMode::Sync)) {
                 Ok(()) => {
+                    self.assignment.committed(&done);
                     self.metrics.commit("ok");
                     tracing::info!(?done, "committed revoked partitions");
                 }
@@ -278,21 +305,26 @@ impl ConsumerContext for Context {
                 }
             }
         }
-        tracker.revoke(&revoked);
-        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
-        assigned.retain(|p| !revoked.contains(p));
-        tracing::info!(?revoked, "partitions revoked");
+        self.assignment.forget(&revoked);
+        if let Some(dedup) = &self.dedup {
+            dedup.revoke(&revoked);
+        }
+        tracing::info!(?revoked, waited = ?started.elapsed(), "partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let added = partitions_of(tpl);
+            self.assignment.assign(&added);
+            if self.stopping.load(Ordering::SeqCst) {
+                // Draining: serve the group, fetch nothing new.
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+                }
+            } else {
+                self.ready.store(true, Ordering::SeqCst);
+            }
             tracing::info!(?added, "partitions assigned");
-            self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-            self.assigned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(added);
         }
     }
 }

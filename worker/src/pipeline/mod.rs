@@ -1,0 +1,1047 @@
+//! The running pipeline: Kafka → transform → dedup → embed → bulk index → commit.
+//!
+//! Four tasks joined by bounded channels, so a slow embedder or sink holds the consumer back and
+//! memory stays bounded at any lag:
+//! - the consumer reads records, transforms them and registers them with the offset tracker;
+//! - the embed stage batches texts (across records, up to the model's batch size) and calls the
+//!   embedder, at most `maxInFlight` calls at once (fewer while Bedrock throttles);
+//! - the sink stage fills `_bulk` requests (docs, bytes, flush interval), retries 429/5xx items,
+//!   and sends refused documents' records to the dead-letter topic;
+//! - the committer commits, per partition, everything below the lowest unfinished record.
+//!
+//! The rules that keep it exact while the assignment changes:
+//! - every record carries one [`ack::RecordAck`]; its offset is committed only once every one of
+//!   its documents is acknowledged by OpenSearch, or it is in the dead-letter topic, or it was
+//!   skipped on purpose, or a newer version of it superseded it;
+//! - a write or delete starts only while the record's partition is owned in the epoch it was read
+//!   in, and a revoke waits for the writes in flight (see `source::assignment`);
+//! - versions of one record id are written in the order they were read: a document waits in the
+//!   sink stage while an earlier write of its id is in flight, and an older version that has not
+//!   started to be written is skipped (not embedded, not written) when a newer one arrives, so a
+//!   hot id never holds up the stream;
+//! - the consumer never stops polling: back-pressure pauses the partitions, and a stopping worker
+//!   keeps serving the group while it drains.
+
+pub mod ack;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
+
+use crate::dead_letter::DeadLetters;
+use crate::dedup::{Dedup, record_hash};
+use crate::embed::{EmbedError, Embedder};
+use crate::metrics::Metrics;
+use crate::retry::{RetryPolicy, until_done};
+use crate::sink::opensearch::{IndexRequest, ItemResult, Sink, document_source};
+use crate::sink::record_ids;
+use crate::source::assignment::{Assignment, Owner};
+use crate::source::offsets::Epoch;
+use crate::source::{self, Context};
+use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
+use ack::{AckHub, RecordAck, Versions};
+
+/// How long the next stage may stay full before the consumer pauses its partitions.
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
+/// How long the embed stage waits to fill a multi-text batch before sending what it has.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
+
+/// Settings that are not part of the spec.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The consumer group.
+    pub group_id: String,
+    /// How long a stopping worker may take to finish in-flight work (and the longest a revoke
+    /// waits for the writes in flight of the partitions leaving).
+    pub drain_timeout: Duration,
+    /// Commit interval while keeping up.
+    pub commit_interval: Duration,
+    /// Commit interval while working through a backlog.
+    pub max_commit_interval: Duration,
+}
+
+struct EmbedJob {
+    ack: Arc<RecordAck>,
+    docs: Vec<Document>,
+}
+
+enum SinkItem {
+    Index {
+        ack: Arc<RecordAck>,
+        request: IndexRequest,
+        bytes: usize,
+    },
+    Delete {
+        ack: Arc<RecordAck>,
+        parent_id: String,
+    },
+}
+
+impl SinkItem {
+    fn ack(&self) -> &Arc<RecordAck> {
+        match self {
+            Self::Index { ack, .. } | Self::Delete { ack, .. } => ack,
+        }
+    }
+
+    /// The record id whose writes are ordered.
+    fn record_id(&self) -> &str {
+        match self {
+            Self::Index { request, .. } => &request.parent_id,
+            Self::Delete { parent_id, .. } => parent_id,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Index { bytes, .. } => *bytes,
+            Self::Delete { .. } => 0,
+        }
+    }
+}
+
+/// State shared by the stages.
+struct Shared {
+    spec: EmbeddingPipelineSpec,
+    hub: Arc<AckHub>,
+    metrics: Arc<Metrics>,
+    dead_letters: DeadLetters,
+    /// Record ids with a write (index or delete) in flight: their next documents wait.
+    writing: Mutex<HashSet<String>>,
+    /// Signalled when a write ends.
+    write_done: Notify,
+}
+
+impl Shared {
+    fn assignment(&self) -> &Assignment {
+        &self.hub.assignment
+    }
+
+    fn end_writes<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            writing.remove(id);
+        }
+        drop(writing);
+        self.write_done.notify_one();
+    }
+
+    /// Dead-letters one unit of a record and marks it done.
+    async fn reject(&self, ack: &RecordAck, rejection: Rejection) {
+        self.dead_letters.send(&ack.message, &rejection).await;
+        ack.fail();
+        ack.done(1);
+    }
+}
+
+/// Runs the pipeline until `shutdown` resolves, then drains and commits.
+pub async fn run<E: Embedder>(
+    spec: EmbeddingPipelineSpec,
+    options: Options,
+    embedder: Arc<E>,
+    sink: Arc<Sink>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let kafka = &spec.source.kafka;
+    let assignment = Arc::new(Assignment::new());
+    let dedup = Dedup::from_spec(&spec.dedup).map(Arc::new);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let context = Context {
+        assignment: assignment.clone(),
+        dedup: dedup.clone(),
+        metrics: metrics.clone(),
+        msk_iam_region: source::msk_iam_region(kafka),
+        ready: ready.clone(),
+        stopping: stopping.clone(),
+        revoke_wait: options.drain_timeout,
+    };
+    let consumer: Arc<StreamConsumer<Context>> =
+        Arc::new(source::consumer_config(kafka, &options.group_id)?.create_with_context(context)?);
+    match (&kafka.topics, &kafka.topic_pattern) {
+        (Some(topics), _) => {
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
+        (None, Some(pattern)) => consumer.subscribe(&[&format!("^{pattern}")])?,
+        (None, None) => anyhow::bail!("source.kafka needs topics or topicPattern"),
+    }
+    let hub = Arc::new(AckHub {
+        assignment: assignment.clone(),
+        versions: Versions::default(),
+        dedup: dedup.clone(),
+    });
+    let shared = Arc::new(Shared {
+        spec: spec.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        dead_letters: DeadLetters::new(&spec, metrics.clone())?,
+        writing: Mutex::new(HashSet::new()),
+        write_done: Notify::new(),
+    });
+    let versioned = spec.transform.id_pointer.is_some();
+
+    let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
+    let batch = embedder.batch_size().max(1);
+    let (embed_tx, embed_rx) = mpsc::channel::<EmbedJob>(in_flight * batch);
+    let (sink_tx, sink_rx) =
+        mpsc::channel::<SinkItem>((spec.sink.opensearch.bulk.max_docs.max(1) as usize) * 2);
+
+    let mut stages = JoinSet::new();
+    stages.spawn(embed_stage(
+        embed_rx,
+        embedder,
+        sink_tx.clone(),
+        shared.clone(),
+    ));
+    stages.spawn(sink_stage(sink_rx, sink, shared.clone()));
+    let stop_committer = Arc::new(Notify::new());
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        shared.clone(),
+        options.clone(),
+        stop_committer.clone(),
+    ));
+
+    tokio::pin!(shutdown);
+    // Messages that arrived while consumption was paused, with the epoch they were read in,
+    // handled before reading on.
+    let mut held: VecDeque<(OwnedMessage, Option<Epoch>)> = VecDeque::new();
+    loop {
+        let (message, epoch) = match held.pop_front() {
+            Some(held) => held,
+            None => {
+                let received = tokio::select! {
+                    () = &mut shutdown => break,
+                    message = consumer.recv() => message,
+                };
+                match received {
+                    Ok(m) => {
+                        let m = m.detach();
+                        let epoch = assignment.epoch(&(m.topic().to_owned(), m.partition()));
+                        (m, epoch)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let partition = (message.topic().to_owned(), message.partition());
+        let Some(epoch) = epoch.filter(|e| assignment.epoch(&partition) == Some(*e)) else {
+            // Its partition was revoked meanwhile: its new owner reads it.
+            continue;
+        };
+        let owner = Owner {
+            partition,
+            epoch,
+            offset: message.offset(),
+        };
+        let record = SourceRecord {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            payload: message.payload(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let outcome = transform::transform(&spec, &record);
+        match outcome {
+            Outcome::Skip(reason) => {
+                assignment.start(&owner, false);
+                metrics.record(&format!("skipped-{}", reason.as_str()));
+                tracing::debug!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, reason = reason.as_str(), "skipped a record");
+            }
+            Outcome::Reject(rejection) => {
+                if !assignment.start(&owner, true) {
+                    continue;
+                }
+                let ack = RecordAck::new(hub.clone(), owner, message, None, None, 1);
+                let shared = shared.clone();
+                tokio::spawn(async move { shared.reject(&ack, rejection).await });
+            }
+            Outcome::Delete(parent_id) => {
+                if let Some(dedup) = &dedup {
+                    dedup.forget(&owner.partition, &parent_id);
+                }
+                if !assignment.start(&owner, true) {
+                    continue;
+                }
+                let version =
+                    versioned.then(|| (parent_id.clone(), hub.versions.begin(&parent_id)));
+                let ack = RecordAck::new(hub.clone(), owner, message, version, None, 1);
+                let item = SinkItem::Delete { ack, parent_id };
+                if !hand_over(
+                    &sink_tx,
+                    item,
+                    &consumer,
+                    &assignment,
+                    &mut held,
+                    &metrics,
+                    &mut shutdown,
+                )
+                .await
+                {
+                    break;
+                }
+            }
+            Outcome::Index(docs) => {
+                let Some(first) = docs.first() else {
+                    assignment.start(&owner, false);
+                    metrics.record("skipped-empty-text");
+                    continue;
+                };
+                let id = first.parent_id.clone();
+                let hash = dedup
+                    .as_ref()
+                    .filter(|_| versioned)
+                    .map(|_| record_hash(&docs));
+                if let (Some(dedup), Some(hash)) = (&dedup, &hash)
+                    && !hub.versions.in_flight(&id)
+                    && dedup.is_duplicate(&owner.partition, &id, hash)
+                {
+                    assignment.start(&owner, false);
+                    metrics.record("skipped-duplicate");
+                    continue;
+                }
+                if !assignment.start(&owner, true) {
+                    continue;
+                }
+                let version = versioned.then(|| (id.clone(), hub.versions.begin(&id)));
+                let ack = RecordAck::new(hub.clone(), owner, message, version, hash, docs.len());
+                let job = EmbedJob { ack, docs };
+                if !hand_over(
+                    &embed_tx,
+                    job,
+                    &consumer,
+                    &assignment,
+                    &mut held,
+                    &metrics,
+                    &mut shutdown,
+                )
+                .await
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    // Stopping: fetch nothing more, but keep polling, so the group is served (rebalances
+    // complete and this member keeps a valid generation for its last commit) while in-flight
+    // work finishes.
+    tracing::info!("stopping: finishing in-flight work");
+    ready.store(false, Ordering::SeqCst);
+    stopping.store(true, Ordering::SeqCst);
+    pause_all(&consumer);
+    held.clear();
+    drop(embed_tx);
+    drop(sink_tx);
+    let started = std::time::Instant::now();
+    let deadline = Instant::now() + options.drain_timeout;
+    loop {
+        tokio::select! {
+            joined = stages.join_next() => if joined.is_none() { break },
+            message = consumer.recv() => {
+                // Fetched before the pause: left for the next owner (never started, so not
+                // committed).
+                if let Err(e) = message {
+                    tracing::debug!(error = %e, "Kafka consumer error while draining");
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(timeout = ?options.drain_timeout, "in-flight work did not finish in time; it will be read again by the next owner");
+                stages.abort_all();
+                break;
+            }
+        }
+    }
+    stop_committer.notify_one();
+    let _ = committer.await;
+    let (offsets, open) = assignment.committable(None);
+    if !offsets.is_empty() {
+        match source::commit_list(&offsets).and_then(|tpl| consumer.commit(&tpl, CommitMode::Sync))
+        {
+            Ok(()) => {
+                assignment.committed(&offsets);
+                metrics.commit("ok");
+                tracing::info!(?offsets, "final commit");
+            }
+            Err(e) => {
+                // Not a loss: the next owner reads from the previous commit again.
+                metrics.commit("error");
+                tracing::warn!(error = %e, ?offsets, "final commit failed; the next owner reads these records again");
+            }
+        }
+    }
+    tracing::info!(drained = ?started.elapsed(), open, "drained; leaving the group");
+    // Closing the consumer leaves the group at once, so the others take the partitions over
+    // without waiting for a session timeout.
+    drop(consumer);
+    Ok(())
+}
+
+/// Pauses every assigned partition.
+fn pause_all(consumer: &StreamConsumer<Context>) {
+    match consumer.assignment() {
+        Ok(tpl) => {
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pausing the partitions failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+    }
+}
+
+/// Passes work to the next stage. When that stage stays full (a stall, not just a busy
+/// backlog), the consumer pauses its partitions and keeps polling until there is room: the group
+/// keeps the worker (no max.poll.interval.ms eviction however long Bedrock or OpenSearch stall),
+/// rebalances are served, and nothing more is fetched, so memory stays bounded at any lag.
+/// Messages that arrive anyway (fetched before the pause, or from partitions assigned meanwhile)
+/// are held in order, with the epoch they were read in, and handled next.
+/// False when the stage is gone or the worker is stopping.
+async fn hand_over<T, F: std::future::Future<Output = ()>>(
+    tx: &mpsc::Sender<T>,
+    item: T,
+    consumer: &StreamConsumer<Context>,
+    assignment: &Assignment,
+    held: &mut VecDeque<(OwnedMessage, Option<Epoch>)>,
+    metrics: &Metrics,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> bool {
+    let item = match tx.try_send(item) {
+        Ok(()) => return true,
+        Err(TrySendError::Closed(_)) => return false,
+        Err(TrySendError::Full(item)) => item,
+    };
+    // A full queue is the normal state while working through a backlog, and room comes back
+    // within milliseconds. Pausing then would cost a refetch (librdkafka drops what it fetched
+    // for paused partitions), so only a stage that stays full for PAUSE_AFTER is a stall.
+    tokio::select! {
+        permit = tx.reserve() => {
+            return match permit {
+                Ok(permit) => {
+                    permit.send(item);
+                    true
+                }
+                Err(_) => false,
+            };
+        }
+        () = tokio::time::sleep(PAUSE_AFTER) => {}
+        () = shutdown.as_mut() => return false,
+    }
+    pause_all(consumer);
+    metrics.consumer_paused.set(1);
+    metrics.consumer_pauses.inc();
+    let started = std::time::Instant::now();
+    let permit = loop {
+        tokio::select! {
+            permit = tx.reserve() => break permit.ok(),
+            message = consumer.recv() => match message {
+                Ok(message) => {
+                    let message = message.detach();
+                    let epoch = assignment.epoch(&(message.topic().to_owned(), message.partition()));
+                    held.push_back((message, epoch));
+                    pause_all(consumer);
+                }
+                Err(e) => tracing::warn!(error = %e, "Kafka consumer error while paused"),
+            },
+            () = shutdown.as_mut() => break None,
+        }
+    };
+    match consumer.assignment() {
+        Ok(tpl) => {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resuming the partitions failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+    }
+    metrics.consumer_paused.set(0);
+    tracing::debug!(paused = ?started.elapsed(), held = held.len(), "consumption resumed");
+    match permit {
+        Some(permit) => {
+            permit.send(item);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Commits what is done, and marks it committed only once the broker took it (a failed commit
+/// is offered again at the next interval).
+async fn commit_loop(
+    consumer: Arc<StreamConsumer<Context>>,
+    shared: Arc<Shared>,
+    options: Options,
+    stop: Arc<Notify>,
+) {
+    loop {
+        let lag = shared.metrics.consumer_lag_total.get();
+        let interval =
+            source::commit_interval(lag, options.commit_interval, options.max_commit_interval);
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.notified() => return,
+        }
+        let (offsets, open) = shared.assignment().committable(None);
+        shared.metrics.records_in_flight.set(open as i64);
+        if offsets.is_empty() {
+            continue;
+        }
+        let list = match source::commit_list(&offsets) {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the commit request");
+                continue;
+            }
+        };
+        let committing = consumer.clone();
+        let result =
+            tokio::task::spawn_blocking(move || committing.commit(&list, CommitMode::Sync)).await;
+        match result {
+            Ok(Ok(())) => {
+                shared.assignment().committed(&offsets);
+                shared.metrics.commit("ok");
+                tracing::debug!(?offsets, "committed");
+            }
+            Ok(Err(e)) => {
+                shared.metrics.commit("error");
+                tracing::warn!(error = %e, "commit failed; retrying at the next interval");
+            }
+            Err(e) => {
+                shared.metrics.commit("error");
+                tracing::warn!(error = %e, "the commit task failed; retrying at the next interval");
+            }
+        }
+    }
+}
+
+/// Batches documents (across records) and embeds them.
+async fn embed_stage<E: Embedder>(
+    mut rx: mpsc::Receiver<EmbedJob>,
+    embedder: Arc<E>,
+    sink_tx: mpsc::Sender<SinkItem>,
+    shared: Arc<Shared>,
+) {
+    let batch_size = embedder.batch_size().max(1);
+    let max_tasks = shared.spec.embedding.bedrock.max_in_flight.max(1) as usize * 2;
+    let mut tasks = JoinSet::new();
+    let mut batch: Vec<(Arc<RecordAck>, Document)> = Vec::with_capacity(batch_size);
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        let job = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            let deadline = linger_until.unwrap_or_else(Instant::now);
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(job) => job,
+                Err(_) => {
+                    dispatch(
+                        &mut tasks,
+                        max_tasks,
+                        std::mem::take(&mut batch),
+                        &embedder,
+                        &sink_tx,
+                        &shared,
+                    )
+                    .await;
+                    linger_until = None;
+                    continue;
+                }
+            }
+        };
+        let Some(job) = job else { break };
+        for doc in job.docs {
+            batch.push((job.ack.clone(), doc));
+            if batch.len() >= batch_size {
+                dispatch(
+                    &mut tasks,
+                    max_tasks,
+                    std::mem::take(&mut batch),
+                    &embedder,
+                    &sink_tx,
+                    &shared,
+                )
+                .await;
+                linger_until = None;
+            }
+        }
+        if !batch.is_empty() && linger_until.is_none() {
+            linger_until = Some(Instant::now() + BATCH_LINGER);
+        }
+    }
+    if !batch.is_empty() {
+        dispatch(&mut tasks, max_tasks, batch, &embedder, &sink_tx, &shared).await;
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn dispatch<E: Embedder>(
+    tasks: &mut JoinSet<()>,
+    max_tasks: usize,
+    batch: Vec<(Arc<RecordAck>, Document)>,
+    embedder: &Arc<E>,
+    sink_tx: &mpsc::Sender<SinkItem>,
+    shared: &Arc<Shared>,
+) {
+    while tasks.len() >= max_tasks {
+        tasks.join_next().await;
+    }
+    tasks.spawn(embed_batch(
+        batch,
+        embedder.clone(),
+        sink_tx.clone(),
+        shared.clone(),
+    ));
+}
+
+/// Drops the documents whose record was superseded (counted done) or whose partition is gone
+/// (left for the next owner).
+fn still_wanted(
+    batch: Vec<(Arc<RecordAck>, Document)>,
+    shared: &Shared,
+) -> Vec<(Arc<RecordAck>, Document)> {
+    let mut superseded = 0;
+    let kept: Vec<_> = batch
+        .into_iter()
+        .filter(|(ack, _)| {
+            if !ack.owned() {
+                return false;
+            }
+            if ack.superseded() {
+                superseded += 1;
+                ack.done(1);
+                return false;
+            }
+            true
+        })
+        .collect();
+    if superseded > 0 {
+        shared.metrics.superseded("before-embedding", superseded);
+    }
+    kept
+}
+
+/// Embeds one batch; retries while the model is unavailable (nothing is committed meanwhile, so
+/// a crash loses nothing); a refused batch is retried text by text so that only the refused
+/// records go to the dead-letter topic.
+async fn embed_batch<E: Embedder>(
+    batch: Vec<(Arc<RecordAck>, Document)>,
+    embedder: Arc<E>,
+    sink_tx: mpsc::Sender<SinkItem>,
+    shared: Arc<Shared>,
+) {
+    let mut queue = vec![batch];
+    while let Some(batch) = queue.pop() {
+        let batch = still_wanted(batch, &shared);
+        if batch.is_empty() {
+            continue;
+        }
+        let texts: Vec<String> = batch.iter().map(|(_, d)| d.text.clone()).collect();
+        let mut pause = 0;
+        loop {
+            match embedder.embed(texts.clone()).await {
+                Ok(vectors) => {
+                    for ((ack, doc), embedded) in batch.iter().zip(vectors) {
+                        let source =
+                            document_source(&shared.spec.sink.opensearch, doc, &embedded.vector);
+                        let bytes = source.len() + doc.id.len() + 32;
+                        let item = SinkItem::Index {
+                            ack: ack.clone(),
+                            request: IndexRequest {
+                                id: doc.id.clone(),
+                                parent_id: doc.parent_id.clone(),
+                                chunks: doc.chunks,
+                                source,
+                            },
+                            bytes,
+                        };
+                        if sink_tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Err(EmbedError::Rejected(message)) if batch.len() > 1 => {
+                    tracing::debug!(error = %message, size = batch.len(), "a batch was refused; retrying its texts one by one");
+                    queue.extend(batch.iter().map(|item| vec![item.clone()]));
+                    break;
+                }
+                Err(EmbedError::Rejected(message)) => {
+                    let (ack, doc) = &batch[0];
+                    let rejection = Rejection {
+                        kind: RejectionKind::EmbeddingRejected,
+                        message: format!(
+                            "chunk {} of record {}: {message}",
+                            doc.chunk, doc.parent_id
+                        ),
+                    };
+                    shared.reject(ack, rejection).await;
+                    break;
+                }
+                Err(e) => {
+                    pause += 1;
+                    let wait = shared.spec.embedding.bedrock.retry.max_delay.get();
+                    tracing::error!(error = %e, retry_in = ?wait, pause, "embedding is failing; holding these records until it recovers");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// Fills and sends `_bulk` requests and tombstone deletes. A document or delete whose record id
+/// has a write in flight waits here (and a document of a second record with the same id waits for
+/// the first one's request), so versions of one id reach OpenSearch in the order they were read;
+/// older versions that have not started to be written are dropped when a newer one came.
+async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: Arc<Shared>) {
+    let bulk = &shared.spec.sink.opensearch.bulk;
+    let max_docs = bulk.max_docs.max(1) as usize;
+    let max_bytes = bulk.max_bytes.max(1024) as usize;
+    let flush_interval = bulk.flush_interval.get();
+    // Items waiting beyond this stop the stage from taking more until writes finish.
+    let max_pending = max_docs * 4;
+    let mut pending: Vec<SinkItem> = Vec::new();
+    let mut bytes = 0;
+    let mut deadline: Option<Instant> = None;
+    let mut flushes = Flushes {
+        tasks: JoinSet::new(),
+        limit: bulk.concurrency.max(1) as usize,
+    };
+    let mut open = true;
+    while open || !pending.is_empty() {
+        let due = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let flush = tokio::select! {
+            item = rx.recv(), if open && pending.len() < max_pending => match item {
+                None => {
+                    open = false;
+                    true
+                }
+                Some(item) => {
+                    let deletes = matches!(item, SinkItem::Delete { .. });
+                    bytes += item.bytes();
+                    pending.push(item);
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + flush_interval);
+                    }
+                    deletes || pending.len() >= max_docs || bytes >= max_bytes
+                }
+            },
+            () = tokio::time::sleep_until(due), if deadline.is_some() => true,
+            () = shared.write_done.notified(), if !pending.is_empty() => true,
+        };
+        if !flush {
+            continue;
+        }
+        let (batch, deletes) = take_ready(&mut pending, &shared, max_docs, max_bytes);
+        bytes = pending.iter().map(SinkItem::bytes).sum();
+        deadline = (!pending.is_empty()).then(|| Instant::now() + flush_interval);
+        if !batch.is_empty() {
+            flushes.send(&sink, &shared, Write::Index(batch)).await;
+        }
+        for (ack, parent_id) in deletes {
+            flushes
+                .send(&sink, &shared, Write::Delete(ack, parent_id))
+                .await;
+        }
+        if !open && !pending.is_empty() {
+            // Waiting for writes in flight to finish before the rest can go.
+            flushes.wait_one().await;
+        }
+    }
+    flushes.finish().await;
+}
+
+/// Takes from `pending` what may be written now, in order: at most one bulk batch, plus the
+/// deletes whose id is free. Superseded items are dropped (done); items whose record id has a
+/// write in flight, or whose id an earlier item in this pass took for another record, stay.
+fn take_ready(
+    pending: &mut Vec<SinkItem>,
+    shared: &Shared,
+    max_docs: usize,
+    max_bytes: usize,
+) -> (
+    Vec<(Arc<RecordAck>, IndexRequest)>,
+    Vec<(Arc<RecordAck>, String)>,
+) {
+    let mut writing = shared.writing.lock().unwrap_or_else(|e| e.into_inner());
+    let mut batch = Vec::new();
+    let mut deletes = Vec::new();
+    let mut batch_bytes = 0;
+    // Record ids taken in this pass, with the record that took them.
+    let mut taken: HashMap<String, *const RecordAck> = HashMap::new();
+    let mut blocked: HashSet<String> = HashSet::new();
+    let mut kept = Vec::new();
+    let (mut superseded, mut waits) = (0, 0);
+    for item in pending.drain(..) {
+        let ack = item.ack();
+        if !ack.owned() {
+            continue;
+        }
+        // A tombstone is never superseded: the version after it may still be refused.
+        if matches!(item, SinkItem::Index { .. }) && ack.superseded() {
+            superseded += 1;
+            ack.done(1);
+            continue;
+        }
+        let id = item.record_id().to_owned();
+        let same_record = taken
+            .get(&id)
+            .is_some_and(|r| std::ptr::eq(*r, Arc::as_ptr(ack)));
+        let free = !blocked.contains(&id)
+            && (same_record || (!taken.contains_key(&id) && !writing.contains(&id)));
+        let full = batch.len() >= max_docs || batch_bytes + item.bytes() > max_bytes.max(1);
+        if !free || (matches!(item, SinkItem::Index { .. }) && full && !batch.is_empty()) {
+            if !free {
+                waits += 1;
+            }
+            // Later items of this id keep their place behind this one.
+            blocked.insert(id);
+            kept.push(item);
+            continue;
+        }
+        taken.insert(id.clone(), Arc::as_ptr(ack));
+        match item {
+            SinkItem::Index {
+                ack,
+                request,
+                bytes,
+            } => {
+                batch_bytes += bytes;
+                batch.push((ack, request));
+            }
+            SinkItem::Delete { ack, parent_id } => {
+                // Nothing after a delete of this id goes in this pass.
+                blocked.insert(id);
+                deletes.push((ack, parent_id));
+            }
+        }
+    }
+    for id in taken.keys() {
+        writing.insert(id.clone());
+    }
+    drop(writing);
+    *pending = kept;
+    if superseded > 0 {
+        shared.metrics.superseded("before-writing", superseded);
+    }
+    if waits > 0 {
+        shared.metrics.same_id_waits.inc_by(waits);
+    }
+    (batch, deletes)
+}
+
+/// One write task: a bulk batch or a tombstone's delete.
+enum Write {
+    Index(Vec<(Arc<RecordAck>, IndexRequest)>),
+    Delete(Arc<RecordAck>, String),
+}
+
+/// The writes in flight. Several at once are safe: one record id is never in two of them.
+struct Flushes {
+    tasks: JoinSet<()>,
+    limit: usize,
+}
+
+impl Flushes {
+    /// Starts a write, after waiting for a free slot.
+    async fn send(&mut self, sink: &Arc<Sink>, shared: &Arc<Shared>, write: Write) {
+        while self.tasks.len() >= self.limit {
+            self.tasks.join_next().await;
+        }
+        let (sink, shared) = (sink.clone(), shared.clone());
+        self.tasks.spawn(async move {
+            match write {
+                Write::Index(batch) => flush(&sink, &shared, batch).await,
+                Write::Delete(ack, parent_id) => delete(&sink, &shared, ack, parent_id).await,
+            }
+        });
+    }
+
+    /// Waits for one write to end.
+    async fn wait_one(&mut self) {
+        self.tasks.join_next().await;
+    }
+
+    /// Waits for every write in flight.
+    async fn finish(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Deletes every document of a record (a tombstone): by id from its first document's chunk
+/// count (exact, and in real time), then by query on the parent id (also finds strays, once they
+/// are searchable). Each attempt runs under a write guard; a revoked record is left alone.
+async fn delete(sink: &Sink, shared: &Shared, ack: Arc<RecordAck>, parent_id: String) {
+    // From here on no older version is superseded by this tombstone's successors.
+    ack.begin_writing();
+    let deleted = until_done("deleting a record's documents", RetryPolicy::WRITES, || {
+        let (ack, parent_id) = (&ack, &parent_id);
+        async move {
+            let (guard, allowed) = shared.assignment().begin_write([&ack.owner]);
+            if allowed != [true] {
+                return Ok::<_, crate::sink::opensearch::SinkError>(None);
+            }
+            let ids = sink.stored_ids(&[parent_id]).await?;
+            let by_id = sink.delete_ids(&ids).await?;
+            let by_query = sink.delete_records(std::slice::from_ref(parent_id)).await?;
+            drop(guard);
+            Ok(Some(by_id + by_query))
+        }
+    })
+    .await;
+    if let Some(deleted) = deleted {
+        shared.metrics.documents_deleted.inc_by(deleted);
+        shared.metrics.record(if deleted > 0 {
+            "deleted"
+        } else {
+            "deleted-nothing-found"
+        });
+        ack.done(1);
+    }
+    shared.end_writes([parent_id.as_str()]);
+}
+
+/// Deletes the chunks that records of this batch had before and no longer have (a record that
+/// shrank from 5 chunks to 2 leaves `#2`…`#4`, one that became a single document leaves all of
+/// `#n`). Runs before the batch is written, under a write guard; retried until it succeeds.
+async fn remove_stale_chunks(
+    sink: &Sink,
+    shared: &Shared,
+    batch: &[(Arc<RecordAck>, IndexRequest)],
+) {
+    let deleted = until_done(
+        "looking up or deleting stale chunks",
+        RetryPolicy::WRITES,
+        || async {
+            let (guard, allowed) = shared
+                .assignment()
+                .begin_write(batch.iter().map(|(a, _)| &a.owner));
+            let records: BTreeMap<&str, usize> = batch
+                .iter()
+                .zip(&allowed)
+                .filter(|(_, owned)| **owned)
+                .map(|((_, r), _)| (r.parent_id.as_str(), r.chunks))
+                .collect();
+            let current: HashSet<String> = records
+                .iter()
+                .flat_map(|(parent, chunks)| record_ids(parent, *chunks))
+                .collect();
+            let parents: Vec<&str> = records.keys().copied().collect();
+            let stored = sink.stored_ids(&parents).await?;
+            let stale: Vec<String> = stored
+                .into_iter()
+                .filter(|id| !current.contains(id))
+                .collect();
+            let deleted = sink.delete_ids(&stale).await;
+            drop(guard);
+            deleted
+        },
+    )
+    .await;
+    if deleted > 0 {
+        shared.metrics.documents_deleted.inc_by(deleted);
+        tracing::debug!(
+            deleted,
+            "deleted chunks that updated records no longer have"
+        );
+    }
+}
+
+/// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
+/// Every attempt runs under a write guard: documents whose partition was revoked are dropped
+/// unwritten (the next owner reads them again).
+async fn flush(sink: &Sink, shared: &Shared, batch: Vec<(Arc<RecordAck>, IndexRequest)>) {
+    let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
+    let mut superseded = 0;
+    let mut batch: Vec<_> = batch
+        .into_iter()
+        .filter(|(ack, _)| {
+            if ack.begin_writing() {
+                return true;
+            }
+            superseded += 1;
+            ack.done(1);
+            false
+        })
+        .collect();
+    if superseded > 0 {
+        shared.metrics.superseded("before-writing", superseded);
+    }
+    if !batch.is_empty() && shared.spec.transform.id_pointer.is_some() {
+        remove_stale_chunks(sink, shared, &batch).await;
+    }
+    let mut attempt = 0;
+    while !batch.is_empty() {
+        let (guard, allowed) = shared
+            .assignment()
+            .begin_write(batch.iter().map(|(a, _)| &a.owner));
+        if allowed.iter().any(|owned| !owned) {
+            let mut owned = allowed.into_iter();
+            batch.retain(|_| owned.next().unwrap_or(false));
+            if batch.is_empty() {
+                break;
+            }
+        }
+        let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();
+        let started = std::time::Instant::now();
+        let results = sink.bulk(&requests).await;
+        drop(guard);
+        shared
+            .metrics
+            .bulk_latency
+            .observe(started.elapsed().as_secs_f64());
+        match results {
+            Ok(results) => {
+                let mut retry = Vec::new();
+                for ((ack, request), result) in batch.into_iter().zip(results) {
+                    match result {
+                        ItemResult::Ok => {
+                            shared.metrics.documents_indexed.inc();
+                            shared.metrics.bulk_item("ok", 1);
+                            if ack.done(1) {
+                                shared.metrics.record("indexed");
+                            }
+                        }
+                        ItemResult::Retry(reason) => {
+                            shared.metrics.bulk_item("retried", 1);
+                            tracing::debug!(id = %request.id, %reason, "bulk item will be retried");
+                            retry.push((ack, request));
+                        }
+                        ItemResult::Rejected(reason) => {
+                            shared.metrics.bulk_item("rejected", 1);
+                            let rejection = Rejection {
+                                kind: RejectionKind::IndexRejected,
+                                message: format!("document {}: {reason}", request.id),
+                            };
+                            shared.reject(&ack, rejection).await;
+                        }
+                    }
+                }
+                batch = retry;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, docs = batch.len(), attempt, "bulk request failed; retrying");
+            }
+        }
+        if !batch.is_empty() {
+            attempt += 1;
+            tokio::time::sleep(RetryPolicy::BULK.wait(attempt)).await;
+        }
+    }
+    shared.end_writes(ids.iter().map(String::as_str));
+}
