@@ -183,13 +183,26 @@ pub fn pipeline(spec: &EmbeddingPipelineSpec) -> Result<(), Problems> {
             "must differ from vectorField",
         ));
     }
-    if let (Some(dl), Some(topics)) = (&spec.dead_letter, &kafka.topics)
-        && topics.contains(&dl.topic)
-    {
-        found.push(problem(
-            "deadLetter.topic",
-            "must differ from the source topics, or failed records would be read again",
-        ));
+    match crate::topics::TopicSelection::of(kafka) {
+        Ok(selection) => {
+            if let Some(dl) = &spec.dead_letter
+                && selection.matches(&dl.topic)
+            {
+                found.push(problem(
+                    "deadLetter.topic",
+                    format!(
+                        "{:?} is one of the source topics (or matches topicPattern); failed records would be read again: use a topic the source does not select",
+                        dl.topic
+                    ),
+                ));
+            }
+        }
+        Err(crate::topics::TopicError::Pattern { error, .. }) => found.push(problem(
+            "source.kafka.topicPattern",
+            format!("is not a valid regular expression: {error}"),
+        )),
+        // Reported above.
+        Err(crate::topics::TopicError::Unset) => {}
     }
     if found.is_empty() {
         Ok(())

@@ -370,6 +370,23 @@ fn validate_catches_what_cel_cannot() {
     ep.spec.embedding.bedrock.retry.base_delay = "30s".parse().unwrap();
     let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
     assert!(err.contains("baseDelay must not exceed maxDelay"), "{err}");
+
+    // A dead-letter topic that the topic pattern selects would be read again, forever.
+    let mut ep: EmbeddingPipeline = serde_json::from_value(minimal_pipeline()).unwrap();
+    ep.spec.source.kafka.topics = None;
+    ep.spec.source.kafka.topic_pattern = Some("posts.*".into());
+    ep.spec.dead_letter = serde_json::from_value(json!({"topic": "posts-dlq"})).unwrap();
+    let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
+    assert!(
+        err.contains("deadLetter.topic") && err.contains("posts-dlq"),
+        "{err}"
+    );
+    // A whole-name pattern leaves the dead-letter topic out.
+    ep.spec.source.kafka.topic_pattern = Some("posts".into());
+    validate::pipeline(&ep.spec).unwrap();
+    ep.spec.source.kafka.topic_pattern = Some("(posts".into());
+    let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
+    assert!(err.contains("topicPattern"), "{err}");
 }
 
 #[test]

@@ -209,13 +209,13 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
     .await?;
     assert_eq!(
         scaled_in,
-        [first_pod.clone()],
+        std::slice::from_ref(&first_pod),
         "scaling in removed the first worker pod instead of the added ones"
     );
     let sets = replica_sets.list(&workers).await?.items;
     let live: Vec<_> = sets
         .iter()
-        .filter(|rs| rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0)
+        .filter(|rs| rs.spec.replicas.unwrap_or(0) > 0)
         .collect();
     assert_eq!(live.len(), 1, "more than one live ReplicaSet after scaling");
     wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;

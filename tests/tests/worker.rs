@@ -522,16 +522,204 @@ async fn updates_replace_all_chunks_of_a_record_and_a_tombstone_right_behind_win
     setup.count(json!({"match_all": {}})).await?;
     assert_eq!(stored().await?, [], "the tombstone deleted every chunk");
 
+    // Back-to-back versions of one id were ordered: the older one either waited for the newer
+    // one's write or was skipped because the newer one came first.
     let metrics = worker.metrics_text().await?;
-    let waits = metrics
-        .lines()
-        .find(|l| l.starts_with("vectorpipe_worker_same_id_waits_total"))
-        .context("no same-id wait counter in /metrics")?;
+    let ordered =
+        vectorpipe_tests::worker::metric_sum(&metrics, "vectorpipe_worker_same_id_waits_total")
+            + vectorpipe_tests::worker::metric_sum(
+                &metrics,
+                "vectorpipe_worker_superseded_documents_total",
+            );
     assert!(
-        !waits.ends_with(" 0"),
-        "versions of one record were written one after the other: {waits}"
+        ordered > 0.0,
+        "versions of one record were not ordered: {metrics}"
     );
     assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// The sum of a metric's samples that carry `label` (e.g. `outcome="indexed"`).
+fn labelled_sum(page: &str, name: &str, label: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Titan calls the fake answered with a result.
+fn titan_calls(setup: &Setup) -> u64 {
+    setup
+        .fake
+        .stats()
+        .models
+        .get("amazon.titan-embed-text-v2:0")
+        .map_or(0, |m| m.succeeded)
+}
+
+/// The stored `_source` of one document.
+async fn stored_source(setup: &Setup, id: &str) -> Result<Value> {
+    setup.count(json!({"match_all": {}})).await?;
+    let response: Value = os::client()?
+        .search(SearchParts::Index(&[&setup.index]))
+        .body(json!({"query": {"ids": {"values": [id]}}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    response["hits"]["hits"][0]["_source"]
+        .as_object()
+        .map(|s| Value::Object(s.clone()))
+        .with_context(|| format!("document {id} is not stored: {response}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_of_metadata_only_is_written_not_dropped_as_a_duplicate() -> Result<()> {
+    let setup = Setup::new("e2e-dedup-meta").await?;
+    // The record's own creation time is its @timestamp (else each send's Kafka timestamp would
+    // make every re-send a different document).
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["transform"]["timestampPointer"] = json!("/created");
+    })?;
+    let worker = setup.start_worker("worker")?;
+    let version = |likes: i64| {
+        Some(
+            json!({"id": "m", "text": "the same text every time", "likes": likes, "created": "2026-11-30T10:00:00Z"})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    setup.produce(&[(Some("m"), version(1))]).await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    // Deduplication is on (the default): the text is unchanged but the metadata is not.
+    setup.produce(&[(Some("m"), version(2))]).await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    assert_eq!(stored_source(&setup, "m").await?["likes"], 2);
+    // The very same record again is a duplicate: skipped, not embedded.
+    let calls = titan_calls(&setup);
+    setup.produce(&[(Some("m"), version(2))]).await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    let metrics = worker.metrics_text().await?;
+    assert_eq!(
+        labelled_sum(
+            &metrics,
+            "vectorpipe_worker_records_total",
+            r#"outcome="skipped-duplicate""#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(titan_calls(&setup), calls, "a duplicate was embedded");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hot_ids_never_stop_the_consumer_and_the_last_version_of_each_wins() -> Result<()> {
+    let setup = Setup::new("e2e-hot").await?;
+    // The group evicts a member that does not poll for 7 s; Bedrock answers after 10 s.
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
+            "session.timeout.ms": "6000",
+            "max.poll.interval.ms": "7000",
+        });
+        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
+        pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
+    })?;
+    setup.fake.set_latency(Duration::from_secs(10));
+    // 60 versions of three hot ids, each keyed by its id (so one id stays in one partition).
+    let n = 60;
+    let records: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let id = format!("hot-{}", i % 3);
+            let value = json!({"id": id, "text": format!("version {i} of {id}"), "likes": i});
+            (id, value.to_string().into_bytes())
+        })
+        .collect();
+    setup.produce(&as_records(&records)).await?;
+    let worker = setup.start_worker("worker")?;
+    // Longer than max.poll.interval.ms: a consumer that waits for an earlier version of its
+    // id without polling is evicted now.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    setup.fake.set_latency(Duration::ZERO);
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    assert_eq!(setup.count(json!({"match_all": {}})).await?, 3);
+    for (id, last) in [("hot-0", 57), ("hot-1", 58), ("hot-2", 59)] {
+        assert_eq!(stored_source(&setup, id).await?["likes"], last, "{id}");
+    }
+    let log = std::fs::read_to_string(setup.dir.join("worker.log"))?;
+    assert!(
+        !log.contains("partitions revoked") && !log.contains("MAX_POLL_EXCEEDED"),
+        "the worker kept its partitions: {log}"
+    );
+    let metrics = worker.metrics_text().await?;
+    let saved = labelled_sum(
+        &metrics,
+        "vectorpipe_worker_superseded_documents_total",
+        r#"outcome="before-embedding""#,
+    );
+    assert!(saved > 0.0, "no embedding call was saved: {metrics}");
+    assert!(
+        titan_calls(&setup) < n as u64,
+        "every version was embedded: {}",
+        titan_calls(&setup)
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_worker_drains_while_the_group_rebalances_and_exits_zero() -> Result<()> {
+    use vectorpipe_tests::worker::metric_sum;
+    let setup = Setup::new("e2e-drain").await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["consumerProperties"] =
+            json!({"session.timeout.ms": "6000"});
+        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(4);
+    })?;
+    setup.fake.set_latency(Duration::from_millis(500));
+    let n = 300;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let first = setup.start_worker("first")?;
+    let second = setup.start_worker("second")?;
+    eventually("both workers indexing", Duration::from_secs(90), || async {
+        let a = metric_sum(
+            &first.metrics_text().await?,
+            "vectorpipe_worker_documents_indexed_total",
+        );
+        let b = metric_sum(
+            &second.metrics_text().await?,
+            "vectorpipe_worker_documents_indexed_total",
+        );
+        Ok((a > 0.0 && b > 0.0).then_some(()))
+    })
+    .await?;
+    // One member dies, and the other is told to stop at once: it drains while the group
+    // rebalances around it, and still commits and exits cleanly.
+    second.kill()?;
+    let stopping = std::time::Instant::now();
+    let status = first.stop()?;
+    let drained = stopping.elapsed();
+    let log = std::fs::read_to_string(setup.dir.join("first.log"))?;
+    assert!(status.success(), "exit {status} after {drained:?}: {log}");
+    assert!(
+        !log.contains("final commit failed"),
+        "the final commit failed: {log}"
+    );
+    println!("SIGTERM to exit, with a member gone and Bedrock at 500 ms: {drained:?}");
+    let third = setup.start_worker("third")?;
+    setup
+        .assert_exactly_indexed(n, Duration::from_secs(120))
+        .await?;
+    assert!(third.stop()?.success());
     Ok(())
 }
 

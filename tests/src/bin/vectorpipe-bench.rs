@@ -1,13 +1,16 @@
 //! `vectorpipe-bench`: measures the real worker against the harness Kafka and OpenSearch and the
 //! Bedrock fake at a set latency. Prints figures; asserts nothing.
 //!
-//! Two scenarios run in one command, so their figures can be compared:
+//! Three scenarios run in one command, so their figures can be compared:
 //! - the embedder answering at once: how fast documents go into the sink, per CPU second;
 //! - the embedder answering after `--latency-ms`: records/s next to the ceiling
-//!   maxInFlight × batch ÷ latency.
+//!   maxInFlight × batch ÷ latency;
+//! - the same latency with updates over `--hot-ids` record ids (every record is a new version of
+//!   one of them): what ordering versions of one id costs next to the unique-id run.
 //!
-//! Each scenario drains a backlog of `--records` records (throughput, CPU seconds, peak RSS),
-//! then measures produce-to-searchable latency on records produced one at a time.
+//! Each scenario drains a backlog of `--records` records (throughput, CPU seconds, peak RSS;
+//! done when every document is searchable, or, for updates, when the group's commits reach the
+//! end), then measures produce-to-searchable latency on records produced one at a time.
 //!
 //! usage: start the harness (`tests/harness/up.sh kafka opensearch`, then source `$VP_RUN/env`),
 //! build the worker (`cargo build --release -p vectorpipe-worker` for meaningful numbers), then
@@ -88,6 +91,9 @@ struct Args {
     /// Topic partitions.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
+    /// Record ids of the update-heavy scenario.
+    #[arg(long, default_value_t = 20)]
+    hot_ids: usize,
     /// The worker binary (default: the release build, else the debug build, next to this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -176,11 +182,36 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// True once `group` committed the end of every partition of `topic`.
+fn commits_at_end(topic: &str, group: &str, partitions: i32) -> Result<bool> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let observer: BaseConsumer = kafka::config()?.set("group.id", group).create()?;
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        wanted.add_partition(topic, p);
+    }
+    let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
+    for p in 0..partitions {
+        let (_, high) = observer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
+        let at = committed.find_partition(topic, p).map(|e| e.offset());
+        let done = match at {
+            Some(rdkafka::Offset::Offset(o)) => o == high,
+            _ => high == 0,
+        };
+        if !done {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// One backlog scenario; `hot_ids`: every record is a version of one of that many ids.
 async fn scenario(
     args: &Args,
     name: &str,
     latency: Duration,
     worker_binary: &std::path::Path,
+    hot_ids: Option<usize>,
 ) -> Result<Figures> {
     let topic = unique_name("bench");
     kafka::create_topic(&topic, args.partitions).await?;
@@ -223,10 +254,13 @@ async fn scenario(
     let mut pending = Vec::with_capacity(args.records);
     let (producer_ref, topic_ref) = (&producer, topic.as_str());
     for i in 0..args.records {
+        let id = match hot_ids {
+            Some(hot) => format!("r{}", i % hot.max(1)),
+            None => format!("r{i}"),
+        };
         let payload =
-            json!({"id": format!("r{i}"), "text": format!("{text} #{i}"), "producedAt": 0})
-                .to_string();
-        let key = format!("r{i}");
+            json!({"id": id, "text": format!("{text} #{i}"), "producedAt": 0}).to_string();
+        let key = id;
         pending.push(async move {
             producer_ref
                 .send(
@@ -257,7 +291,11 @@ async fn scenario(
             first = Some(Instant::now());
             at_first = n;
         }
-        if n >= args.records as u64 {
+        let done = match hot_ids {
+            None => n >= args.records as u64,
+            Some(_) => n > 0 && commits_at_end(&topic, &format!("{topic}-group"), args.partitions)?,
+        };
+        if done {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -627,16 +665,21 @@ async fn worker_bench(args: Args) -> Result<()> {
         args.records, args.max_in_flight, args.partitions
     );
     let mut rows = Vec::new();
-    rows.push(scenario(&args, "embedder answers at once", Duration::ZERO, &worker).await?);
     rows.push(
         scenario(
             &args,
-            &format!("embedder at {} ms", args.latency_ms),
-            Duration::from_millis(args.latency_ms),
+            "embedder answers at once",
+            Duration::ZERO,
             &worker,
+            None,
         )
         .await?,
     );
+    let latency = Duration::from_millis(args.latency_ms);
+    let unique = format!("embedder at {} ms", args.latency_ms);
+    rows.push(scenario(&args, &unique, latency, &worker, None).await?);
+    let hot = format!("{} hot ids at {} ms", args.hot_ids, args.latency_ms);
+    rows.push(scenario(&args, &hot, latency, &worker, Some(args.hot_ids)).await?);
     println!(
         "\n{:<28} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8} {:>7} {:>11} {:>9} {:>8} {:>8}",
         "scenario",
@@ -652,8 +695,13 @@ async fn worker_bench(args: Args) -> Result<()> {
         "p50 ms",
         "p99 ms"
     );
+    let rate_of = |r: &Figures| r.records as f64 / r.seconds;
+    println!(
+        "update-heavy throughput / unique-id throughput at the same latency: {:.0}%",
+        100.0 * rate_of(&rows[2]) / rate_of(&rows[1])
+    );
     for r in &rows {
-        let rate = r.records as f64 / r.seconds;
+        let rate = rate_of(r);
         println!(
             "{:<28} {:>8} {:>8.1} {:>8.1} {:>10.0} {:>10} {:>8} {:>7.1} {:>11.0} {:>9.0} {:>8.0} {:>8.0}",
             r.name,

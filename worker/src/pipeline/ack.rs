@@ -18,14 +18,18 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::message::OwnedMessage;
+use tokio::sync::Notify;
 
 use crate::dedup::{Dedup, Hash};
 use crate::source::assignment::{Assignment, Owner};
 
-/// The newest version of every record id with work in flight.
+/// Per record id with work in flight: its newest version, and the version being written (one
+/// that started to be written and is not complete yet; nothing newer of that id is written before
+/// it is complete, so a record is never overtaken by its successor or its tombstone).
 #[derive(Debug, Default)]
 pub struct Versions {
     latest: Mutex<HashMap<String, u64>>,
+    writers: Mutex<HashMap<String, u64>>,
     next: AtomicU64,
 }
 
@@ -55,20 +59,59 @@ impl Versions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(id)
+            || self
+                .writers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id)
+    }
+
+    /// The version of `id` being written, if any.
+    pub fn writer(&self, id: &str) -> Option<u64> {
+        self.writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// `version` of `id` starts to be written; false when another version is being written.
+    pub fn claim_writer(&self, id: &str, version: u64) -> bool {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        match writers.get(id) {
+            Some(v) => *v == version,
+            None => {
+                writers.insert(id.to_owned(), version);
+                true
+            }
+        }
+    }
+
+    /// The version's writes are over (it is complete, or dropped with its partition).
+    fn end_writer(&self, id: &str, version: u64) -> bool {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        if writers.get(id) == Some(&version) {
+            writers.remove(id);
+            return true;
+        }
+        false
     }
 
     /// The version's work is over (done, or dropped with its partition).
-    pub fn end(&self, id: &str, version: u64) {
+    pub fn end(&self, id: &str, version: u64) -> bool {
+        let released = self.end_writer(id, version);
         let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         if latest.get(id) == Some(&version) {
             latest.remove(id);
         }
+        released
     }
 
     /// Ids with work in flight.
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).len()
+            + self.writers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -80,6 +123,9 @@ pub struct AckHub {
     pub versions: Versions,
     /// Deduplication, when on.
     pub dedup: Option<Arc<Dedup>>,
+    /// Signalled when a write ends or a version being written is complete (waiting documents
+    /// may go).
+    pub released: Notify,
 }
 
 const OPEN: u8 = 0;
@@ -132,6 +178,11 @@ impl RecordAck {
             failed: AtomicBool::new(false),
             hub,
         })
+    }
+
+    /// The record id and version, when versions of its id are ordered.
+    pub fn version(&self) -> Option<(&str, u64)> {
+        self.version.as_ref().map(|(id, v)| (id.as_str(), *v))
     }
 
     /// True when this record's partition is still owned in the epoch it was read in.
@@ -193,6 +244,11 @@ impl RecordAck {
             return false;
         }
         self.hub.assignment.finish(&self.owner);
+        if let Some((id, version)) = &self.version
+            && self.hub.versions.end_writer(id, *version)
+        {
+            self.hub.released.notify_one();
+        }
         if let (Some(dedup), Some((id, _))) = (&self.hub.dedup, &self.version) {
             let written = self.state.load(Ordering::SeqCst) == WRITING;
             match (self.hash, written && !self.failed.load(Ordering::SeqCst)) {
@@ -214,8 +270,10 @@ impl RecordAck {
 
 impl Drop for RecordAck {
     fn drop(&mut self) {
-        if let Some((id, version)) = &self.version {
-            self.hub.versions.end(id, *version);
+        if let Some((id, version)) = &self.version
+            && self.hub.versions.end(id, *version)
+        {
+            self.hub.released.notify_one();
         }
     }
 }
@@ -233,6 +291,7 @@ mod tests {
             assignment,
             versions: Versions::default(),
             dedup: Dedup::from_spec(&DedupSpec::default()).map(Arc::new),
+            released: Notify::new(),
         })
     }
 
@@ -321,6 +380,25 @@ mod tests {
         assert!(v1.begin_writing());
         let _v2 = read(&hub, "x", 2, 1);
         assert!(!v1.superseded(), "half a record is never left behind");
+    }
+
+    #[test]
+    fn nothing_newer_is_written_while_a_version_of_the_id_is_being_written() {
+        let hub = hub();
+        let v1 = read(&hub, "x", 1, 2);
+        let tombstone = read(&hub, "x", 2, 1);
+        let (_, first) = v1.version().unwrap();
+        let (_, second) = tombstone.version().unwrap();
+        assert!(v1.begin_writing() && hub.versions.claim_writer("x", first));
+        assert!(
+            !hub.versions.claim_writer("x", second),
+            "the tombstone waits"
+        );
+        v1.done(1);
+        assert_eq!(hub.versions.writer("x"), Some(first), "half written still");
+        v1.done(1);
+        assert_eq!(hub.versions.writer("x"), None);
+        assert!(hub.versions.claim_writer("x", second));
     }
 
     #[test]

@@ -118,8 +118,6 @@ struct Shared {
     dead_letters: DeadLetters,
     /// Record ids with a write (index or delete) in flight: their next documents wait.
     writing: Mutex<HashSet<String>>,
-    /// Signalled when a write ends.
-    write_done: Notify,
 }
 
 impl Shared {
@@ -133,7 +131,7 @@ impl Shared {
             writing.remove(id);
         }
         drop(writing);
-        self.write_done.notify_one();
+        self.hub.released.notify_one();
     }
 
     /// Dead-letters one unit of a record and marks it done.
@@ -169,18 +167,22 @@ pub async fn run<E: Embedder>(
     };
     let consumer: Arc<StreamConsumer<Context>> =
         Arc::new(source::consumer_config(kafka, &options.group_id)?.create_with_context(context)?);
-    match (&kafka.topics, &kafka.topic_pattern) {
-        (Some(topics), _) => {
-            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-            consumer.subscribe(&topics)?;
-        }
-        (None, Some(pattern)) => consumer.subscribe(&[&format!("^{pattern}")])?,
-        (None, None) => anyhow::bail!("source.kafka needs topics or topicPattern"),
+    let topics = vectorpipe_kafka::TopicSelection::of(kafka)?;
+    if let Some(dead_letter) = &spec.dead_letter
+        && topics.matches(&dead_letter.topic)
+    {
+        anyhow::bail!(
+            "deadLetter.topic {:?} is one of the source topics; failed records would be read again: use a topic the source does not select",
+            dead_letter.topic
+        );
     }
+    let subscription = topics.subscription();
+    consumer.subscribe(&subscription.iter().map(String::as_str).collect::<Vec<_>>())?;
     let hub = Arc::new(AckHub {
         assignment: assignment.clone(),
         versions: Versions::default(),
         dedup: dedup.clone(),
+        released: Notify::new(),
     });
     let shared = Arc::new(Shared {
         spec: spec.clone(),
@@ -188,7 +190,6 @@ pub async fn run<E: Embedder>(
         metrics: metrics.clone(),
         dead_letters: DeadLetters::new(&spec, metrics.clone())?,
         writing: Mutex::new(HashSet::new()),
-        write_done: Notify::new(),
     });
     let versioned = spec.transform.id_pointer.is_some();
 
@@ -713,8 +714,6 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
     let max_docs = bulk.max_docs.max(1) as usize;
     let max_bytes = bulk.max_bytes.max(1024) as usize;
     let flush_interval = bulk.flush_interval.get();
-    // Items waiting beyond this stop the stage from taking more until writes finish.
-    let max_pending = max_docs * 4;
     let mut pending: Vec<SinkItem> = Vec::new();
     let mut bytes = 0;
     let mut deadline: Option<Instant> = None;
@@ -726,7 +725,9 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
     while open || !pending.is_empty() {
         let due = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let flush = tokio::select! {
-            item = rx.recv(), if open && pending.len() < max_pending => match item {
+            // Always taking more: what waits is bounded (older versions are dropped as newer
+            // ones come), and the version being waited for may still be on its way.
+            item = rx.recv(), if open => match item {
                 None => {
                     open = false;
                     true
@@ -742,7 +743,7 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
                 }
             },
             () = tokio::time::sleep_until(due), if deadline.is_some() => true,
-            () = shared.write_done.notified(), if !pending.is_empty() => true,
+            () = shared.hub.released.notified(), if !pending.is_empty() => true,
         };
         if !flush {
             continue;
@@ -767,23 +768,24 @@ async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: A
 }
 
 /// Takes from `pending` what may be written now, in order: at most one bulk batch, plus the
-/// deletes whose id is free. Superseded items are dropped (done); items whose record id has a
-/// write in flight, or whose id an earlier item in this pass took for another record, stay.
+/// deletes whose id is free. Superseded documents are dropped (done). An item waits while its
+/// record id has a request in flight, while another version of its id is being written (until
+/// that version is complete), or behind an earlier item of its id that waits. Taking an item
+/// starts its record's writing.
 fn take_ready(
     pending: &mut Vec<SinkItem>,
     shared: &Shared,
     max_docs: usize,
     max_bytes: usize,
-) -> (
-    Vec<(Arc<RecordAck>, IndexRequest)>,
-    Vec<(Arc<RecordAck>, String)>,
-) {
+) -> (Vec<Indexing>, Vec<Deleting>) {
+    let versions = &shared.hub.versions;
     let mut writing = shared.writing.lock().unwrap_or_else(|e| e.into_inner());
     let mut batch = Vec::new();
     let mut deletes = Vec::new();
     let mut batch_bytes = 0;
     // Record ids taken in this pass, with the record that took them.
     let mut taken: HashMap<String, *const RecordAck> = HashMap::new();
+    // Ids behind a waiting item: later items of other versions of the id wait too.
     let mut blocked: HashSet<String> = HashSet::new();
     let mut kept = Vec::new();
     let (mut superseded, mut waits) = (0, 0);
@@ -799,20 +801,35 @@ fn take_ready(
             continue;
         }
         let id = item.record_id().to_owned();
+        let version = ack.version().map(|(_, v)| v);
+        let writer = version.and_then(|_| versions.writer(&id));
+        let is_writer = writer.is_some() && writer == version;
         let same_record = taken
             .get(&id)
             .is_some_and(|r| std::ptr::eq(*r, Arc::as_ptr(ack)));
-        let free = !blocked.contains(&id)
-            && (same_record || (!taken.contains_key(&id) && !writing.contains(&id)));
+        // The version being written goes first; any other waits for it, and behind an
+        // earlier waiting item of its id.
+        let turn = is_writer || (writer.is_none() && !blocked.contains(&id));
+        let free = same_record || (turn && !taken.contains_key(&id) && !writing.contains(&id));
         let full = batch.len() >= max_docs || batch_bytes + item.bytes() > max_bytes.max(1);
         if !free || (matches!(item, SinkItem::Index { .. }) && full && !batch.is_empty()) {
             if !free {
                 waits += 1;
             }
-            // Later items of this id keep their place behind this one.
-            blocked.insert(id);
+            if !is_writer {
+                blocked.insert(id);
+            }
             kept.push(item);
             continue;
+        }
+        if !ack.begin_writing() {
+            // Superseded since the check above (by the embed stage): none of it is written.
+            superseded += 1;
+            ack.done(1);
+            continue;
+        }
+        if let Some(version) = version {
+            versions.claim_writer(&id, version);
         }
         taken.insert(id.clone(), Arc::as_ptr(ack));
         match item {
@@ -844,6 +861,11 @@ fn take_ready(
     }
     (batch, deletes)
 }
+
+/// A document on its way into a `_bulk` request.
+type Indexing = (Arc<RecordAck>, IndexRequest);
+/// A tombstone on its way to its delete.
+type Deleting = (Arc<RecordAck>, String);
 
 /// One write task: a bulk batch or a tombstone's delete.
 enum Write {
@@ -887,8 +909,6 @@ impl Flushes {
 /// count (exact, and in real time), then by query on the parent id (also finds strays, once they
 /// are searchable). Each attempt runs under a write guard; a revoked record is left alone.
 async fn delete(sink: &Sink, shared: &Shared, ack: Arc<RecordAck>, parent_id: String) {
-    // From here on no older version is superseded by this tombstone's successors.
-    ack.begin_writing();
     let deleted = until_done("deleting a record's documents", RetryPolicy::WRITES, || {
         let (ack, parent_id) = (&ack, &parent_id);
         async move {
@@ -965,23 +985,9 @@ async fn remove_stale_chunks(
 /// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
 /// Every attempt runs under a write guard: documents whose partition was revoked are dropped
 /// unwritten (the next owner reads them again).
-async fn flush(sink: &Sink, shared: &Shared, batch: Vec<(Arc<RecordAck>, IndexRequest)>) {
+async fn flush(sink: &Sink, shared: &Shared, batch: Vec<Indexing>) {
     let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
-    let mut superseded = 0;
-    let mut batch: Vec<_> = batch
-        .into_iter()
-        .filter(|(ack, _)| {
-            if ack.begin_writing() {
-                return true;
-            }
-            superseded += 1;
-            ack.done(1);
-            false
-        })
-        .collect();
-    if superseded > 0 {
-        shared.metrics.superseded("before-writing", superseded);
-    }
+    let mut batch = batch;
     if !batch.is_empty() && shared.spec.transform.id_pointer.is_some() {
         remove_stale_chunks(sink, shared, &batch).await;
     }

@@ -15,7 +15,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
+use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
+use vectorpipe_kafka::{Credentials, Material};
 
 use crate::dedup::Dedup;
 use crate::metrics::{Metrics, TopicPartition};
@@ -35,116 +36,57 @@ fn env(name: &str, what: &str) -> Result<String, SourceError> {
     })
 }
 
-/// The client settings shared by the consumer and the dead-letter producer: brokers and auth.
-/// Secrets are read from the environment and mounted files, never from the spec.
-pub fn client_config(kafka: &KafkaSource) -> Result<ClientConfig, SourceError> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", kafka.bootstrap_servers.join(","));
+/// The secrets the source's auth needs, from the files and environment the operator gave the
+/// worker's pod (never from the spec).
+fn credentials(kafka: &KafkaSource) -> Result<Credentials, SourceError> {
+    let mut credentials = Credentials::default();
     let Some(auth) = &kafka.auth else {
-        return Ok(config);
+        return Ok(credentials);
     };
-    let ca = |set: bool, config: &mut ClientConfig| -> Result<(), SourceError> {
-        if set {
-            config.set(
-                "ssl.ca.location",
-                env(
-                    "VECTORPIPE_KAFKA_CA_FILE",
-                    "the Kafka CA bundle is mounted at this path",
-                )?,
-            );
-        }
-        Ok(())
-    };
-    if let Some(tls) = &auth.tls {
-        config.set("security.protocol", "ssl");
-        ca(tls.ca_secret_ref.is_some(), &mut config)?;
-        if tls.client_cert_secret_ref.is_some() {
-            config.set(
-                "ssl.certificate.location",
-                env(
-                    "VECTORPIPE_KAFKA_CERT_FILE",
-                    "the client certificate is mounted at this path",
-                )?,
-            );
-            config.set(
-                "ssl.key.location",
-                env(
-                    "VECTORPIPE_KAFKA_KEY_FILE",
-                    "the client key is mounted at this path",
-                )?,
-            );
-        }
-    } else if let Some(scram) = &auth.scram {
-        config.set(
-            "security.protocol",
-            if scram.tls {
-                "sasl_ssl"
-            } else {
-                "sasl_plaintext"
-            },
-        );
-        config.set(
-            "sasl.mechanisms",
-            match scram.mechanism {
-                ScramMechanism::Sha256 => "SCRAM-SHA-256",
-                ScramMechanism::Sha512 => "SCRAM-SHA-512",
-            },
-        );
-        config.set(
-            "sasl.username",
-            env("VECTORPIPE_KAFKA_USERNAME", "SCRAM needs a username")?,
-        );
-        config.set(
-            "sasl.password",
-            env("VECTORPIPE_KAFKA_PASSWORD", "SCRAM needs a password")?,
-        );
-        ca(scram.ca_secret_ref.is_some(), &mut config)?;
-    } else if auth.msk_iam.is_some() {
-        // Amazon MSK IAM: SASL/OAUTHBEARER over TLS with a signed token the client context
-        // makes (and librdkafka refreshes before it expires).
-        config
-            .set("security.protocol", "sasl_ssl")
-            .set("sasl.mechanism", "OAUTHBEARER");
-    }
-    Ok(config)
-}
-
-/// The region whose MSK IAM tokens a client needs, if the source uses MSK IAM.
-pub fn msk_iam_region(kafka: &KafkaSource) -> Option<String> {
-    kafka
-        .auth
+    let file = |name: &str, what: &str| env(name, what).map(|p| Material::File(p.into()));
+    let ca_ref = auth
+        .tls
         .as_ref()
-        .and_then(|a| a.msk_iam.as_ref())
-        .map(|m| m.region.clone())
+        .and_then(|t| t.ca_secret_ref.as_ref())
+        .or_else(|| auth.scram.as_ref().and_then(|s| s.ca_secret_ref.as_ref()));
+    if ca_ref.is_some() {
+        credentials.ca = Some(file(
+            "VECTORPIPE_KAFKA_CA_FILE",
+            "the Kafka CA bundle is mounted at this path",
+        )?);
+    }
+    if auth
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_cert_secret_ref.is_some())
+    {
+        credentials.cert = Some(file(
+            "VECTORPIPE_KAFKA_CERT_FILE",
+            "the client certificate is mounted at this path",
+        )?);
+        credentials.key = Some(file(
+            "VECTORPIPE_KAFKA_KEY_FILE",
+            "the client key is mounted at this path",
+        )?);
+    }
+    if auth.scram.is_some() {
+        credentials.username = Some(env("VECTORPIPE_KAFKA_USERNAME", "SCRAM needs a username")?);
+        credentials.password = Some(env("VECTORPIPE_KAFKA_PASSWORD", "SCRAM needs a password")?);
+    }
+    Ok(credentials)
 }
 
-/// An MSK IAM auth token (a SigV4-presigned `kafka-cluster:Connect` URL) for `region`, signed
-/// with the default credential chain (IRSA or Pod Identity in a cluster). librdkafka calls this
-/// from its own threads, so the signer runs on a short-lived runtime of its own.
-pub fn msk_iam_token(region: &str) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-    let region = aws_config::Region::new(region.to_owned());
-    let (token, lifetime_ms) = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<(String, i64), String> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                runtime
-                    .block_on(aws_msk_iam_sasl_signer::generate_auth_token(region))
-                    .map_err(|e| format!("signing an MSK IAM token failed: {e}"))
-            })
-            .join()
-            .map_err(|_| {
-                "the MSK IAM signer panicked (are AWS credentials available?)".to_owned()
-            })?
-    })?;
-    tracing::debug!(lifetime_ms, "new MSK IAM token");
-    Ok(OAuthToken {
-        token,
-        principal_name: "vectorpipe-worker".into(),
-        lifetime_ms,
-    })
+/// The client settings shared by the consumer and the dead-letter producer: brokers and auth.
+pub fn client_config(kafka: &KafkaSource) -> Result<ClientConfig, SourceError> {
+    vectorpipe_kafka::client_config(kafka, &credentials(kafka)?)
+        .map_err(|e| SourceError(e.to_string()))
+}
+
+pub use vectorpipe_kafka::msk_iam_region;
+
+/// MSK IAM tokens for this worker.
+fn msk_iam_token(region: &str) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+    vectorpipe_kafka::msk_iam_token(region, "vectorpipe-worker")
 }
 
 /// The context of the dead-letter producer: MSK IAM tokens when the source uses them.

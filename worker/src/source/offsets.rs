@@ -34,6 +34,7 @@ pub struct OffsetTracker {
 
 impl OffsetTracker {
     /// An empty tracker.
+    #[cfg(test)]
     pub fn new() -> Self {
         Self::default()
     }

@@ -702,8 +702,12 @@ mod tests {
         let config = &children.config_map.data.as_ref().unwrap()[PIPELINE_FILE];
         assert!(!config.contains("literal-secret-value"), "{config}");
         assert!(!config.contains("iam.amazonaws.com"), "{config}");
-        assert!(!config.contains("replicas"), "{config}");
         let value: serde_json::Value = serde_yaml::from_str(config).unwrap();
+        assert!(
+            value["spec"]["workers"].get("replicas").is_none(),
+            "{config}"
+        );
+        assert!(value["spec"].get("suspend").is_none(), "{config}");
         let spec: vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec =
             serde_json::from_value(value["spec"].clone()).unwrap();
         assert_eq!(spec.workers.log_level, "debug");

@@ -7,7 +7,7 @@ use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
-use vectorpipe_crds::v1alpha1::{KafkaSource, ScramMechanism, StartingOffset};
+use vectorpipe_crds::v1alpha1::{KafkaSource, StartingOffset};
 
 /// Why the lag could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +18,9 @@ pub enum LagError {
     /// A credential the spec names is missing.
     #[error("{0}")]
     MissingCredential(String),
-    /// The topic pattern is not a regular expression.
-    #[error("source.kafka.topicPattern is not a valid regular expression: {0}")]
-    Pattern(#[from] regex::Error),
+    /// The topics cannot be selected (a bad pattern).
+    #[error("{0}")]
+    Topics(#[from] vectorpipe_kafka::TopicError),
     /// A source topic is missing, not visible to the operator, or in error: its lag is unknown
     /// (never "no partitions", which would scale the pipeline to nothing).
     #[error(
@@ -116,30 +116,7 @@ pub fn summarize(partitions: &[PartitionLag], starting: StartingOffset) -> LagSu
 
 /// What the lag reader needs from the pipeline's Secrets (PEM text and SCRAM credentials), the
 /// same Secrets the worker mounts.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct KafkaCredentials {
-    /// The CA bundle that signed the brokers' certificates.
-    pub ca_pem: Option<String>,
-    /// A client certificate (mutual TLS).
-    pub cert_pem: Option<String>,
-    /// Its key.
-    pub key_pem: Option<String>,
-    /// The SCRAM user.
-    pub username: Option<String>,
-    /// The SCRAM password.
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for KafkaCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never prints a secret.
-        f.debug_struct("KafkaCredentials")
-            .field("ca_pem", &self.ca_pem.is_some())
-            .field("cert_pem", &self.cert_pem.is_some())
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
+pub use vectorpipe_kafka::Credentials as KafkaCredentials;
 
 /// The lag reader's client context: makes MSK IAM tokens when the source uses MSK IAM.
 pub struct LagContext {
@@ -155,27 +132,9 @@ impl ClientContext for LagContext {
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
         let region = self
             .msk_iam_region
-            .clone()
+            .as_deref()
             .ok_or("no MSK IAM region for an OAUTHBEARER token")?;
-        // librdkafka asks from whichever thread polls, possibly inside the operator's runtime:
-        // sign on a plain thread with a small runtime of its own, never blocking a runtime.
-        let (token, lifetime_ms) = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?
-                .block_on(aws_msk_iam_sasl_signer::generate_auth_token(
-                    aws_config::Region::new(region),
-                ))
-                .map_err(|e| format!("signing an MSK IAM token failed: {e}"))
-        })
-        .join()
-        .map_err(|_| "the MSK IAM signer panicked (are AWS credentials available?)")??;
-        Ok(OAuthToken {
-            token,
-            principal_name: "vectorpipe-operator".into(),
-            lifetime_ms,
-        })
+        vectorpipe_kafka::msk_iam_token(region, "vectorpipe-operator")
     }
 }
 
@@ -192,11 +151,7 @@ pub fn consumer(
     credentials: &KafkaCredentials,
 ) -> Result<LagConsumer, LagError> {
     let context = LagContext {
-        msk_iam_region: kafka
-            .auth
-            .as_ref()
-            .and_then(|a| a.msk_iam.as_ref())
-            .map(|m| m.region.clone()),
+        msk_iam_region: vectorpipe_kafka::msk_iam_region(kafka),
     };
     Ok(client_config(kafka, group, credentials)?.create_with_context(context)?)
 }
@@ -207,76 +162,14 @@ pub fn client_config(
     group: &str,
     credentials: &KafkaCredentials,
 ) -> Result<ClientConfig, LagError> {
-    let mut config = ClientConfig::new();
+    let mut config = vectorpipe_kafka::client_config(kafka, credentials)
+        .map_err(|e| LagError::MissingCredential(format!("reading consumer lag: {e}")))?;
     config
-        .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         // Unreachable brokers surface as a failed read (MetricsUnavailable), once per poll;
         // librdkafka's own connection chatter would repeat it in the operator's log.
         .set_log_level(RDKafkaLogLevel::Critical);
-    let missing = |what: &str| {
-        LagError::MissingCredential(format!("the {what} for reading consumer lag is missing"))
-    };
-    if let Some(auth) = &kafka.auth {
-        if let Some(tls) = &auth.tls {
-            config.set("security.protocol", "ssl");
-            if tls.client_cert_secret_ref.is_some() {
-                config.set(
-                    "ssl.certificate.pem",
-                    credentials
-                        .cert_pem
-                        .as_deref()
-                        .ok_or_else(|| missing("client certificate"))?,
-                );
-                config.set(
-                    "ssl.key.pem",
-                    credentials
-                        .key_pem
-                        .as_deref()
-                        .ok_or_else(|| missing("client key"))?,
-                );
-            }
-        } else if let Some(scram) = &auth.scram {
-            config
-                .set(
-                    "security.protocol",
-                    if scram.tls {
-                        "sasl_ssl"
-                    } else {
-                        "sasl_plaintext"
-                    },
-                )
-                .set(
-                    "sasl.mechanisms",
-                    match scram.mechanism {
-                        ScramMechanism::Sha256 => "SCRAM-SHA-256",
-                        ScramMechanism::Sha512 => "SCRAM-SHA-512",
-                    },
-                )
-                .set(
-                    "sasl.username",
-                    credentials
-                        .username
-                        .as_deref()
-                        .ok_or_else(|| missing("SCRAM username"))?,
-                )
-                .set(
-                    "sasl.password",
-                    credentials
-                        .password
-                        .as_deref()
-                        .ok_or_else(|| missing("SCRAM password"))?,
-                );
-        } else if auth.msk_iam.is_some() {
-            config
-                .set("security.protocol", "sasl_ssl")
-                .set("sasl.mechanism", "OAUTHBEARER");
-        }
-        if let Some(ca) = &credentials.ca_pem {
-            config.set("ssl.ca.pem", ca);
-        }
-    }
     Ok(config)
 }
 
@@ -328,13 +221,13 @@ pub fn read_with(
             }
         }
         (None, Some(pattern)) => {
-            let regex = regex::Regex::new(&format!("^(?:{pattern})$"))?;
+            let selection = vectorpipe_kafka::TopicSelection::of(kafka)?;
             let metadata = consumer.fetch_metadata(None, timeout)?;
             let mut matched = 0;
             for topic in metadata
                 .topics()
                 .iter()
-                .filter(|t| regex.is_match(t.name()))
+                .filter(|t| selection.matches(t.name()))
             {
                 if let Some(problem) = topic_problem(topic) {
                     return Err(LagError::Topic {

@@ -355,6 +355,7 @@ async fn kafka_credentials(
     pipeline: &vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec,
 ) -> Result<lag::KafkaCredentials, String> {
     use k8s_openapi::api::core::v1::Secret;
+    use vectorpipe_kafka::Material;
     let mut credentials = lag::KafkaCredentials::default();
     let Some(auth) = &pipeline.source.kafka.auth else {
         return Ok(credentials);
@@ -392,7 +393,7 @@ async fn kafka_credentials(
         .or_else(|| auth.scram.as_ref().and_then(|s| s.ca_secret_ref.as_ref()));
     if let Some(ca) = ca_ref {
         let secret = get(ca.name.clone()).await?;
-        credentials.ca_pem = Some(value(secret.as_ref(), &ca.name, &ca.key)?);
+        credentials.ca = Some(Material::Pem(value(secret.as_ref(), &ca.name, &ca.key)?));
     }
     if let Some(cert) = auth
         .tls
@@ -400,8 +401,16 @@ async fn kafka_credentials(
         .and_then(|t| t.client_cert_secret_ref.as_ref())
     {
         let secret = get(cert.name.clone()).await?;
-        credentials.cert_pem = Some(value(secret.as_ref(), &cert.name, "tls.crt")?);
-        credentials.key_pem = Some(value(secret.as_ref(), &cert.name, "tls.key")?);
+        credentials.cert = Some(Material::Pem(value(
+            secret.as_ref(),
+            &cert.name,
+            "tls.crt",
+        )?));
+        credentials.key = Some(Material::Pem(value(
+            secret.as_ref(),
+            &cert.name,
+            "tls.key",
+        )?));
     }
     if let Some(scram) = &auth.scram {
         let name = &scram.secret_ref.name;
