@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::v1alpha1::{
     ChunkingStrategy, EmbeddingPipelineSpec, ScalingOperation, ScalingPolicySpec,
-    WORKER_OWNED_CONSUMER_PROPERTIES,
+    refused_consumer_property,
 };
 
 /// One thing wrong with a spec.
@@ -70,12 +70,10 @@ pub fn pipeline(spec: &EmbeddingPipelineSpec) -> Result<(), Problems> {
         }
     }
     for key in kafka.consumer_properties.keys() {
-        if WORKER_OWNED_CONSUMER_PROPERTIES.contains(&key.as_str()) {
+        if let Some(why) = refused_consumer_property(key) {
             found.push(problem(
                 "source.kafka.consumerProperties",
-                format!(
-                    "{key:?} is managed by the worker; use groupId, startingOffset and auth instead"
-                ),
+                format!("{key:?} {why}"),
             ));
         }
     }

@@ -241,6 +241,16 @@ fn cel_rules_refuse_bad_pipelines_with_a_message_that_says_what_to_fix() {
             "may not set keys the worker manages",
         ),
         (
+            "/spec/source/kafka/consumerProperties",
+            json!({"ssl.key.password": "hunter2"}),
+            "keys that carry secrets",
+        ),
+        (
+            "/spec/source/kafka/consumerProperties",
+            json!({"sasl.oauthbearer.client.secret": "s"}),
+            "keys that carry secrets",
+        ),
+        (
             "/spec/embedding/bedrock/dimensions",
             json!(768),
             "256, 512 or 1024",
@@ -370,6 +380,24 @@ fn validate_catches_what_cel_cannot() {
     ep.spec.embedding.bedrock.retry.base_delay = "30s".parse().unwrap();
     let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
     assert!(err.contains("baseDelay must not exceed maxDelay"), "{err}");
+
+    // Secrets never go into the spec (its rendered file is a ConfigMap).
+    let mut ep: EmbeddingPipeline = serde_json::from_value(minimal_pipeline()).unwrap();
+    ep.spec
+        .source
+        .kafka
+        .consumer_properties
+        .insert("ssl.keystore.password".into(), "hunter2".into());
+    ep.spec
+        .source
+        .kafka
+        .consumer_properties
+        .insert("fetch.max.bytes".into(), "1048576".into());
+    let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
+    assert!(
+        err.contains("ssl.keystore.password") && err.contains("Secret") && !err.contains("fetch"),
+        "{err}"
+    );
 
     // A dead-letter topic that the topic pattern selects would be read again, forever.
     let mut ep: EmbeddingPipeline = serde_json::from_value(minimal_pipeline()).unwrap();

@@ -685,7 +685,9 @@ async fn a_stopped_worker_drains_while_the_group_rebalances_and_exits_zero() -> 
             json!({"session.timeout.ms": "6000"});
         pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(4);
     })?;
-    setup.fake.set_latency(Duration::from_millis(500));
+    // Longer than the dead member's session timeout: the group rebalances while the stopping
+    // worker still has embedding calls in flight.
+    setup.fake.set_latency(Duration::from_secs(8));
     let n = 300;
     setup.produce(&as_records(&posts(0..n))).await?;
     let first = setup.start_worker("first")?;
@@ -714,7 +716,8 @@ async fn a_stopped_worker_drains_while_the_group_rebalances_and_exits_zero() -> 
         !log.contains("final commit failed"),
         "the final commit failed: {log}"
     );
-    println!("SIGTERM to exit, with a member gone and Bedrock at 500 ms: {drained:?}");
+    println!("SIGTERM to exit, with a member gone and Bedrock at 8 s: {drained:?}");
+    setup.fake.set_latency(Duration::ZERO);
     let third = setup.start_worker("third")?;
     setup
         .assert_exactly_indexed(n, Duration::from_secs(120))

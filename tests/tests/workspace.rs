@@ -2,15 +2,15 @@
 
 use std::process::Command;
 
-#[test]
-fn the_worker_does_not_depend_on_kube() {
+/// The normal dependency tree of a workspace package, one crate a line.
+fn tree(package: &str) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let out = Command::new(cargo)
         .args([
             "tree",
             "--offline",
             "-p",
-            "vectorpipe-worker",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -24,14 +24,25 @@ fn the_worker_does_not_depend_on_kube() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_worker_and_the_kafka_crate_do_not_depend_on_kube() {
+    for package in ["vectorpipe-worker", "vectorpipe-kafka"] {
+        let tree = tree(package);
+        assert!(
+            tree.contains("vectorpipe-crds"),
+            "{package} reads the shared API types:\n{tree}"
+        );
+        let kube: Vec<&str> = tree.lines().filter(|l| l.starts_with("kube")).collect();
+        assert!(
+            kube.is_empty(),
+            "{package} must build without kube, found {kube:?}"
+        );
+    }
     assert!(
-        tree.contains("vectorpipe-crds"),
-        "the worker reads the shared API types:\n{tree}"
-    );
-    let kube: Vec<&str> = tree.lines().filter(|l| l.starts_with("kube")).collect();
-    assert!(
-        kube.is_empty(),
-        "the worker must build without kube, found {kube:?}"
+        tree("vectorpipe-worker").contains("vectorpipe-kafka"),
+        "the worker's Kafka settings come from the shared crate"
     );
 }

@@ -37,6 +37,49 @@ pub const WORKER_OWNED_CONSUMER_PROPERTIES: &[&str] = &[
     "enable.partition.eof",
 ];
 
+/// Parts of a librdkafka property name that mark a secret (a password, a key, a keytab, PEM
+/// text). Such values belong in a Secret referenced by `auth`, never in the spec, whose rendered
+/// file is a ConfigMap anyone who reads ConfigMaps can see.
+pub const SECRET_CONSUMER_PROPERTY_MARKERS: &[&str] = &[
+    "password", "secret", ".pem", "keystore", "keytab", "ssl.key.",
+];
+
+/// Why a `consumerProperties` key is refused, if it is.
+pub fn refused_consumer_property(key: &str) -> Option<&'static str> {
+    if WORKER_OWNED_CONSUMER_PROPERTIES.contains(&key) {
+        return Some("is managed by the worker; use groupId, startingOffset and auth instead");
+    }
+    SECRET_CONSUMER_PROPERTY_MARKERS
+        .iter()
+        .any(|m| key.contains(m))
+        .then_some("carries a secret, which would be readable in the worker's ConfigMap; put it in a Secret and reference it from source.kafka.auth")
+}
+
+/// The CEL rule of `consumerProperties`, generated from the two lists above.
+fn consumer_properties_rule(schema: &mut schemars::Schema) {
+    let quoted = |keys: &[&str]| {
+        keys.iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let markers = SECRET_CONSUMER_PROPERTY_MARKERS
+        .iter()
+        .map(|m| format!("!k.contains('{m}')"))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([{
+            "rule": format!(
+                "self.all(k, !(k in [{}]) && {markers})",
+                quoted(WORKER_OWNED_CONSUMER_PROPERTIES)
+            ),
+            "message": "consumerProperties may not set keys the worker manages (group, offsets, security; use groupId, startingOffset and auth) or keys that carry secrets (passwords, keys, PEM text; put them in a Secret referenced from auth)"
+        }]),
+    );
+}
+
 /// The desired state of an embedding pipeline.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[cfg_attr(feature = "kube", derive(kube::CustomResource))]
@@ -161,14 +204,9 @@ pub struct KafkaSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<KafkaAuth>,
     /// Extra librdkafka consumer properties, e.g. `fetch.max.bytes`. Keys the worker manages
-    /// (group, offsets, security) are refused.
+    /// (group, offsets, security) and keys that carry secrets are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64, "x-kubernetes-validations" = [
-        {
-            "rule": "self.all(k, !(k in ['bootstrap.servers', 'group.id', 'enable.auto.commit', 'enable.auto.offset.store', 'auto.offset.reset', 'partition.assignment.strategy', 'security.protocol', 'sasl.mechanism', 'sasl.mechanisms', 'sasl.username', 'sasl.password', 'sasl.oauthbearer.config', 'ssl.ca.location', 'ssl.certificate.location', 'ssl.key.location', 'enable.partition.eof']))",
-            "message": "consumerProperties may not set keys the worker manages (group, offsets, security); use groupId, startingOffset and auth instead"
-        }
-    ]))]
+    #[schemars(extend("maxProperties" = 64), transform = consumer_properties_rule)]
     pub consumer_properties: BTreeMap<String, String>,
     /// How record values are decoded.
     #[serde(default)]
