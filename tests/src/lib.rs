@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod bedrock;
+pub mod chaos;
 
 /// Reads a variable that `up.sh` sets, with a message that says how to get it.
 pub fn harness_var(name: &str) -> Result<String> {

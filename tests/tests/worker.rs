@@ -1036,3 +1036,30 @@ async fn every_worker_is_ready_once_it_joined_even_without_partitions() -> Resul
     worker.assert_running()?;
     Ok(())
 }
+
+/// The model-based chaos run (see `vectorpipe_tests::chaos`) at a size CI can afford; the seed
+/// comes from `VP_CHAOS_SEED` or the clock and is printed, and a failure names it.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_the_index_equals_the_model_through_restarts_kills_and_rebalances() -> Result<()> {
+    let seed = std::env::var("VP_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        });
+    println!("chaos seed {seed} (rerun with VP_CHAOS_SEED={seed})");
+    let report = vectorpipe_tests::chaos::run(&vectorpipe_tests::chaos::ChaosConfig {
+        seed,
+        events: 400,
+        hot_ids: 3,
+        cold_ids: 40,
+        partitions: 3,
+        worker: vectorpipe_tests::worker::binary("vectorpipe-worker")?,
+    })
+    .await?;
+    println!("{report:?}");
+    assert!(report.killed >= 1 && report.stopped >= 1, "{report:?}");
+    Ok(())
+}

@@ -123,6 +123,11 @@ pub struct ScalingPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1024))]
     pub fallback_replicas: Option<i32>,
+    /// Polls in a row whose metrics could not be read before `fallbackReplicas` applies (a
+    /// single failed read keeps the count as it is).
+    #[serde(default = "default_fallback_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub fallback_failure_threshold: i32,
     /// `active` scales; `dryRun` decides and records the decision but changes nothing.
     #[serde(default)]
     pub mode: ScalingMode,
@@ -456,6 +461,10 @@ fn default_true() -> bool {
 
 fn default_min_replicas() -> i32 {
     1
+}
+
+fn default_fallback_failure_threshold() -> i32 {
+    3
 }
 
 fn default_poll_interval() -> Duration {

@@ -43,6 +43,50 @@ enum Bench {
     /// Scaling reaction time: from a lag threshold being met on the broker to the pipeline's
     /// worker count changing (needs `up.sh k8s kafka`).
     Scaling(ScalingArgs),
+    /// The chaos run of the worker tests, long: keyed updates and tombstones while workers are
+    /// started, killed and stopped; fails when the index differs from the model (needs `up.sh
+    /// kafka opensearch`).
+    Chaos(ChaosArgs),
+}
+
+/// Chaos run settings.
+#[derive(clap::Args, Debug)]
+struct ChaosArgs {
+    /// The seed (default: from the clock; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Events produced.
+    #[arg(long, default_value_t = 5000)]
+    events: usize,
+    /// Runs, with seeds seed, seed+1, ...
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
+    /// The worker binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+}
+
+async fn chaos_bench(args: ChaosArgs) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    let first = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    for seed in first..first + args.runs {
+        println!("chaos: seed {seed}, {} events", args.events);
+        let report = vectorpipe_tests::chaos::run(&vectorpipe_tests::chaos::ChaosConfig {
+            seed,
+            events: args.events,
+            hot_ids: 5,
+            cold_ids: (args.events / 4).max(10),
+            partitions: 6,
+            worker: worker.clone(),
+        })
+        .await?;
+        println!("{report:?}");
+    }
+    Ok(())
 }
 
 /// Scaling benchmark settings.
@@ -374,6 +418,7 @@ async fn main() -> Result<()> {
         Bench::Worker(args) => worker_bench(args).await,
         Bench::Operator(args) => operator_bench(args).await,
         Bench::Scaling(args) => scaling_bench(args).await,
+        Bench::Chaos(args) => chaos_bench(args).await,
     }
 }
 

@@ -23,24 +23,29 @@ use tokio::sync::Notify;
 use crate::dedup::{Dedup, Hash};
 use crate::source::assignment::{Assignment, Owner};
 
-/// Per record id with work in flight: its newest version, and the version being written (one
-/// that started to be written and is not complete yet; nothing newer of that id is written before
-/// it is complete, so a record is never overtaken by its successor or its tombstone).
+/// Per record id with work in flight: its newest version read, and the version being written
+/// (one that started to be written and is not complete yet; nothing newer of that id is written
+/// before it is complete, so a record is never overtaken by its successor or its tombstone).
+///
+/// The newest version is remembered for as long as any version of the id is alive, so an older
+/// version still on its way (say, being embedded) stays superseded even after a newer version or
+/// a tombstone that overtook it was applied and is gone.
 #[derive(Debug, Default)]
 pub struct Versions {
-    latest: Mutex<HashMap<String, u64>>,
+    /// Id → (newest version read, versions alive).
+    latest: Mutex<HashMap<String, (u64, usize)>>,
     writers: Mutex<HashMap<String, u64>>,
     next: AtomicU64,
 }
 
 impl Versions {
-    /// A new version of `id`, newer than every earlier one.
+    /// A new version of `id`, newer than every earlier one. Every version begun is ended once
+    /// (its [`RecordAck`] does so when dropped).
     pub fn begin(&self, id: &str) -> u64 {
         let version = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-        self.latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), version);
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = latest.entry(id.to_owned()).or_insert((0, 0));
+        *entry = (version, entry.1 + 1);
         version
     }
 
@@ -50,7 +55,7 @@ impl Versions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .is_none_or(|v| *v == version)
+            .is_none_or(|(v, _)| *v == version)
     }
 
     /// True while some version of `id` has work in flight.
@@ -101,8 +106,11 @@ impl Versions {
     pub fn end(&self, id: &str, version: u64) -> bool {
         let released = self.end_writer(id, version);
         let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if latest.get(id) == Some(&version) {
-            latest.remove(id);
+        if let Some(entry) = latest.get_mut(id) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                latest.remove(id);
+            }
         }
         released
     }
@@ -380,6 +388,26 @@ mod tests {
         assert!(v1.begin_writing());
         let _v2 = read(&hub, "x", 2, 1);
         assert!(!v1.superseded(), "half a record is never left behind");
+    }
+
+    #[test]
+    fn a_newer_version_that_finished_first_still_supersedes_the_older_one() {
+        // The tombstone overtook the older version (still being embedded), was applied and is
+        // gone; the older version must not come back afterwards.
+        let hub = hub();
+        let v1 = read(&hub, "x", 1, 3);
+        let tombstone = read(&hub, "x", 2, 1);
+        assert!(tombstone.begin_writing());
+        assert!(tombstone.done(1));
+        drop(tombstone);
+        assert!(v1.superseded(), "a resurrected delete");
+        assert!(!v1.begin_writing());
+        drop(v1);
+        assert_eq!(
+            hub.versions.len(),
+            0,
+            "nothing left once every version is gone"
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct Inputs<'a> {
     pub window: &'a [Sample],
     /// Whether the latest poll could read the metrics.
     pub metrics_available: bool,
+    /// Polls in a row, up to and including this one, whose metrics could not all be read.
+    pub failed_polls: u32,
     /// The target's worker count now.
     pub current: i32,
     /// Partitions of the source topics, when known.
@@ -259,21 +261,37 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let current = inputs.current;
     let latest_lag = inputs.window.last().and_then(|s| s.total_lag);
 
-    if !inputs.metrics_available {
-        let wanted = spec.fallback_replicas.unwrap_or(current);
-        let (desired, limited_by) = bound(inputs, wanted, false, false);
+    let zero = spec.scale_to_zero.as_ref().filter(|z| z.enabled);
+    // At zero workers with scale-to-zero, worker metrics (CPU, memory, worker PromQL) have no
+    // series at all: only the lag can wake the pipeline, so an unreadable rest is no reason to.
+    let asleep = current == 0 && zero.is_some();
+    let lag_decides = asleep && latest_lag.is_some();
+    if !inputs.metrics_available && !lag_decides {
+        let threshold = u32::try_from(spec.fallback_failure_threshold.max(1)).unwrap_or(1);
+        let fallback = spec
+            .fallback_replicas
+            .filter(|_| inputs.failed_polls >= threshold && !asleep);
+        let wanted = fallback.unwrap_or(current);
+        let (desired, limited_by) = bound(inputs, wanted, false, asleep);
         return Decision {
             desired,
             reason: Reason::MetricsUnavailable,
-            message: match spec.fallback_replicas {
-                Some(f) => format!("metrics cannot be read; running fallbackReplicas ({f})"),
-                None => "metrics cannot be read and no fallbackReplicas is set; keeping the current count".into(),
+            message: match (spec.fallback_replicas, fallback) {
+                (_, Some(f)) => format!(
+                    "metrics cannot be read ({} polls in a row); running fallbackReplicas ({f})",
+                    inputs.failed_polls
+                ),
+                (Some(_), None) if !asleep => format!(
+                    "metrics cannot be read ({} of {threshold} polls in a row before fallbackReplicas applies); keeping the current count",
+                    inputs.failed_polls
+                ),
+                _ => "metrics cannot be read; keeping the current count".into(),
             },
             limited_by,
         };
     }
 
-    if let Some(zero) = spec.scale_to_zero.as_ref().filter(|z| z.enabled) {
+    if let Some(zero) = zero {
         let lag = latest_lag.unwrap_or(0.0);
         if current == 0 {
             if lag >= zero.activation_threshold as f64 {
@@ -466,6 +484,7 @@ mod tests {
             spec,
             window,
             metrics_available: true,
+            failed_polls: 0,
             current,
             partitions: Some(12),
             partitions_with_lag: None,
@@ -662,12 +681,59 @@ mod tests {
         let spec = policy(json!({"fallbackReplicas": 3}));
         let mut i = inputs(&spec, &[], 7);
         i.metrics_available = false;
+        i.failed_polls = 3;
         let d = decide(&i);
         assert_eq!((d.desired, d.reason), (3, Reason::MetricsUnavailable));
         let spec = policy(json!({}));
         let mut i = inputs(&spec, &[], 7);
         i.metrics_available = false;
         assert_eq!(decide(&i).desired, 7);
+    }
+
+    #[test]
+    fn one_failed_read_never_applies_the_fallback() {
+        // A Prometheus blip during a backlog must not drop 10 workers to the fallback count.
+        let spec = policy(json!({"fallbackReplicas": 2, "fallbackFailureThreshold": 3}));
+        for (failed, want) in [(1, 10), (2, 10), (3, 2), (7, 2)] {
+            let mut i = inputs(&spec, &[], 10);
+            i.metrics_available = false;
+            i.failed_polls = failed;
+            let d = decide(&i);
+            assert_eq!(
+                (d.desired, d.reason),
+                (want, Reason::MetricsUnavailable),
+                "{failed} failed polls"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_metrics_missing_at_zero_workers_do_not_wake_the_pipeline() {
+        // At 0 workers a CPU query has no series; only the lag decides whether to wake up.
+        let spec = policy(json!({
+            "minReplicas": 0,
+            "scaleToZero": {"enabled": true, "activationThreshold": 10, "idleAfter": "5m"},
+            "fallbackReplicas": 2,
+            "metrics": [{"cpu": {}, "scaleOutThreshold": 80}]
+        }));
+        let quiet = lag(&[0.0, 0.0, 0.0]);
+        let mut i = inputs(&spec, &quiet, 0);
+        i.metrics_available = false;
+        i.failed_polls = 5;
+        assert_eq!(decide(&i).desired, 0, "{:?}", decide(&i));
+        let busy = lag(&[0.0, 0.0, 50.0]);
+        let mut i = inputs(&spec, &busy, 0);
+        i.metrics_available = false;
+        i.failed_polls = 5;
+        assert_eq!(
+            (decide(&i).desired, decide(&i).reason),
+            (1, Reason::Activated)
+        );
+        // Nothing readable at all: stay asleep rather than start the fallback.
+        let mut i = inputs(&spec, &[], 0);
+        i.metrics_available = false;
+        i.failed_polls = 5;
+        assert_eq!(decide(&i).desired, 0);
     }
 
     #[test]

@@ -61,6 +61,8 @@ struct PolicyState {
     idle_since: Option<Timestamp>,
     last_scale_out: Option<Timestamp>,
     last_scale_in: Option<Timestamp>,
+    /// Polls in a row whose metrics could not all be read.
+    failed_polls: u32,
 }
 
 /// Shared state of the scaling controller.
@@ -86,8 +88,22 @@ fn key_of(policy: &ScalingPolicy) -> String {
     })
 }
 
+/// What is wrong with a policy's spec (CRD rules the apiserver may not have run, cron
+/// expressions and time zones), if anything.
+fn policy_problem(spec: &vectorpipe_crds::v1alpha1::ScalingPolicySpec) -> Option<String> {
+    validate::scaling_policy(spec)
+        .err()
+        .map(|p| p.to_string())
+        .or_else(|| {
+            schedule::validate(&spec.schedules)
+                .err()
+                .map(|e| e.to_string())
+        })
+}
+
 /// The policy that owns `policy`'s target when several active ones point at it: the oldest, then
-/// by name. A dry-run policy changes nothing, so it never conflicts: it can shadow a live one.
+/// by name. A dry-run policy changes nothing, so it never conflicts: it can shadow a live one. An
+/// invalid policy scales nothing, so it never holds a pipeline either.
 fn owner_of_target(store: &Store<ScalingPolicy>, policy: &ScalingPolicy) -> Option<String> {
     if policy.spec.mode == ScalingMode::DryRun {
         return None;
@@ -102,6 +118,7 @@ fn owner_of_target(store: &Store<ScalingPolicy>, policy: &ScalingPolicy) -> Opti
                 && p.spec.target_ref.name == policy.spec.target_ref.name
                 && p.spec.mode == ScalingMode::Active
                 && p.metadata.deletion_timestamp.is_none()
+                && (p.name_any() == policy.name_any() || policy_problem(&p.spec).is_none())
         })
         .min_by(|a, b| order(a).cmp(&order(b)))
         .map(|p| p.name_any())
@@ -263,15 +280,7 @@ async fn reconcile_inner(policy: &ScalingPolicy, ctx: &ScalingContext) -> Result
     let now = Timestamp::now();
     let time = Time(now);
 
-    let problems = validate::scaling_policy(spec)
-        .err()
-        .map(|p| p.to_string())
-        .or_else(|| {
-            schedule::validate(&spec.schedules)
-                .err()
-                .map(|e| e.to_string())
-        });
-    if let Some(message) = problems {
+    if let Some(message) = policy_problem(spec) {
         let inactive = Inactive {
             reason: "InvalidSpec",
             message,
@@ -483,11 +492,17 @@ async fn poll(
     state.last_scale_out = latest(state.last_scale_out, out);
     state.last_scale_in = latest(state.last_scale_in, inn);
 
+    state.failed_polls = if observation.errors.is_empty() {
+        0
+    } else {
+        state.failed_polls.saturating_add(1)
+    };
     let window: Vec<Sample> = state.window.iter().cloned().collect();
     let inputs = Inputs {
         spec,
         window: &window,
         metrics_available: observation.errors.is_empty(),
+        failed_polls: state.failed_polls,
         current,
         partitions: observation.lag.as_ref().map(|l| l.partitions),
         partitions_with_lag: observation.lag.as_ref().map(|l| l.partitions_with_lag),
@@ -740,4 +755,53 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::{reflector, watcher};
+    use serde_json::json;
+
+    use super::*;
+
+    fn policy(name: &str, created: &str, extra: serde_json::Value) -> ScalingPolicy {
+        let mut spec = json!({
+            "targetRef": {"name": "posts"},
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 100}]
+        });
+        if let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (&mut spec, extra) {
+            a.extend(b);
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "ScalingPolicy",
+            "metadata": {"name": name, "namespace": "data", "creationTimestamp": created},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_invalid_policy_never_holds_a_pipeline() {
+        let (store, mut writer) = reflector::store();
+        let invalid = policy(
+            "broken",
+            "2026-01-01T00:00:00Z",
+            json!({"schedules": [{"name": "peak", "cron": "not a cron at all", "duration": "1h", "desiredReplicas": 2}]}),
+        );
+        let valid = policy("good", "2026-01-02T00:00:00Z", json!({}));
+        writer.apply_watcher_event(&watcher::Event::Apply(invalid.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(valid.clone()));
+        assert!(policy_problem(&invalid.spec).is_some());
+        assert_eq!(
+            owner_of_target(&store, &valid),
+            None,
+            "the invalid one holds nothing"
+        );
+        // Two valid policies: the older one owns the pipeline.
+        let older = policy("older", "2025-12-31T00:00:00Z", json!({}));
+        writer.apply_watcher_event(&watcher::Event::Apply(older));
+        assert_eq!(owner_of_target(&store, &valid).as_deref(), Some("older"));
+    }
 }
