@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kube::Api;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::k8s::{self, helm, kubectl};
@@ -136,12 +137,17 @@ fn the_chart_lints_and_renders() -> Result<()> {
     let declared: Value = serde_yaml::from_str(&std::fs::read_to_string(
         repo_root().join("operator/rbac/clusterrole.yaml"),
     )?)?;
+    let leader_election =
+        std::fs::read_to_string(repo_root().join("operator/rbac/leader-election.yaml"))?;
+    let declared_role: Value = serde_yaml::Deserializer::from_str(&leader_election)
+        .map(Value::deserialize)
+        .find(|doc| doc.as_ref().is_ok_and(|d| d["kind"] == "Role"))
+        .context("operator/rbac/leader-election.yaml has no Role")??;
     let cluster = grants(&find(&docs, "ClusterRole")?["rules"]);
     let role = find(&docs, "Role")?;
     assert_eq!(role["metadata"]["namespace"], "vp-system");
-    let mut chart_grants = cluster.clone();
-    chart_grants.extend(grants(&role["rules"]));
-    assert_eq!(chart_grants, grants(&declared["rules"]));
+    assert_eq!(cluster, grants(&declared["rules"]));
+    assert_eq!(grants(&role["rules"]), grants(&declared_role["rules"]));
     assert!(
         cluster
             .iter()

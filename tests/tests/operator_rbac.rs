@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
@@ -29,6 +29,41 @@ fn bind(service_account_ns: &str, service_account: &str, role: &str) -> Result<(
     Ok(())
 }
 
+/// Applies operator/rbac/leader-election.yaml in `namespace`, binding its Role to a
+/// ServiceAccount there (the RoleBinding renamed after the account, so several can be bound).
+fn bind_leader_election(
+    namespace: &str,
+    service_account: &str,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let file = std::fs::read_to_string(repo_root().join("operator/rbac/leader-election.yaml"))?;
+    let (role, binding) = file
+        .split_once("\n---\n")
+        .context("leader-election.yaml holds a Role and a RoleBinding")?;
+    let binding = binding
+        .replacen(
+            "name: vectorpipe-operator-leader-election",
+            &format!("name: {service_account}-leader-election"),
+            1,
+        )
+        .replace(
+            "    name: vectorpipe-operator\n    namespace: vectorpipe-system",
+            &format!("    name: {service_account}\n    namespace: {namespace}"),
+        );
+    let path = dir.join(format!("{service_account}-leader-election.yaml"));
+    std::fs::write(&path, format!("{role}\n---\n{binding}"))?;
+    kubectl(&["apply", "-n", namespace, "-f", &path.to_string_lossy()])?;
+    Ok(())
+}
+
+/// `kubectl auth can-i` as a user.
+fn can_i(user: &str, args: &[&str]) -> bool {
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--as", user]);
+    kubectl(&all).is_ok_and(|out| out.trim() == "yes")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
     k8s::install_crds()?;
@@ -38,7 +73,14 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
     let rbac = repo_root().join("operator/rbac/clusterrole.yaml");
     kubectl(&["apply", "-f", &rbac.to_string_lossy()])?;
     bind(&system.name, "vectorpipe-operator", "vectorpipe-operator")?;
+    bind_leader_election(&system.name, "vectorpipe-operator", &dir)?;
     let user = format!("system:serviceaccount:{}:vectorpipe-operator", system.name);
+    // Leases only in its own namespace: never another component's (kube-system's included).
+    assert!(can_i(&user, &["update", "leases", "-n", &system.name]));
+    assert!(
+        !can_i(&user, &["update", "leases", "-n", "kube-system"]),
+        "the operator's account must not write Leases outside its namespace"
+    );
     let kubeconfig = k8s::impersonating_kubeconfig(&user, &dir.join("operator.kubeconfig"))?;
     // The impersonated identity really is limited: it may not list Secrets.
     let denied = kubectl(&[
@@ -55,9 +97,10 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
 
     let client = k8s::client().await?;
     {
-        let operator = Operator::start_with(
+        let operator = Operator::start_in(
             &dir.join("operator.log"),
             &kubeconfig,
+            &system.name,
             &unique_name("rbac-lease"),
         )?;
         let ns = k8s::namespace("rbac-ok")?;
@@ -118,11 +161,13 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         "crippled",
         "vectorpipe-operator-no-deployments",
     )?;
+    bind_leader_election(&system.name, "crippled", &dir)?;
     let user = format!("system:serviceaccount:{}:crippled", system.name);
     let kubeconfig = k8s::impersonating_kubeconfig(&user, &dir.join("crippled.kubeconfig"))?;
-    let operator = Operator::start_with(
+    let operator = Operator::start_in(
         &dir.join("crippled.log"),
         &kubeconfig,
+        &system.name,
         &unique_name("rbac-lease"),
     )?;
     let ns = k8s::namespace("rbac-denied")?;
