@@ -253,18 +253,34 @@ pub fn scaling_policy(spec: &ScalingPolicySpec) -> Result<(), Problems> {
             _ => {}
         }
     }
-    for (name, rule) in [("scaleOut", &spec.scale_out), ("scaleIn", &spec.scale_in)] {
-        if rule.datapoints_to_alarm > rule.evaluation_periods {
+    let rules = [
+        (
+            "scaleOut",
+            spec.scale_out.evaluation_periods,
+            spec.scale_out.datapoints_to_alarm,
+            spec.scale_out.operation,
+            spec.scale_out.factor,
+        ),
+        (
+            "scaleIn",
+            spec.scale_in.evaluation_periods,
+            spec.scale_in.datapoints_to_alarm,
+            spec.scale_in.operation,
+            spec.scale_in.factor,
+        ),
+    ];
+    for (name, evaluation_periods, datapoints_to_alarm, operation, factor) in rules {
+        if datapoints_to_alarm > evaluation_periods {
             found.push(problem(
                 name,
                 "datapointsToAlarm must not exceed evaluationPeriods",
             ));
         }
-        match rule.operation {
-            ScalingOperation::Multiply if rule.factor <= 1.0 => {
+        match operation {
+            ScalingOperation::Multiply if factor <= 1.0 => {
                 found.push(problem(name, "a multiply step needs a factor above 1"))
             }
-            ScalingOperation::Add if rule.factor < 1.0 => {
+            ScalingOperation::Add if factor < 1.0 => {
                 found.push(problem(name, "an add step needs a factor of at least 1"))
             }
             _ => {}

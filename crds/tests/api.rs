@@ -449,6 +449,56 @@ fn serde_defaults_match_the_documented_ones() {
 }
 
 #[test]
+fn partial_scaling_rules_and_unnamed_schedules_take_their_defaults() {
+    // `scaleOut: {operation: multiply, factor: 3}` must not need the other fields, and a schedule
+    // needs no name: the schema gives every nested field its own default, the same as serde.
+    let policy = with(
+        with(
+            minimal_policy(),
+            "/spec/scaleOut",
+            json!({"operation": "multiply", "factor": 3}),
+        ),
+        "/spec/schedules",
+        json!([{"cron": "0 8 * * MON-FRI", "duration": "10h", "desiredReplicas": 2}]),
+    );
+    let schema = schema_of::<ScalingPolicy>();
+    let spec = &schema["properties"]["spec"]["properties"];
+    for rule in ["scaleOut", "scaleIn"] {
+        let required = spec[rule].get("required");
+        assert!(
+            required.is_none_or(|r| r.as_array().is_some_and(Vec::is_empty)),
+            "{rule} requires {required:?}"
+        );
+    }
+    let schedule = &spec["schedules"]["items"];
+    assert!(
+        !schedule["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r == "name"),
+        "{schedule}"
+    );
+    let defaulted = kube::core::cel::apply_defaults(&schema, &policy);
+    assert_eq!(defaulted["spec"]["scaleOut"]["evaluationPeriods"], 2);
+    assert_eq!(defaulted["spec"]["scaleIn"]["evaluationPeriods"], 5);
+    let from_schema: ScalingPolicy = serde_json::from_value(defaulted.clone()).unwrap();
+    let from_serde: ScalingPolicy = serde_json::from_value(policy).unwrap();
+    assert_eq!(from_schema, from_serde);
+    assert_eq!(from_serde.spec.scale_out.factor, 3.0);
+    assert_eq!(from_serde.spec.scale_out.datapoints_to_alarm, 2);
+    assert_eq!(
+        from_serde.spec.scale_out.cooldown,
+        vectorpipe_crds::v1alpha1::ScaleOutRule::default().cooldown
+    );
+    assert_eq!(from_serde.spec.schedules[0].display_name(0), "schedule-0");
+    assert_eq!(
+        cel_errors::<ScalingPolicy>(&defaulted),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
 fn schema_defaults_agree_with_serde_defaults() {
     // The apiserver fills defaults from the schema; the worker from serde. Both must agree:
     // a spec defaulted by the schema must deserialize to the same value as the raw spec.

@@ -16,14 +16,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use opensearch::SearchParts;
 use opensearch::indices::IndicesRefreshParts;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
 use crate::bedrock::FakeBedrock;
 use crate::worker::Worker;
-use crate::{eventually, kafka, opensearch as os, unique_name};
+use crate::{kafka, opensearch as os, unique_name};
 
 /// The size and shape of one run.
 #[derive(Clone, Debug)]
@@ -276,7 +274,8 @@ async fn run_inner(config: &ChaosConfig) -> Result<ChaosReport> {
         }
     }
 
-    wait_for_commits_at_end(&topic, &group, config.partitions, Duration::from_secs(180)).await?;
+    kafka::wait_for_commits_at_end(&topic, &group, config.partitions, Duration::from_secs(180))
+        .await?;
     let stored = stored_documents(&index).await?;
     compare(&model, &stored)?;
     report.live_ids = model
@@ -403,40 +402,4 @@ fn compare(
     } else {
         bail!("the index differs from the model:\n{}", problems.join("\n"))
     }
-}
-
-async fn wait_for_commits_at_end(
-    topic: &str,
-    group: &str,
-    partitions: i32,
-    limit: Duration,
-) -> Result<()> {
-    let observer: BaseConsumer = kafka::config()?.set("group.id", group).create()?;
-    eventually(
-        "committed offsets at the end of every partition",
-        limit,
-        || {
-            let observer = &observer;
-            async move {
-                let mut wanted = TopicPartitionList::new();
-                for p in 0..partitions {
-                    wanted.add_partition(topic, p);
-                }
-                let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
-                for p in 0..partitions {
-                    let (_, high) = observer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
-                    let at = committed.find_partition(topic, p).map(|e| e.offset());
-                    let done = match at {
-                        Some(Offset::Offset(o)) => o == high,
-                        _ => high == 0,
-                    };
-                    if !done {
-                        return Ok(None);
-                    }
-                }
-                Ok(Some(()))
-            }
-        },
-    )
-    .await
 }

@@ -241,6 +241,44 @@ pub mod kafka {
         }
         Ok(())
     }
+
+    /// True once `group` committed the end of every one of `topic`'s `partitions` (a
+    /// partition that never had a record counts as done).
+    pub fn commits_at_end(topic: &str, group: &str, partitions: i32) -> Result<bool> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let observer: BaseConsumer = config()?.set("group.id", group).create()?;
+        let mut wanted = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            wanted.add_partition(topic, p);
+        }
+        let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
+        for p in 0..partitions {
+            let (_, high) = observer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
+            let done = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o == high,
+                _ => high == 0,
+            };
+            if !done {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until [`commits_at_end`] holds.
+    pub async fn wait_for_commits_at_end(
+        topic: &str,
+        group: &str,
+        partitions: i32,
+        limit: Duration,
+    ) -> Result<()> {
+        crate::eventually(
+            "committed offsets at the end of every partition",
+            limit,
+            || async move { Ok(commits_at_end(topic, group, partitions)?.then_some(())) },
+        )
+        .await
+    }
 }
 
 /// The harness Prometheus server.

@@ -153,9 +153,9 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
     assert!(template_hash(&rolled).is_some());
     wait_condition(&pipelines, "posts", "Ready", "True", "WorkersReady").await?;
 
-    // 3. kubectl scale reaches the Deployment and only adds pods: the running pod, the pod
-    //    template and the ReplicaSet stay (a scale never restarts workers); a PDB appears above
-    //    one replica.
+    // 3. kubectl scale reaches the Deployment and only adds or removes pods: the running pod,
+    //    the pod template and the ReplicaSet stay (a scale never restarts workers); a PDB
+    //    appears above one replica.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
     let workers = ListParams::default().labels("vectorpipe.io/pipeline=posts");
@@ -207,10 +207,11 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
         Ok((uids.len() == 1).then_some(uids))
     })
     .await?;
-    assert_eq!(
-        scaled_in,
-        std::slice::from_ref(&first_pod),
-        "scaling in removed the first worker pod instead of the added ones"
+    // Which pod goes is the ReplicaSet controller's choice (pods ready at about the same time
+    // rank equal); what matters is that scale-in only removes pods and never replaces one.
+    assert!(
+        scaled_out.contains(&scaled_in[0]),
+        "scaling in replaced the worker pods: {scaled_in:?} is not one of {scaled_out:?}"
     );
     let sets = replica_sets.list(&workers).await?.items;
     let live: Vec<_> = sets

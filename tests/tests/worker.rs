@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use opensearch::indices::IndicesRefreshParts;
 use opensearch::{CountParts, SearchParts};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
 use vectorpipe_tests::worker::Worker;
@@ -160,35 +160,7 @@ impl Setup {
 
     /// Waits until the group's committed offsets reach the end of every partition.
     async fn wait_for_commits_at_end(&self, limit: Duration) -> Result<()> {
-        let observer: BaseConsumer = kafka::config()?.set("group.id", &self.group).create()?;
-        eventually(
-            "committed offsets at the end of every partition",
-            limit,
-            || {
-                let observer = &observer;
-                async move {
-                    let mut wanted = TopicPartitionList::new();
-                    for p in 0..PARTITIONS {
-                        wanted.add_partition(&self.topic, p);
-                    }
-                    let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
-                    for p in 0..PARTITIONS {
-                        let (_, high) =
-                            observer.fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
-                        let at = committed.find_partition(&self.topic, p).map(|e| e.offset());
-                        let done = match at {
-                            Some(Offset::Offset(o)) => o == high,
-                            _ => high == 0,
-                        };
-                        if !done {
-                            return Ok(None);
-                        }
-                    }
-                    Ok(Some(()))
-                }
-            },
-        )
-        .await
+        kafka::wait_for_commits_at_end(&self.topic, &self.group, PARTITIONS, limit).await
     }
 
     /// Waits until exactly the records 0..n are indexed (by id), then until the group's commits
@@ -228,6 +200,17 @@ impl Setup {
         }
         Ok(out)
     }
+}
+
+/// A group that evicts a member which does not poll for 7 s, and one embedding call at a time
+/// that may take a minute: the settings of the stall tests.
+fn evicted_without_polling_for_7s(pipeline: &mut Value) {
+    pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
+        "session.timeout.ms": "6000",
+        "max.poll.interval.ms": "7000",
+    });
+    pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
+    pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
 }
 
 fn post(i: usize) -> (String, Vec<u8>) {
@@ -624,14 +607,7 @@ async fn an_update_of_metadata_only_is_written_not_dropped_as_a_duplicate() -> R
 async fn hot_ids_never_stop_the_consumer_and_the_last_version_of_each_wins() -> Result<()> {
     let setup = Setup::new("e2e-hot").await?;
     // The group evicts a member that does not poll for 7 s; Bedrock answers after 10 s.
-    setup.edit_pipeline(|pipeline| {
-        pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
-            "session.timeout.ms": "6000",
-            "max.poll.interval.ms": "7000",
-        });
-        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
-        pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
-    })?;
+    setup.edit_pipeline(evicted_without_polling_for_7s)?;
     setup.fake.set_latency(Duration::from_secs(10));
     // 60 versions of three hot ids, each keyed by its id (so one id stays in one partition).
     let n = 60;
@@ -730,14 +706,7 @@ async fn a_stopped_worker_drains_while_the_group_rebalances_and_exits_zero() -> 
 async fn a_stalled_embedder_pauses_the_partitions_and_the_worker_keeps_them() -> Result<()> {
     let setup = Setup::new("e2e-pause").await?;
     // The group evicts a member that does not poll for 7 s; Bedrock answers after 10 s.
-    setup.edit_pipeline(|pipeline| {
-        pipeline["spec"]["source"]["kafka"]["consumerProperties"] = json!({
-            "session.timeout.ms": "6000",
-            "max.poll.interval.ms": "7000",
-        });
-        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
-        pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("60s");
-    })?;
+    setup.edit_pipeline(evicted_without_polling_for_7s)?;
     setup.fake.set_latency(Duration::from_secs(10));
     let n = 60;
     setup.produce(&as_records(&posts(0..n))).await?;

@@ -107,11 +107,11 @@ pub struct ScalingPolicySpec {
     #[schemars(length(max = 16))]
     pub metrics: Vec<MetricSpec>,
     /// When and how the worker count grows.
-    #[serde(default = "ScalingRule::scale_out_default")]
-    pub scale_out: ScalingRule,
+    #[serde(default)]
+    pub scale_out: ScaleOutRule,
     /// When and how the worker count shrinks; slower than scale-out by default.
-    #[serde(default = "ScalingRule::scale_in_default")]
-    pub scale_in: ScalingRule,
+    #[serde(default)]
+    pub scale_in: ScaleInRule,
     /// Time windows with their own bounds or counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
@@ -264,62 +264,88 @@ pub struct PrometheusServer {
     pub address: String,
 }
 
-/// How the worker count changes when an alarm fires.
-#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "self.datapointsToAlarm <= self.evaluationPeriods",
-        "message": "datapointsToAlarm must not exceed evaluationPeriods"
-    },
-    {
-        "rule": "self.operation != 'multiply' || self.factor > 1.0",
-        "message": "a multiply step needs a factor above 1"
-    },
-    {
-        "rule": "self.operation != 'add' || self.factor >= 1.0",
-        "message": "an add step needs a factor of at least 1"
-    }
-]))]
-pub struct ScalingRule {
-    /// Samples looked at.
-    #[schemars(range(min = 1, max = 100))]
-    pub evaluation_periods: i32,
-    /// Samples among them that must breach the threshold.
-    #[schemars(range(min = 1, max = 100))]
-    pub datapoints_to_alarm: i32,
-    /// `add` adds (or removes) `factor` workers; `multiply` multiplies (or divides) by `factor`.
-    pub operation: ScalingOperation,
-    /// The step size.
-    #[schemars(range(min = 1.0, max = 1024.0))]
-    pub factor: f64,
-    /// The wait after a change in this direction before the alarm is judged again.
-    pub cooldown: Duration,
+/// Declares a scaling rule type whose every field has its own default (so a partial rule such as
+/// `{operation: multiply, factor: 3}` takes the rest from the defaults): scale-out and scale-in
+/// share the shape but not the defaults.
+macro_rules! scaling_rule {
+    ($(#[$doc:meta])* $name:ident {
+        evaluation_periods: $periods:expr,
+        datapoints_to_alarm: $datapoints:expr,
+        operation: $operation:expr,
+        factor: $factor:expr,
+        cooldown: $cooldown:expr $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+        #[serde(rename_all = "camelCase", default)]
+        #[schemars(extend("x-kubernetes-validations" = [
+            {
+                "rule": "self.datapointsToAlarm <= self.evaluationPeriods",
+                "message": "datapointsToAlarm must not exceed evaluationPeriods"
+            },
+            {
+                "rule": "self.operation != 'multiply' || self.factor > 1.0",
+                "message": "a multiply step needs a factor above 1"
+            },
+            {
+                "rule": "self.operation != 'add' || self.factor >= 1.0",
+                "message": "an add step needs a factor of at least 1"
+            }
+        ]))]
+        pub struct $name {
+            /// Samples looked at.
+            #[schemars(range(min = 1, max = 100))]
+            pub evaluation_periods: i32,
+            /// Samples among them that must breach the threshold.
+            #[schemars(range(min = 1, max = 100))]
+            pub datapoints_to_alarm: i32,
+            /// `add` adds (or removes) `factor` workers; `multiply` multiplies (or divides) by
+            /// `factor`.
+            pub operation: ScalingOperation,
+            /// The step size.
+            #[schemars(range(min = 1.0, max = 1024.0))]
+            pub factor: f64,
+            /// The wait after a change in this direction before the alarm is judged again.
+            pub cooldown: Duration,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    evaluation_periods: $periods,
+                    datapoints_to_alarm: $datapoints,
+                    operation: $operation,
+                    factor: $factor,
+                    cooldown: $cooldown,
+                }
+            }
+        }
+    };
 }
 
-impl ScalingRule {
-    /// The default scale-out rule: double after 2 of 2 samples, then wait a minute.
-    pub fn scale_out_default() -> Self {
-        Self {
-            evaluation_periods: 2,
-            datapoints_to_alarm: 2,
-            operation: ScalingOperation::Multiply,
-            factor: 2.0,
-            cooldown: Duration::from_secs(60),
-        }
+scaling_rule!(
+    /// How the worker count grows when the scale-out alarm fires. Default: double after 2 of 2
+    /// samples, then wait a minute.
+    ScaleOutRule {
+        evaluation_periods: 2,
+        datapoints_to_alarm: 2,
+        operation: ScalingOperation::Multiply,
+        factor: 2.0,
+        cooldown: Duration::from_secs(60),
     }
+);
 
-    /// The default scale-in rule: one fewer after 5 of 5 samples, then wait five minutes.
-    pub fn scale_in_default() -> Self {
-        Self {
-            evaluation_periods: 5,
-            datapoints_to_alarm: 5,
-            operation: ScalingOperation::Add,
-            factor: 1.0,
-            cooldown: Duration::from_minutes(5),
-        }
+scaling_rule!(
+    /// How the worker count shrinks when the scale-in alarm fires. Default: one fewer after 5 of
+    /// 5 samples, then wait five minutes.
+    ScaleInRule {
+        evaluation_periods: 5,
+        datapoints_to_alarm: 5,
+        operation: ScalingOperation::Add,
+        factor: 1.0,
+        cooldown: Duration::from_minutes(5),
     }
-}
+);
 
 /// Step kinds.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -345,9 +371,10 @@ pub enum ScalingOperation {
     }
 ]))]
 pub struct Schedule {
-    /// A name for status and events.
+    /// A name for status and events. Default: `schedule-<position>` (from 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
-    pub name: String,
+    pub name: Option<String>,
     /// When the window opens: a five-field cron expression (minute hour day-of-month month
     /// day-of-week), e.g. `0 8 * * MON-FRI`.
     #[schemars(regex(pattern = r"^\S+( +\S+){4}$"))]
@@ -370,6 +397,15 @@ pub struct Schedule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1024))]
     pub max_replicas: Option<i32>,
+}
+
+impl Schedule {
+    /// The name shown in status and events: its own, or `schedule-<index>`.
+    pub fn display_name(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("schedule-{index}"))
+    }
 }
 
 /// Scaling to zero workers.

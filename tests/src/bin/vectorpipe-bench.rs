@@ -226,29 +226,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// True once `group` committed the end of every partition of `topic`.
-fn commits_at_end(topic: &str, group: &str, partitions: i32) -> Result<bool> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let observer: BaseConsumer = kafka::config()?.set("group.id", group).create()?;
-    let mut wanted = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        wanted.add_partition(topic, p);
-    }
-    let committed = observer.committed_offsets(wanted, Duration::from_secs(5))?;
-    for p in 0..partitions {
-        let (_, high) = observer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
-        let at = committed.find_partition(topic, p).map(|e| e.offset());
-        let done = match at {
-            Some(rdkafka::Offset::Offset(o)) => o == high,
-            _ => high == 0,
-        };
-        if !done {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// One backlog scenario; `hot_ids`: every record is a version of one of that many ids.
 async fn scenario(
     args: &Args,
@@ -337,7 +314,9 @@ async fn scenario(
         }
         let done = match hot_ids {
             None => n >= args.records as u64,
-            Some(_) => n > 0 && commits_at_end(&topic, &format!("{topic}-group"), args.partitions)?,
+            Some(_) => {
+                n > 0 && kafka::commits_at_end(&topic, &format!("{topic}-group"), args.partitions)?
+            }
         };
         if done {
             break;

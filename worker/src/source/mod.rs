@@ -84,9 +84,12 @@ pub fn client_config(kafka: &KafkaSource) -> Result<ClientConfig, SourceError> {
 
 pub use vectorpipe_kafka::msk_iam_region;
 
-/// MSK IAM tokens for this worker.
-fn msk_iam_token(region: &str) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-    vectorpipe_kafka::msk_iam_token(region, "vectorpipe-worker")
+/// MSK IAM tokens for this worker's clients (consumer and dead-letter producer).
+fn msk_iam_token(region: Option<&str>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+    match region {
+        Some(region) => vectorpipe_kafka::msk_iam_token(region, "vectorpipe-worker"),
+        None => Err("no OAUTHBEARER token source is configured".into()),
+    }
 }
 
 /// The context of the dead-letter producer: MSK IAM tokens when the source uses them.
@@ -102,10 +105,7 @@ impl ClientContext for TokenContext {
         &self,
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-        match &self.msk_iam_region {
-            Some(region) => msk_iam_token(region),
-            None => Err("no OAUTHBEARER token source is configured".into()),
-        }
+        msk_iam_token(self.msk_iam_region.as_deref())
     }
 }
 
@@ -177,10 +177,7 @@ impl ClientContext for Context {
         &self,
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-        match &self.msk_iam_region {
-            Some(region) => msk_iam_token(region),
-            None => Err("no OAUTHBEARER token source is configured".into()),
-        }
+        msk_iam_token(self.msk_iam_region.as_deref())
     }
 
     fn stats(&self, statistics: Statistics) {

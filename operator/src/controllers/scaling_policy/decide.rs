@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use vectorpipe_crds::v1alpha1::{MetricSpec, ScalingOperation, ScalingPolicySpec, ScalingRule};
+use vectorpipe_crds::v1alpha1::{MetricSpec, ScalingOperation, ScalingPolicySpec};
 
 /// The name a metric's values go by in samples, status and events.
 pub fn metric_name(index: usize, metric: &MetricSpec) -> String {
@@ -179,7 +179,14 @@ fn breaching(
     )
 }
 
-fn step_out(current: i32, rule: &ScalingRule) -> i32 {
+/// One step of a scaling rule: how it changes the count and by what.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    operation: ScalingOperation,
+    factor: f64,
+}
+
+fn step_out(current: i32, rule: Step) -> i32 {
     let next = match rule.operation {
         ScalingOperation::Add => f64::from(current) + rule.factor.ceil(),
         ScalingOperation::Multiply => (f64::from(current) * rule.factor).ceil(),
@@ -187,7 +194,7 @@ fn step_out(current: i32, rule: &ScalingRule) -> i32 {
     (next.min(f64::from(i32::MAX)) as i32).max(current + 1)
 }
 
-fn step_in(current: i32, rule: &ScalingRule) -> i32 {
+fn step_in(current: i32, rule: Step) -> i32 {
     let next = match rule.operation {
         ScalingOperation::Add => f64::from(current) - rule.factor.ceil(),
         ScalingOperation::Multiply => (f64::from(current) / rule.factor).floor(),
@@ -382,7 +389,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
             .all(|(_, m)| m.kafka_lag.is_some() || m.time_lag.is_some());
         let (desired, limited_by) = bound(
             inputs,
-            step_out(current, &spec.scale_out),
+            step_out(
+                current,
+                Step {
+                    operation: spec.scale_out.operation,
+                    factor: spec.scale_out.factor,
+                },
+            ),
             lag_driven,
             false,
         );
@@ -427,7 +440,18 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
                 limited_by,
             };
         }
-        let (desired, limited_by) = bound(inputs, step_in(current, &spec.scale_in), false, false);
+        let (desired, limited_by) = bound(
+            inputs,
+            step_in(
+                current,
+                Step {
+                    operation: spec.scale_in.operation,
+                    factor: spec.scale_in.factor,
+                },
+            ),
+            false,
+            false,
+        );
         return Decision {
             desired,
             reason: Reason::ScaleInAlarm,
@@ -545,28 +569,24 @@ mod tests {
 
     #[test]
     fn add_and_multiply_steps_both_ways() {
-        let out_add = ScalingRule {
-            evaluation_periods: 1,
-            datapoints_to_alarm: 1,
+        let out_add = Step {
             operation: ScalingOperation::Add,
             factor: 3.0,
-            cooldown: "0s".parse().unwrap(),
         };
-        let out_mul = ScalingRule {
+        let out_mul = Step {
             operation: ScalingOperation::Multiply,
             factor: 1.5,
-            ..out_add.clone()
         };
-        assert_eq!(step_out(2, &out_add), 5);
-        assert_eq!(step_out(2, &out_mul), 3);
+        assert_eq!(step_out(2, out_add), 5);
+        assert_eq!(step_out(2, out_mul), 3);
         assert_eq!(
-            step_out(0, &out_mul),
+            step_out(0, out_mul),
             1,
             "from zero, multiplying still adds one"
         );
-        assert_eq!(step_in(5, &out_add), 2);
-        assert_eq!(step_in(5, &out_mul), 3);
-        assert_eq!(step_in(1, &out_mul), 0);
+        assert_eq!(step_in(5, out_add), 2);
+        assert_eq!(step_in(5, out_mul), 3);
+        assert_eq!(step_in(1, out_mul), 0);
     }
 
     #[test]

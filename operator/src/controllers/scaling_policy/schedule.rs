@@ -48,7 +48,7 @@ pub struct OpenWindow {
 fn parse(index: usize, schedule: &Schedule) -> Result<(Cron, TimeZone), ScheduleError> {
     let error = |message: String| ScheduleError {
         index,
-        name: schedule.name.clone(),
+        name: schedule.display_name(index),
         message,
     };
     let cron = Cron::from_str(&schedule.cron).map_err(|e| {
@@ -92,7 +92,7 @@ pub fn open_windows(
         let closes = opened.checked_add(length).unwrap_or(Timestamp::MAX);
         if now < closes {
             open.push(OpenWindow {
-                name: schedule.name.clone(),
+                name: schedule.display_name(index),
                 opened,
                 closes,
                 desired: schedule.desired_replicas,
