@@ -406,6 +406,36 @@ pub mod opensearch {
         Ok((serve_proxy(handler).await?, counts))
     }
 
+    /// A reverse proxy in front of the node that holds every `_bulk` request carrying index
+    /// actions for `hold` before passing it on (a slow or stalled write of one worker); the
+    /// counter says how many it held. Deletes and every other request pass at once.
+    pub async fn holding_proxy(
+        hold: Duration,
+    ) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, Uri};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let upstream = url()?;
+        let held = Arc::new(AtomicU64::new(0));
+        let http = reqwest::Client::new();
+        let state = held.clone();
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (http, upstream, held) = (http.clone(), upstream.clone(), state.clone());
+            async move {
+                let indexing = method == Method::POST
+                    && uri.path().ends_with("/_bulk")
+                    && body.windows(9).any(|w| w == br#"{"index":"#);
+                if indexing {
+                    held.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                }
+                forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await
+            }
+        };
+        Ok((serve_proxy(handler).await?, held))
+    }
+
     /// What a [`rejecting_proxy`] refused.
     #[derive(Default)]
     pub struct Rejections {

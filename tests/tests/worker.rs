@@ -1032,3 +1032,85 @@ async fn chaos_the_index_equals_the_model_through_restarts_kills_and_rebalances(
     assert!(report.killed >= 1 && report.stopped >= 1, "{report:?}");
     Ok(())
 }
+
+/// Ownership across a revoke (DL-4): one worker's writes are held by a slow proxy while a second
+/// worker joins and takes a partition over, and tombstones follow. The held writes must never
+/// land after the new owner applied the tombstones: nothing may come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_held_across_a_revoke_never_undoes_the_new_owners_tombstone() -> Result<()> {
+    let setup = Setup::new("e2e-held").await?;
+    let (proxy, held) = os::holding_proxy(Duration::from_secs(15)).await?;
+    // The first worker writes through the holding proxy, the second straight to OpenSearch.
+    let mut slow: Value = serde_yaml::from_str(&std::fs::read_to_string(&setup.pipeline)?)?;
+    slow["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+    let slow_pipeline = setup.dir.join("slow.yaml");
+    std::fs::write(&slow_pipeline, serde_yaml::to_string(&slow)?)?;
+    let first = Worker::start(&slow_pipeline, &setup.dir.join("first.log"))?;
+    let log = |name: &str| std::fs::read_to_string(setup.dir.join(format!("{name}.log")));
+    eventually(
+        "the first worker owning the partitions",
+        Duration::from_secs(60),
+        || async { Ok(log("first")?.contains("partitions assigned").then_some(())) },
+    )
+    .await?;
+    // One record per partition, so whichever partition moves carries one.
+    let producer: FutureProducer = kafka::config()?.create()?;
+    let send = |id: String, partition: i32, value: Option<String>| {
+        let producer = &producer;
+        let topic = &setup.topic;
+        async move {
+            let mut record: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+                .key(id.as_str())
+                .partition(partition);
+            if let Some(value) = &value {
+                record = record.payload(value.as_str());
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!(e))
+        }
+    };
+    for p in 0..PARTITIONS {
+        let value = json!({"id": format!("x{p}"), "text": format!("record x{p}"), "likes": p});
+        send(format!("x{p}"), p, Some(value.to_string())).await?;
+    }
+    eventually(
+        "the first worker's writes held",
+        Duration::from_secs(30),
+        || async { Ok((held.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())) },
+    )
+    .await?;
+    // A second member: the cooperative rebalance moves a partition to it.
+    let second = setup.start_worker("second")?;
+    eventually(
+        "a partition moved to the second worker",
+        Duration::from_secs(90),
+        || async {
+            let text = log("second")?;
+            Ok(text
+                .lines()
+                .any(|l| l.contains("partitions assigned") && l.contains(&setup.topic))
+                .then_some(()))
+        },
+    )
+    .await?;
+    for p in 0..PARTITIONS {
+        send(format!("x{p}"), p, None).await?;
+    }
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    // Longer than the proxy holds a request: a write that outlived its owner would land now.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(
+        setup.count(json!({"match_all": {}})).await?,
+        0,
+        "a record came back after its tombstone: {:?}",
+        setup.ids().await?
+    );
+    assert!(first.stop()?.success());
+    assert!(second.stop()?.success());
+    Ok(())
+}
