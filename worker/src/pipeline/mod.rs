@@ -242,8 +242,9 @@ pub async fn run<E: Embedder>(
             }
         };
         let partition = (message.topic().to_owned(), message.partition());
-        let Some(epoch) = epoch.filter(|e| assignment.epoch(&partition) == Some(*e)) else {
-            // Its partition was revoked meanwhile: its new owner reads it.
+        // Read while its partition was not owned: its owner reads it. (A partition revoked
+        // since is caught by `Assignment::start`, which refuses an ended epoch.)
+        let Some(epoch) = epoch else {
             continue;
         };
         let owner = Owner {
@@ -262,7 +263,9 @@ pub async fn run<E: Embedder>(
         let outcome = transform::transform(&spec, &record);
         match outcome {
             Outcome::Skip(reason) => {
-                assignment.start(&owner, false);
+                if !assignment.start(&owner, false) {
+                    continue;
+                }
                 metrics.record(&format!("skipped-{}", reason.as_str()));
                 tracing::debug!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, reason = reason.as_str(), "skipped a record");
             }
@@ -301,8 +304,9 @@ pub async fn run<E: Embedder>(
             }
             Outcome::Index(docs) => {
                 let Some(first) = docs.first() else {
-                    assignment.start(&owner, false);
-                    metrics.record("skipped-empty-text");
+                    if assignment.start(&owner, false) {
+                        metrics.record("skipped-empty-text");
+                    }
                     continue;
                 };
                 let id = first.parent_id.clone();
@@ -314,8 +318,9 @@ pub async fn run<E: Embedder>(
                     && !hub.versions.in_flight(&id)
                     && dedup.is_duplicate(&owner.partition, &id, hash)
                 {
-                    assignment.start(&owner, false);
-                    metrics.record("skipped-duplicate");
+                    if assignment.start(&owner, false) {
+                        metrics.record("skipped-duplicate");
+                    }
                     continue;
                 }
                 if !assignment.start(&owner, true) {
@@ -784,7 +789,7 @@ fn take_ready(
     let mut deletes = Vec::new();
     let mut batch_bytes = 0;
     // Record ids taken in this pass, with the record that took them.
-    let mut taken: HashMap<String, *const RecordAck> = HashMap::new();
+    let mut taken: HashMap<String, Arc<RecordAck>> = HashMap::new();
     // Ids behind a waiting item: later items of other versions of the id wait too.
     let mut blocked: HashSet<String> = HashSet::new();
     let mut kept = Vec::new();
@@ -804,9 +809,7 @@ fn take_ready(
         let version = ack.version().map(|(_, v)| v);
         let writer = version.and_then(|_| versions.writer(&id));
         let is_writer = writer.is_some() && writer == version;
-        let same_record = taken
-            .get(&id)
-            .is_some_and(|r| std::ptr::eq(*r, Arc::as_ptr(ack)));
+        let same_record = taken.get(&id).is_some_and(|r| Arc::ptr_eq(r, ack));
         // The version being written goes first; any other waits for it, and behind an
         // earlier waiting item of its id.
         let turn = is_writer || (writer.is_none() && !blocked.contains(&id));
@@ -831,7 +834,7 @@ fn take_ready(
         if let Some(version) = version {
             versions.claim_writer(&id, version);
         }
-        taken.insert(id.clone(), Arc::as_ptr(ack));
+        taken.insert(id.clone(), ack.clone());
         match item {
             SinkItem::Index {
                 ack,
