@@ -10,10 +10,61 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use crate::controllers::embedding_pipeline::build::Defaults;
 use crate::metrics::Metrics;
 
+/// The namespaces the operator watches (chart value `watchNamespaces`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace (the operator needs cluster-wide RBAC).
+    #[default]
+    Cluster,
+    /// Only these (a Role per namespace is enough).
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// A comma-separated list; empty means the whole cluster.
+    pub fn parse(list: &str) -> Self {
+        let mut namespaces: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        if namespaces.is_empty() {
+            Self::Cluster
+        } else {
+            Self::Namespaces(namespaces)
+        }
+    }
+
+    /// One entry per watch: `None` for the whole cluster, else each namespace.
+    pub fn watches(&self) -> Vec<Option<String>> {
+        match self {
+            Self::Cluster => vec![None],
+            Self::Namespaces(list) => list.iter().cloned().map(Some).collect(),
+        }
+    }
+}
+
+/// An Api over one namespace, or all of them.
+pub fn api<K>(client: &kube::Client, namespace: Option<&str>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    }
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     /// The Kubernetes client.
     pub client: kube::Client,
+    /// The namespaces it watches.
+    pub scope: Scope,
     /// Settings that shape the children.
     pub defaults: Defaults,
     /// Metrics.
@@ -28,9 +79,10 @@ pub struct Context {
 
 impl Context {
     /// A new context.
-    pub fn new(client: kube::Client, defaults: Defaults, metrics: Metrics) -> Self {
+    pub fn new(client: kube::Client, scope: Scope, defaults: Defaults, metrics: Metrics) -> Self {
         Self {
             client,
+            scope,
             defaults,
             metrics,
             reporter: Reporter {
@@ -79,5 +131,26 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scope;
+
+    #[test]
+    fn an_empty_list_is_the_whole_cluster() {
+        assert_eq!(Scope::parse(""), Scope::Cluster);
+        assert_eq!(Scope::parse(" , "), Scope::Cluster);
+        assert_eq!(Scope::Cluster.watches(), vec![None]);
+        let scope = Scope::parse("team-b, team-a,team-b");
+        assert_eq!(
+            scope,
+            Scope::Namespaces(vec!["team-a".into(), "team-b".into()])
+        );
+        assert_eq!(
+            scope.watches(),
+            vec![Some("team-a".to_owned()), Some("team-b".to_owned())]
+        );
     }
 }

@@ -15,6 +15,9 @@ pub enum Error {
     /// The pipeline's spec could not be written as the worker's file.
     #[error("rendering the worker's pipeline file failed: {0}")]
     Render(#[from] serde_yaml::Error),
+    /// A Secret could not be read (the apiserver did not answer).
+    #[error("{0}")]
+    Secret(#[from] crate::secrets::SecretProblem),
     /// The object lacks a name or namespace (never for objects from the apiserver).
     #[error("the object has no {0}")]
     MissingMetadata(&'static str),
@@ -26,6 +29,7 @@ impl Error {
         match self {
             Self::Kube { action, .. } => action,
             Self::Render(_) => "render",
+            Self::Secret(_) => "reading secrets",
             Self::MissingMetadata(_) => "missing-metadata",
         }
     }

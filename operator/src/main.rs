@@ -38,6 +38,9 @@ enum Command {
         /// Log as JSON lines or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
+        /// Watch only these namespaces (comma-separated); empty: the whole cluster.
+        #[arg(long, env = "VECTORPIPE_WATCH_NAMESPACES", default_value = "")]
+        watch_namespaces: String,
         /// Act only while holding the leader Lease, so several replicas are safe.
         #[arg(long, env = "VECTORPIPE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
         leader_election: bool,
@@ -65,6 +68,7 @@ struct RunOptions {
     metrics_address: SocketAddr,
     worker_image: String,
     prometheus_url: Option<String>,
+    scope: context::Scope,
     leader: Option<leader::Election>,
 }
 
@@ -74,13 +78,21 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let bound = http::serve(options.metrics_address, registry).await?;
     let ctx = Arc::new(context::Context::new(
         client.clone(),
+        options.scope.clone(),
         controllers::embedding_pipeline::build::Defaults {
             worker_image: options.worker_image,
         },
         metrics,
     ));
-    tracing::info!(metrics = %bound, "operator started");
-    let readers = Box::new(Arc::new(
+    match &options.scope {
+        context::Scope::Cluster => {
+            tracing::info!(metrics = %bound, "operator started, watching every namespace")
+        }
+        context::Scope::Namespaces(list) => {
+            tracing::info!(metrics = %bound, namespaces = %list.join(","), "operator started, watching only these namespaces")
+        }
+    }
+    let readers: Arc<dyn controllers::scaling_policy::readers::MetricReaders> = Arc::new(Arc::new(
         controllers::scaling_policy::readers::LiveReaders::default(),
     ));
     let controllers = async {
@@ -110,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             worker_image,
             prometheus_url,
             log_format,
+            watch_namespaces,
             leader_election,
             lease_namespace,
             lease_name,
@@ -131,6 +144,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_address,
                 worker_image,
                 prometheus_url,
+                scope: context::Scope::parse(&watch_namespaces),
                 leader,
             }))
         }

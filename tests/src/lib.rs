@@ -374,6 +374,33 @@ pub mod opensearch {
         Ok(format!("http://{address}"))
     }
 
+    /// What a [`capturing_server`] was sent: method, path and Authorization header of each request.
+    pub type Captured = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<String>)>>>;
+
+    /// An HTTP server that stands for an OpenSearch endpoint of someone's choosing: it answers 404
+    /// to everything (no such index) and records every request. Returns its URL.
+    pub async fn capturing_server() -> Result<(String, Captured)> {
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        let seen: Captured = Default::default();
+        let state = seen.clone();
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap| {
+            let seen = state.clone();
+            async move {
+                let authorization = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    method.to_string(),
+                    uri.path().to_owned(),
+                    authorization,
+                ));
+                (StatusCode::NOT_FOUND, "{}".to_owned())
+            }
+        };
+        Ok((serve_proxy(handler).await?, seen))
+    }
+
     /// A reverse proxy in front of the node that accepts only requests signed with SigV4 for
     /// `service` with the test credentials, as Amazon OpenSearch Service does. Returns its URL.
     pub async fn signing_proxy(
@@ -733,7 +760,26 @@ pub mod operator {
             kubeconfig: &Path,
             lease: &str,
         ) -> Result<Self> {
-            Self::start_full(operator, log, kubeconfig, "default", lease)
+            Self::start_full(operator, log, kubeconfig, "default", lease, &[])
+        }
+
+        /// Like [`Operator::start_in`], watching only `namespaces` (the chart's
+        /// `watchNamespaces`).
+        pub fn start_watching(
+            log: &Path,
+            kubeconfig: &Path,
+            lease_namespace: &str,
+            lease: &str,
+            namespaces: &[&str],
+        ) -> Result<Self> {
+            Self::start_full(
+                &crate::worker::binary("vectorpipe-operator")?,
+                log,
+                kubeconfig,
+                lease_namespace,
+                lease,
+                namespaces,
+            )
         }
 
         /// The operator with its leader Lease in `lease_namespace` (as the Helm chart runs it).
@@ -749,6 +795,7 @@ pub mod operator {
                 kubeconfig,
                 lease_namespace,
                 lease,
+                &[],
             )
         }
 
@@ -758,6 +805,7 @@ pub mod operator {
             kubeconfig: &Path,
             lease_namespace: &str,
             lease: &str,
+            watch: &[&str],
         ) -> Result<Self> {
             let metrics = format!("127.0.0.1:{}", crate::worker::free_port()?);
             let out = std::fs::OpenOptions::new()
@@ -772,6 +820,7 @@ pub mod operator {
             let child = command
                 .args(["run", "--metrics-address", &metrics, "--log-format", "text"])
                 .args(["--lease-name", lease, "--lease-namespace", lease_namespace])
+                .args(["--watch-namespaces", &watch.join(",")])
                 .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())

@@ -155,6 +155,37 @@ fn the_chart_lints_and_renders() -> Result<()> {
         "Leases belong in the namespaced Role"
     );
 
+    // watchNamespaces: the same rules as a Role in each watched namespace, nothing cluster-wide.
+    let scoped = template(&["watchNamespaces={team-a,team-b}"])?;
+    assert!(
+        scoped
+            .iter()
+            .all(|d| d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding"),
+        "watchNamespaces must not render cluster-wide RBAC"
+    );
+    for namespace in ["team-a", "team-b"] {
+        let role = scoped
+            .iter()
+            .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == namespace)
+            .with_context(|| format!("no Role in {namespace}"))?;
+        assert_eq!(grants(&role["rules"]), grants(&declared["rules"]));
+        let binding = scoped
+            .iter()
+            .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == namespace)
+            .with_context(|| format!("no RoleBinding in {namespace}"))?;
+        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+        assert_eq!(binding["subjects"][0]["namespace"], "vp-system");
+    }
+    let text = serde_json::to_string(find(&scoped, "Deployment")?)?;
+    assert!(
+        text.contains(r#"{"name":"VECTORPIPE_WATCH_NAMESPACES","value":"team-a,team-b"}"#),
+        "{text}"
+    );
+    let err = template(&["watchNamespaces={Team_A}"])
+        .expect_err("an invalid namespace name")
+        .to_string();
+    assert!(err.contains("watchNamespaces"), "{err}");
+
     // Options render what they say.
     let docs = template(&[
         "metrics.serviceMonitor.enabled=true",

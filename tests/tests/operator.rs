@@ -267,6 +267,7 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
         ("opensearch-writer", &["username", "password"][..]),
         ("opensearch-ca", &["ca.crt"][..]),
     ] {
+        // Not labeled vectorpipe.io/credentials yet: reported, then labeled below.
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.into()),
@@ -280,6 +281,30 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
             ..Default::default()
         };
         secrets.create(&PostParams::default(), &secret).await?;
+    }
+    wait_condition(
+        &pipelines,
+        "support-articles",
+        "Degraded",
+        "True",
+        "SecretNotLabeled",
+    )
+    .await?;
+    for name in [
+        "kafka-scram",
+        "kafka-ca",
+        "opensearch-writer",
+        "opensearch-ca",
+    ] {
+        secrets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"labels": {"vectorpipe.io/credentials": "true"}}}),
+                ),
+            )
+            .await?;
     }
     wait_condition(
         &pipelines,

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::k8s;
@@ -155,7 +155,66 @@ async fn an_index_of_another_dimension_is_reported_before_workers_start() -> Res
         )
         .await?;
     }
+    // Workers that take their time to stop. Foreground deletion keeps a Deployment until its
+    // ReplicaSets are gone, and a ReplicaSet until its pods are gone (blockOwnerDeletion); kwok's
+    // pods ignore finalizers, so a finalizer on the ReplicaSet stands for a worker still draining.
+    // The index must outlive it, or that worker would write into a deleted index and recreate it.
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
+    let workers = ListParams::default().labels("vectorpipe.io/pipeline=posts");
+    let held: Vec<String> = eventually(
+        "the worker ReplicaSets",
+        Duration::from_secs(120),
+        || async {
+            let names: Vec<String> = replica_sets
+                .list(&workers)
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|rs| rs.metadata.name)
+                .collect();
+            Ok((!names.is_empty()).then_some(names))
+        },
+    )
+    .await?;
+    for name in &held {
+        replica_sets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["vectorpipe.io/test-hold"]}})),
+            )
+            .await?;
+    }
     pipelines.delete("posts", &Default::default()).await?;
+    eventually("the workers stopping", Duration::from_secs(60), || async {
+        Ok(replica_sets
+            .get_opt(&held[0])
+            .await?
+            .and_then(|rs| rs.metadata.deletion_timestamp)
+            .map(|_| ()))
+    })
+    .await?;
+    // Several rechecks of the finalizer later, the index is still there.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let status = http
+        .head(format!("{}/{owned}", opensearch::url()?))
+        .send()
+        .await?
+        .status();
+    assert_eq!(
+        status.as_u16(),
+        200,
+        "the index {owned} was deleted while the workers were still stopping"
+    );
+    for name in &held {
+        replica_sets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await?;
+    }
     eventually("the pipeline gone", Duration::from_secs(60), || async {
         Ok(pipelines.get_opt("posts").await?.is_none().then_some(()))
     })
@@ -166,5 +225,96 @@ async fn an_index_of_another_dimension_is_reported_before_workers_start() -> Res
         .await?
         .status();
     assert_eq!(status.as_u16(), 404, "the index {owned} must be deleted");
+    Ok(())
+}
+
+/// A Secret that did not opt in with `vectorpipe.io/credentials: "true"` is never read: the
+/// pipeline says so, and the endpoint its spec names receives no credentials from it. Once the
+/// Secret is labeled, the same endpoint does receive them (so the first check could see them).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unlabeled_secret_is_never_sent_anywhere() -> Result<()> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    k8s::install_crds()?;
+    let ns = k8s::namespace("secret-label")?;
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir)?;
+    let (endpoint, captured) = opensearch::capturing_server().await?;
+    let client = k8s::client().await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "someone-elses"},
+                "data": {
+                    "username": ByteString(b"admin".to_vec()),
+                    "password": ByteString(b"not-for-you".to_vec()),
+                }
+            }))?,
+        )
+        .await?;
+    let _operator = Operator::start(&dir.join("operator.log"))?;
+    let text = std::fs::read_to_string(repo_root().join("examples/pipelines/minimal.yaml"))?;
+    let mut value: Value = serde_yaml::from_str(&text)?;
+    value["spec"]["sink"]["opensearch"]["endpoints"] = json!([endpoint]);
+    value["spec"]["sink"]["opensearch"]["auth"] =
+        json!({"basic": {"secretRef": {"name": "someone-elses"}}});
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+    pipelines
+        .create(&PostParams::default(), &serde_json::from_value(value)?)
+        .await?;
+    let message = eventually(
+        "Degraded=True SecretNotLabeled",
+        Duration::from_secs(60),
+        || async {
+            let ep = pipelines.get("posts").await?;
+            Ok(condition(&ep, "Degraded")
+                .filter(|c| c.0 == "True" && c.1 == "SecretNotLabeled")
+                .map(|c| c.2))
+        },
+    )
+    .await?;
+    assert!(
+        message.contains("kubectl label secret") && message.contains("vectorpipe.io/credentials"),
+        "{message}"
+    );
+    // Several reconciles later (the pipeline is rechecked every 10 s), still nothing was sent.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let sent = captured.lock().map(|c| c.clone()).unwrap_or_default();
+    assert!(
+        sent.iter().all(|(_, _, auth)| auth.is_none()),
+        "credentials from an unlabeled Secret reached the endpoint: {sent:?}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(
+        deployments.get_opt("posts-worker").await?.is_none(),
+        "no worker may mount a Secret that did not opt in"
+    );
+
+    // The Secret's owner opts in: now the index check sends them, and the pipeline runs.
+    secrets
+        .patch(
+            "someone-elses",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"vectorpipe.io/credentials": "true"}}})),
+        )
+        .await?;
+    eventually(
+        "the labeled Secret's credentials used",
+        Duration::from_secs(60),
+        || async {
+            let sent = captured.lock().map(|c| c.clone()).unwrap_or_default();
+            Ok(sent
+                .iter()
+                .any(|(_, path, auth)| path.ends_with("/_mapping") && auth.is_some())
+                .then_some(()))
+        },
+    )
+    .await?;
+    eventually("a worker Deployment", Duration::from_secs(60), || async {
+        Ok(deployments.get_opt("posts-worker").await?.map(|_| ()))
+    })
+    .await?;
     Ok(())
 }

@@ -190,3 +190,107 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
     assert!(deployments.get_opt("posts-worker").await?.is_none());
     Ok(())
 }
+
+/// With `--watch-namespaces` (the chart's `watchNamespaces`) the operator needs the same rules
+/// only as a Role in each watched namespace: it may read no Secret elsewhere, and it runs the
+/// pipelines there with nothing cluster-wide.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespaced_operator_needs_a_role_only_in_each_watched_namespace() -> Result<()> {
+    k8s::install_crds()?;
+    let system = k8s::namespace("vp-scoped")?;
+    let watched = k8s::namespace("scoped-in")?;
+    let other = k8s::namespace("scoped-out")?;
+    let dir = std::env::temp_dir().join(&system.name);
+    std::fs::create_dir_all(&dir)?;
+    // operator/rbac/clusterrole.yaml's rules as a Role in the watched namespace, as the chart
+    // renders them for watchNamespaces.
+    let rules = std::fs::read_to_string(repo_root().join("operator/rbac/clusterrole.yaml"))?;
+    let role = rules
+        .replacen("kind: ClusterRole\n", "kind: Role\n", 1)
+        .replacen(
+            "  name: vectorpipe-operator\n",
+            &format!(
+                "  name: vectorpipe-operator\n  namespace: {}\n",
+                watched.name
+            ),
+            1,
+        );
+    let role_path = dir.join("role.yaml");
+    std::fs::write(&role_path, role)?;
+    kubectl(&["apply", "-f", &role_path.to_string_lossy()])?;
+    kubectl(&[
+        "create",
+        "serviceaccount",
+        "vectorpipe-operator",
+        "-n",
+        &system.name,
+    ])?;
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "vectorpipe-operator",
+        "-n",
+        &watched.name,
+        "--role=vectorpipe-operator",
+        &format!("--serviceaccount={}:vectorpipe-operator", system.name),
+    ])?;
+    bind_leader_election(&system.name, "vectorpipe-operator", &dir)?;
+    let user = format!("system:serviceaccount:{}:vectorpipe-operator", system.name);
+    assert!(can_i(&user, &["get", "secrets", "-n", &watched.name]));
+    for namespace in ["kube-system", other.name.as_str(), system.name.as_str()] {
+        assert!(
+            !can_i(&user, &["get", "secrets", "-n", namespace]),
+            "a namespaced operator must not read Secrets in {namespace}"
+        );
+    }
+    assert!(!can_i(
+        &user,
+        &[
+            "list",
+            "embeddingpipelines.vectorpipe.io",
+            "--all-namespaces"
+        ]
+    ));
+
+    let kubeconfig = k8s::impersonating_kubeconfig(&user, &dir.join("scoped.kubeconfig"))?;
+    let operator = Operator::start_watching(
+        &dir.join("operator.log"),
+        &kubeconfig,
+        &system.name,
+        &unique_name("scoped-lease"),
+        &[&watched.name],
+    )?;
+    let example = repo_root().join("examples/pipelines/minimal.yaml");
+    for ns in [&watched.name, &other.name] {
+        kubectl(&["apply", "-n", ns, "-f", &example.to_string_lossy()])?;
+    }
+    let client = k8s::client().await?;
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &watched.name);
+    eventually(
+        "Ready with a Role in its namespace only",
+        Duration::from_secs(150),
+        || async {
+            let ep = pipelines.get("posts").await?;
+            let ready = ep
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(ready.then_some(()))
+        },
+    )
+    .await?;
+    let log = operator.log_text();
+    assert!(!log.contains("forbidden"), "{log}");
+    assert!(
+        log.contains("watching only these namespaces"),
+        "the operator must say what it watches: {log}"
+    );
+    // Other operators of the suite may run the other namespace; this one never looked at it.
+    assert!(
+        !log.contains(&other.name),
+        "a namespaced operator reconciled a namespace it does not watch: {log}"
+    );
+    operator.kill()?;
+    Ok(())
+}

@@ -30,3 +30,48 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The operator's rules: the same as operator/rbac/clusterrole.yaml (a test compares them). Bound
+cluster-wide, or in each of watchNamespaces only.
+*/}}
+{{- define "vectorpipe.operatorRules" -}}
+  # The API it serves: read pipelines and policies, write their status, scale pipelines.
+  - apiGroups: ["vectorpipe.io"]
+    resources: ["embeddingpipelines", "scalingpolicies"]
+    verbs: ["get", "list", "watch"]
+  # Pipelines' metadata.finalizers (deleteIndexOnDelete). The operator never writes a spec: a
+  # test applies pipelines as another field manager and finds no spec field owned by it.
+  - apiGroups: ["vectorpipe.io"]
+    resources: ["embeddingpipelines"]
+    verbs: ["patch"]
+  - apiGroups: ["vectorpipe.io"]
+    resources: ["embeddingpipelines/status", "scalingpolicies/status"]
+    verbs: ["get", "patch", "update"]
+  - apiGroups: ["vectorpipe.io"]
+    resources: ["embeddingpipelines/scale"]
+    verbs: ["get", "patch", "update"]
+  # Owner references with blockOwnerDeletion need update on the owner's finalizers.
+  - apiGroups: ["vectorpipe.io"]
+    resources: ["embeddingpipelines/finalizers"]
+    verbs: ["update"]
+  # The worker objects it creates.
+  - apiGroups: ["apps"]
+    resources: ["deployments"]
+    verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  - apiGroups: [""]
+    resources: ["configmaps", "services"]
+    verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  - apiGroups: ["policy"]
+    resources: ["poddisruptionbudgets"]
+    verbs: ["get", "create", "patch", "update", "delete"]
+  # Secrets a pipeline names, read by name and used only when labeled
+  # vectorpipe.io/credentials=true; never listed or watched.
+  - apiGroups: [""]
+    resources: ["secrets"]
+    verbs: ["get"]
+  # Events users see in kubectl describe.
+  - apiGroups: ["events.k8s.io"]
+    resources: ["events"]
+    verbs: ["create", "patch"]
+{{- end }}

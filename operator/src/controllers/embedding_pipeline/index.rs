@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use kube::ResourceExt;
 use vectorpipe_crds::index::check_mapping;
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 
 use super::status::Problem;
+use crate::secrets::Secrets;
 
 /// How long one answer is trusted (per pipeline generation).
 const TTL: Duration = Duration::from_secs(30);
@@ -61,25 +60,6 @@ impl Cache {
     }
 }
 
-async fn secret_value(
-    secrets: &Api<Secret>,
-    name: &str,
-    key: &str,
-) -> Result<Option<Vec<u8>>, String> {
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("reading Secret {name}: {e}"))?;
-    Ok(secret.and_then(|s| {
-        s.data
-            .and_then(|d| d.get(key).map(|v| v.0.clone()))
-            .or_else(|| {
-                s.string_data
-                    .and_then(|d| d.get(key).map(|v| v.clone().into_bytes()))
-            })
-    }))
-}
-
 fn shared_client() -> Result<&'static reqwest::Client, String> {
     static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
         std::sync::OnceLock::new();
@@ -108,12 +88,13 @@ async fn request(
         return Err("the operator does not sign SigV4 requests yet".into());
     }
     let endpoint = sink.endpoints.first().ok_or("no endpoint")?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut secrets = Secrets::new(client, namespace);
     let http = match sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
         Some(ca) => {
-            let pem = secret_value(&secrets, &ca.name, &ca.key)
-                .await?
-                .ok_or_else(|| format!("Secret {} has no key {}", ca.name, ca.key))?;
+            let pem = secrets
+                .value(&ca.name, &ca.key)
+                .await
+                .map_err(|e| e.to_string())?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| format!("the CA in Secret {}: {e}", ca.name))?;
             reqwest::Client::builder()
@@ -130,15 +111,15 @@ async fn request(
     let mut request = http.request(method, url);
     if let Some(basic) = sink.auth.as_ref().and_then(|a| a.basic.as_ref()) {
         let name = &basic.secret_ref.name;
-        let user = secret_value(&secrets, name, "username").await?;
-        let password = secret_value(&secrets, name, "password").await?;
-        let (Some(u), Some(p)) = (user, password) else {
-            return Err(format!("Secret {name} lacks username/password"));
-        };
-        request = request.basic_auth(
-            String::from_utf8_lossy(&u).into_owned(),
-            Some(String::from_utf8_lossy(&p).into_owned()),
-        );
+        let user = secrets
+            .text(name, "username")
+            .await
+            .map_err(|e| e.to_string())?;
+        let password = secrets
+            .text(name, "password")
+            .await
+            .map_err(|e| e.to_string())?;
+        request = request.basic_auth(user, Some(password));
     }
     Ok(request)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -23,10 +23,11 @@ use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_crds::v1alpha1::conditions::{READY, find_condition};
 use vectorpipe_crds::validate;
 
-use crate::context::Context;
+use crate::context::{Context, api};
 use crate::error::{Error, kube as kerr};
 use crate::labels::FIELD_MANAGER;
 use crate::metrics::{ControllerLabel, ErrorLabels};
+use crate::secrets::Secrets;
 use status::Problem;
 
 const CONTROLLER: &str = "embeddingpipeline";
@@ -37,42 +38,24 @@ const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
 /// How often a pipeline waiting for a Secret is looked at again.
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
-/// Checks that every referenced Secret exists and has the keys the worker reads.
+/// Checks that every referenced Secret exists, opted in with the credentials label and has the
+/// keys the worker reads.
 async fn check_secrets(
     client: &kube::Client,
     namespace: &str,
     pipeline: &EmbeddingPipeline,
 ) -> Result<Option<Problem>, Error> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut secrets = Secrets::new(client, namespace);
     for (name, keys) in build::referenced_secrets(pipeline) {
-        match secrets
-            .get_opt(&name)
-            .await
-            .map_err(kerr("reading secrets"))?
-        {
-            None => {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        match secrets.check(&name, &keys).await {
+            Ok(()) => {}
+            Err(problem) if problem.is_transient() => return Err(problem.into()),
+            Err(problem) => {
                 return Ok(Some(Problem {
-                    reason: "SecretNotFound",
-                    message: format!(
-                        "Secret {namespace}/{name} does not exist; create it with the keys {}",
-                        keys.join(", ")
-                    ),
+                    reason: problem.reason(),
+                    message: problem.to_string(),
                 }));
-            }
-            Some(secret) => {
-                let data = secret.data.unwrap_or_default();
-                let string_data = secret.string_data.unwrap_or_default();
-                if let Some(missing) = keys
-                    .iter()
-                    .find(|k| !data.contains_key(*k) && !string_data.contains_key(*k))
-                {
-                    return Ok(Some(Problem {
-                        reason: "SecretKeyMissing",
-                        message: format!(
-                            "Secret {namespace}/{name} has no key {missing:?}; add it"
-                        ),
-                    }));
-                }
             }
         }
     }
@@ -285,6 +268,37 @@ async fn set_finalizers(
     Ok(())
 }
 
+/// How often a deleted pipeline looks again whether its workers are gone.
+const WORKERS_GONE_RECHECK: Duration = Duration::from_secs(2);
+
+/// Deletes the worker Deployment in the foreground and tells whether it still exists. With
+/// foreground deletion the Deployment goes only after its ReplicaSets, and they only after their
+/// pods, so "gone" means no worker process is left that could write to the index again (a worker
+/// still draining would otherwise recreate the index the finalizer just deleted).
+async fn workers_still_running(
+    ctx: &Context,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+) -> Result<bool, Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = build::child_name(pipeline);
+    let Some(deployment) = deployments
+        .get_opt(&name)
+        .await
+        .map_err(kerr("reading the Deployment"))?
+    else {
+        return Ok(false);
+    };
+    if deployment.metadata.deletion_timestamp.is_none() {
+        match deployments.delete(&name, &DeleteParams::foreground()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
+            Err(e) => return Err(kerr("deleting the Deployment")(e)),
+        }
+    }
+    Ok(true)
+}
+
 /// Adds or removes the index finalizer as the spec asks, and on deletion deletes the index
 /// before letting the pipeline go. Some(action) ends the reconcile.
 async fn finalize(
@@ -307,6 +321,10 @@ async fn finalize(
             return Ok(Some(Action::await_change()));
         }
         let index = &pipeline.spec.sink.opensearch.index;
+        if wanted && workers_still_running(ctx, namespace, pipeline).await? {
+            info!(%index, "waiting for the workers to stop before deleting the index");
+            return Ok(Some(Action::requeue(WORKERS_GONE_RECHECK)));
+        }
         if wanted {
             match index::delete_index(&ctx.client, namespace, pipeline).await {
                 Ok(()) => {
@@ -397,10 +415,21 @@ fn spec_or_deletion(pipeline: &EmbeddingPipeline) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Runs the controller until the process is told to stop.
+/// Runs the controller until the process is told to stop: one watch for the whole cluster, or
+/// one per watched namespace.
 pub async fn run(ctx: Arc<Context>) {
+    let watches = ctx.scope.watches();
+    futures::future::join_all(
+        watches
+            .iter()
+            .map(|namespace| run_in(ctx.clone(), namespace.as_deref())),
+    )
+    .await;
+}
+
+async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
-    let pipelines: Api<EmbeddingPipeline> = Api::all(client.clone());
+    let pipelines: Api<EmbeddingPipeline> = api(&client, namespace);
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=vectorpipe-operator");
     // Only spec changes (a new generation) of a pipeline trigger a reconcile: status writes, by
@@ -412,9 +441,9 @@ pub async fn run(ctx: Arc<Context>) {
         .applied_objects()
         .predicate_filter(spec_or_deletion, Default::default());
     Controller::for_stream(trigger, reader)
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned)
+        .owns(api::<Deployment>(&client, namespace), owned.clone())
+        .owns(api::<ConfigMap>(&client, namespace), owned.clone())
+        .owns(api::<Service>(&client, namespace), owned)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -70,7 +70,7 @@ pub struct ScalingContext {
     /// What both controllers share.
     pub base: Arc<Context>,
     /// Where metrics come from.
-    pub readers: Box<dyn MetricReaders>,
+    pub readers: Arc<dyn MetricReaders>,
     /// The Prometheus server for policies that name none.
     pub default_prometheus: Option<String>,
     store: Store<ScalingPolicy>,
@@ -357,75 +357,38 @@ async fn reconcile_inner(policy: &ScalingPolicy, ctx: &ScalingContext) -> Result
 }
 
 /// Reads the Kafka credentials of a pipeline from the Secrets its spec names (the ones its
-/// workers mount). Err says which Secret or key is missing.
+/// workers mount). Err says which Secret or key is missing, or that a Secret did not opt in.
 async fn kafka_credentials(
     client: &kube::Client,
     namespace: &str,
     pipeline: &vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec,
-) -> Result<lag::KafkaCredentials, String> {
-    use k8s_openapi::api::core::v1::Secret;
+) -> Result<lag::KafkaCredentials, crate::secrets::SecretProblem> {
     use vectorpipe_kafka::Material;
     let mut credentials = lag::KafkaCredentials::default();
     let Some(auth) = &pipeline.source.kafka.auth else {
         return Ok(credentials);
     };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let value = |secret: Option<&Secret>, name: &str, key: &str| -> Result<String, String> {
-        let secret = secret.ok_or_else(|| format!("Secret {namespace}/{name} does not exist"))?;
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .cloned()
-            })
-            .ok_or_else(|| format!("Secret {namespace}/{name} has no key {key:?}"))
-    };
-    let get = |name: String| {
-        let secrets = secrets.clone();
-        async move {
-            secrets
-                .get_opt(&name)
-                .await
-                .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))
-        }
-    };
+    let mut secrets = crate::secrets::Secrets::new(client, namespace);
     let ca_ref = auth
         .tls
         .as_ref()
         .and_then(|t| t.ca_secret_ref.as_ref())
         .or_else(|| auth.scram.as_ref().and_then(|s| s.ca_secret_ref.as_ref()));
     if let Some(ca) = ca_ref {
-        let secret = get(ca.name.clone()).await?;
-        credentials.ca = Some(Material::Pem(value(secret.as_ref(), &ca.name, &ca.key)?));
+        credentials.ca = Some(Material::Pem(secrets.text(&ca.name, &ca.key).await?));
     }
     if let Some(cert) = auth
         .tls
         .as_ref()
         .and_then(|t| t.client_cert_secret_ref.as_ref())
     {
-        let secret = get(cert.name.clone()).await?;
-        credentials.cert = Some(Material::Pem(value(
-            secret.as_ref(),
-            &cert.name,
-            "tls.crt",
-        )?));
-        credentials.key = Some(Material::Pem(value(
-            secret.as_ref(),
-            &cert.name,
-            "tls.key",
-        )?));
+        credentials.cert = Some(Material::Pem(secrets.text(&cert.name, "tls.crt").await?));
+        credentials.key = Some(Material::Pem(secrets.text(&cert.name, "tls.key").await?));
     }
     if let Some(scram) = &auth.scram {
         let name = &scram.secret_ref.name;
-        let secret = get(name.clone()).await?;
-        credentials.username = Some(value(secret.as_ref(), name, "username")?);
-        credentials.password = Some(value(secret.as_ref(), name, "password")?);
+        credentials.username = Some(secrets.text(name, "username").await?);
+        credentials.password = Some(secrets.text(name, "password").await?);
     }
     Ok(credentials)
 }
@@ -446,7 +409,9 @@ async fn poll(
     let current = pipeline.spec.workers.replicas;
     state.last_poll = Some(Instant::now());
 
-    let credentials = kafka_credentials(&ctx.base.client, &namespace, &pipeline.spec).await;
+    let credentials = kafka_credentials(&ctx.base.client, &namespace, &pipeline.spec)
+        .await
+        .map_err(|e| e.to_string());
     let observation = observe::observe(
         spec,
         &pipeline.spec,
@@ -730,13 +695,32 @@ pub fn error_policy(policy: Arc<ScalingPolicy>, error: &Error, ctx: Arc<ScalingC
     Action::requeue(wait)
 }
 
-/// Runs the controller until the process is told to stop.
+/// Runs the controller until the process is told to stop: one watch for the whole cluster, or
+/// one per watched namespace.
 pub async fn run(
     base: Arc<Context>,
-    readers: Box<dyn MetricReaders>,
+    readers: Arc<dyn MetricReaders>,
     default_prometheus: Option<String>,
 ) {
-    let policies: Api<ScalingPolicy> = Api::all(base.client.clone());
+    let watches = base.scope.watches();
+    futures::future::join_all(watches.iter().map(|namespace| {
+        run_in(
+            base.clone(),
+            readers.clone(),
+            default_prometheus.clone(),
+            namespace.as_deref(),
+        )
+    }))
+    .await;
+}
+
+async fn run_in(
+    base: Arc<Context>,
+    readers: Arc<dyn MetricReaders>,
+    default_prometheus: Option<String>,
+    namespace: Option<&str>,
+) {
+    let policies: Api<ScalingPolicy> = crate::context::api(&base.client, namespace);
     let controller = Controller::new(policies, watcher::Config::default().any_semantic());
     let ctx = Arc::new(ScalingContext {
         base,
