@@ -2,6 +2,9 @@
 
 /// The server-side apply field manager of every object the operator writes.
 pub const FIELD_MANAGER: &str = "vectorpipe-operator";
+/// The field manager of the scaling controller's writes of `spec.workers.replicas`, so other
+/// writers of the count can be told apart in managedFields.
+pub const SCALING_FIELD_MANAGER: &str = "vectorpipe-operator-scaling";
 /// The `app.kubernetes.io/name` of worker pods.
 pub const WORKER_NAME: &str = "vectorpipe-worker";
 /// The pipeline a worker object belongs to.

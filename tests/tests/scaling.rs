@@ -458,6 +458,14 @@ async fn lag_through_scram_scales_out(client: &kube::Client) -> Result<()> {
         &format!("--from-literal=username={user}"),
         &format!("--from-literal=password={password}"),
     ])?;
+    k8s::kubectl(&[
+        "label",
+        "secret",
+        "kafka-user",
+        "-n",
+        &ns.name,
+        "vectorpipe.io/credentials=true",
+    ])?;
     let source = json!({
         "bootstrapServers": [vectorpipe_tests::harness_var("VP_KAFKA_SCRAM_BOOTSTRAP")?],
         "topics": [topic],
@@ -518,6 +526,95 @@ async fn missing_and_conflicting_targets_are_reported(client: &kube::Client) -> 
     Ok(())
 }
 
+/// 8: someone else changes the worker count (`kubectl scale` through the scale subresource): the
+/// policy names them in ConflictingWriter, sets the count back once, and then leaves it alone for
+/// the rest of its cooldown instead of fighting on every poll.
+async fn another_writer_is_named_and_fought_once_per_cooldown(client: &kube::Client) -> Result<()> {
+    let ns = k8s::namespace("scale-writer")?;
+    let topic = unique_name("scale-writer");
+    kafka::create_topic(&topic, 4).await?;
+    create_pipeline(client, &ns.name, &topic).await?;
+    create_policy(
+        client,
+        &ns.name,
+        "floor",
+        json!({
+            "targetRef": {"name": "posts"},
+            "minReplicas": 2,
+            "maxReplicas": 4,
+            "pollInterval": "1s",
+            "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 1000}],
+            "scaleOut": {"cooldown": "1s"},
+            "scaleIn": {"cooldown": "10m"}
+        }),
+    )
+    .await?;
+    let most = AtomicI32::new(0);
+    wait_replicas(client, &ns.name, 2, &most).await?;
+    let scale_by_hand = || {
+        k8s::kubectl(&[
+            "scale",
+            "embeddingpipeline/posts",
+            "--replicas=1",
+            "-n",
+            &ns.name,
+        ])
+    };
+    scale_by_hand()?;
+    // Who the apiserver recorded as the writer of the count.
+    let pipeline = Api::<EmbeddingPipeline>::namespaced(client.clone(), &ns.name)
+        .get("posts")
+        .await?;
+    let manager = pipeline
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| {
+            e.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0["f:spec"]["f:workers"].get("f:replicas").is_some())
+        })
+        .find_map(|e| e.manager.clone().filter(|m| !m.starts_with("vectorpipe")))
+        .context("no other manager owns spec.workers.replicas after kubectl scale")?;
+    let message = wait_policy(client, &ns.name, "floor", "ConflictingWriter", |p| {
+        condition(p, "ConflictingWriter")
+            .filter(|c| c.0 == "True" && c.1 == "OtherWriter")
+            .map(|c| c.2)
+    })
+    .await?;
+    ensure!(
+        message.contains(&manager) && message.contains("set to 1"),
+        "{message}"
+    );
+    // Set back once.
+    wait_replicas(client, &ns.name, 2, &most).await?;
+    // Changed by hand again within the cooldown: left alone, poll after poll.
+    scale_by_hand()?;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = replicas(client, &ns.name).await?;
+        ensure!(
+            n == 1,
+            "the policy fought the other writer again within its cooldown ({n} workers)"
+        );
+    }
+    let decision = wait_policy(client, &ns.name, "floor", "held decision", |p| {
+        p.status
+            .as_ref()?
+            .last_decision
+            .clone()
+            .filter(|d| d.reason == "ConflictingWriter")
+    })
+    .await?;
+    ensure!(
+        decision.message.contains("holding 1"),
+        "{}",
+        decision.message
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scaling_policies_act_on_real_lag_schedules_and_promql() -> Result<()> {
     k8s::install_crds()?;
@@ -533,6 +630,7 @@ async fn scaling_policies_act_on_real_lag_schedules_and_promql() -> Result<()> {
         unreadable_metrics_fall_back(&client),
         missing_and_conflicting_targets_are_reported(&client),
         lag_through_scram_scales_out(&client),
+        another_writer_is_named_and_fought_once_per_cooldown(&client),
     );
     if result.is_err() {
         let log = operator.log_text();

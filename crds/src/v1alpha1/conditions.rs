@@ -18,6 +18,8 @@ pub const ACTIVE: &str = "Active";
 pub const ABLE_TO_SCALE: &str = "AbleToScale";
 /// The desired count was clipped by a bound (min, max, partitions, schedule).
 pub const SCALING_LIMITED: &str = "ScalingLimited";
+/// Someone other than the policy changed the target's worker count.
+pub const CONFLICTING_WRITER: &str = "ConflictingWriter";
 
 /// `status` of a condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

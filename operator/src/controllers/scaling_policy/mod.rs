@@ -9,6 +9,7 @@ pub mod promql;
 pub mod readers;
 pub mod schedule;
 pub mod status;
+pub mod writers;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use vectorpipe_crds::validate;
 
 use crate::context::Context;
 use crate::error::{Error, kube as kerr};
+use crate::labels::SCALING_FIELD_MANAGER;
 use crate::metrics::{
     ControllerLabel, ErrorLabels, PipelineLabels, PolicyLabels, ScaleLabels, SourceLabel,
 };
@@ -63,6 +65,10 @@ struct PolicyState {
     last_scale_in: Option<Timestamp>,
     /// Polls in a row whose metrics could not all be read.
     failed_polls: u32,
+    /// Another writer of the worker count, while it is active.
+    conflict: Option<writers::Conflict>,
+    /// The count the last poll left the pipeline at (the policy's cached status may lag).
+    left_at: Option<i32>,
 }
 
 /// Shared state of the scaling controller.
@@ -479,16 +485,74 @@ async fn poll(
     let decision = decide::decide(&inputs);
     let cooling_down = decision.reason == Reason::CoolingDown;
     let open = schedule::open_windows(&spec.schedules, now).unwrap_or_default();
-    let (desired, reason, message, limit) = with_schedules(&inputs, decision, &open);
+    let (mut desired, mut reason, mut message, limit) = with_schedules(&inputs, decision, &open);
     let dry_run = spec.mode == ScalingMode::DryRun;
+
+    // Another writer of the count: said in the status, and fought at most once per cooldown.
+    let fight_cooldown = spec
+        .scale_out
+        .cooldown
+        .get()
+        .max(spec.scale_in.cooldown.get());
+    let changed_by = writers::changed_by_other(
+        state
+            .left_at
+            .or_else(|| policy.status.as_ref().and_then(|s| s.current_replicas)),
+        current,
+        &writers::replica_writers(pipeline, SCALING_FIELD_MANAGER),
+    );
+    if let Some(manager) = &changed_by
+        && state.conflict.is_none()
+    {
+        let note = format!(
+            "spec.workers.replicas of EmbeddingPipeline {target} was set to {current} by {manager}; this policy sets it back at most once per {}s",
+            fight_cooldown.as_secs()
+        );
+        warn!(pipeline = %target, %manager, "another writer changed the worker count");
+        ctx.base
+            .publish(
+                policy.object_ref(&()),
+                EventType::Warning,
+                "ConflictingWriter",
+                "Poll",
+                &note,
+            )
+            .await;
+    }
+    state.conflict = writers::track(
+        state.conflict.take(),
+        changed_by,
+        current,
+        now,
+        fight_cooldown,
+    );
+    if let Some(conflict) = &state.conflict
+        && desired != current
+        && !dry_run
+        && !conflict.may_fight(now, fight_cooldown)
+    {
+        message = format!(
+            "would set {desired} workers, but {} changed the count and this policy set it back less than a cooldown ago; holding {current}",
+            conflict.manager
+        );
+        reason = "ConflictingWriter".into();
+        desired = current;
+    }
     let applied = !dry_run && desired != current;
+    if applied && let Some(conflict) = &mut state.conflict {
+        conflict.last_fight = Some(now);
+    }
+    state.left_at = Some(if applied { desired } else { current });
 
     let pipelines: Api<EmbeddingPipeline> = Api::namespaced(ctx.base.client.clone(), &namespace);
     if applied {
         pipelines
             .patch_scale(
                 &target,
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(SCALING_FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(json!({ "spec": { "replicas": desired } })),
             )
             .await
@@ -590,6 +654,7 @@ async fn poll(
         metrics_error: metrics_error.clone(),
         limit: limit.map(|l| (l.as_str().to_owned(), limit_text(l, desired, &inputs))),
         cooling_down,
+        conflict: state.conflict.as_ref().map(|c| c.message(fight_cooldown)),
     };
     let was_able = condition_reason(policy, ABLE_TO_SCALE);
     if let Some(error) = &metrics_error

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use vectorpipe_crds::v1alpha1::conditions::{
-    ABLE_TO_SCALE, ACTIVE, ConditionStatus, ConditionUpdate, SCALING_LIMITED, set_condition,
+    ABLE_TO_SCALE, ACTIVE, CONFLICTING_WRITER, ConditionStatus, ConditionUpdate, SCALING_LIMITED,
+    set_condition,
 };
 use vectorpipe_crds::v1alpha1::{ScalingDecision, ScalingPolicy, ScalingPolicyStatus};
 
@@ -31,6 +32,8 @@ pub struct Outcome {
     pub limit: Option<(String, String)>,
     /// An alarm is waiting for its cooldown.
     pub cooling_down: bool,
+    /// Another writer of the worker count: the condition message.
+    pub conflict: Option<String>,
 }
 
 /// The policy was not judged: why, and what to do.
@@ -133,6 +136,16 @@ pub fn compute(policy: &ScalingPolicy, judgement: &Judgement, now: &Time) -> Sca
         ),
     }
 
+    match &outcome.conflict {
+        Some(message) => set(CONFLICTING_WRITER, True, "OtherWriter", message.clone()),
+        None => set(
+            CONFLICTING_WRITER,
+            False,
+            "NoOtherWriter",
+            "only this policy changed spec.workers.replicas since its last poll".into(),
+        ),
+    }
+
     status.current_replicas = Some(if outcome.applied {
         outcome.to
     } else {
@@ -218,6 +231,7 @@ mod tests {
             metrics_error: None,
             limit: None,
             cooling_down: false,
+            conflict: None,
         }
     }
 
@@ -320,6 +334,19 @@ mod tests {
         assert_eq!(
             condition(&s, ABLE_TO_SCALE),
             ("False".into(), "CoolingDown".into())
+        );
+        assert_eq!(
+            condition(&s, CONFLICTING_WRITER),
+            ("False".into(), "NoOtherWriter".into())
+        );
+        let fought = Outcome {
+            conflict: Some("spec.workers.replicas was set to 1 by kubectl".into()),
+            ..outcome(1, 1, false, false)
+        };
+        let conflicted = compute(&p, &Judgement::Judged(fought), &at(100));
+        assert_eq!(
+            condition(&conflicted, CONFLICTING_WRITER),
+            ("True".into(), "OtherWriter".into())
         );
         assert_eq!(
             condition(&s, SCALING_LIMITED),
