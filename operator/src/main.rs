@@ -73,7 +73,15 @@ struct RunOptions {
 }
 
 async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await?;
+    let config = kube::Config::infer().await?;
+    // The controllers write only while this replica surely leads; the election itself does not
+    // pass the fence.
+    let fence = match options.leader {
+        Some(_) => leader::Fence::closed(),
+        None => leader::Fence::open(),
+    };
+    let election_client = kube::Client::try_from(config.clone())?;
+    let client = fence.client(config)?;
     let (metrics, registry) = metrics::Metrics::new();
     let bound = http::serve(options.metrics_address, registry).await?;
     let ctx = Arc::new(context::Context::new(
@@ -103,7 +111,9 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     match options.leader {
         None => controllers.await,
-        Some(election) => leader::run_as_leader(client, election, controllers).await?,
+        Some(election) => {
+            leader::run_as_leader(election_client, election, fence, controllers).await?
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -833,6 +833,23 @@ pub mod operator {
             })
         }
 
+        /// Waits up to `limit` for the process to exit by itself; None if it still runs.
+        pub fn wait_exit(
+            &mut self,
+            limit: std::time::Duration,
+        ) -> Result<Option<std::process::ExitStatus>> {
+            let deadline = std::time::Instant::now() + limit;
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    return Ok(Some(status));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+
         /// The operator's log so far.
         pub fn log_text(&self) -> String {
             std::fs::read_to_string(&self.log).unwrap_or_default()
