@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -611,6 +612,36 @@ async fn another_writer_is_named_and_fought_once_per_cooldown(client: &kube::Cli
         decision.message.contains("holding 1"),
         "{}",
         decision.message
+    );
+
+    // Each controller writes its part of the status by server-side apply as its own manager.
+    let applied_status = |entries: &[ManagedFieldsEntry], manager: &str, field: &str| {
+        entries.iter().any(|e| {
+            e.manager.as_deref() == Some(manager)
+                && e.operation.as_deref() == Some("Apply")
+                && e.subresource.as_deref() == Some("status")
+                && e.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0["f:status"].get(field).is_some())
+        })
+    };
+    let pipeline = Api::<EmbeddingPipeline>::namespaced(client.clone(), &ns.name)
+        .get("posts")
+        .await?;
+    let entries = pipeline.metadata.managed_fields.clone().unwrap_or_default();
+    ensure!(
+        applied_status(&entries, "vectorpipe-operator", "f:conditions")
+            && applied_status(&entries, "vectorpipe-operator-scaling", "f:consumerLag")
+            && !applied_status(&entries, "vectorpipe-operator", "f:consumerLag"),
+        "status managers of the pipeline: {entries:?}"
+    );
+    let policy = Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
+        .get("floor")
+        .await?;
+    let entries = policy.metadata.managed_fields.clone().unwrap_or_default();
+    ensure!(
+        applied_status(&entries, "vectorpipe-operator-scaling", "f:conditions"),
+        "status managers of the policy: {entries:?}"
     );
     Ok(())
 }

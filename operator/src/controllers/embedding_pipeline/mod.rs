@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -170,10 +171,16 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         let mut patch = new_status.clone();
         patch.consumer_lag = None;
         patch.last_scale_time = None;
+        // Server-side apply as the pipeline controller: it owns every status field but those
+        // two, so the scaling controller's writes never collide with it.
         api.patch_status(
             &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": patch })),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": EmbeddingPipeline::api_version(&()),
+                "kind": EmbeddingPipeline::kind(&()),
+                "status": patch,
+            })),
         )
         .await
         .map_err(kerr("writing the status"))?;
@@ -415,6 +422,16 @@ fn spec_or_deletion(pipeline: &EmbeddingPipeline) -> Option<u64> {
     Some(hasher.finish())
 }
 
+/// Drops what no reconcile reads from a cached object: managedFields and the client-side apply
+/// annotation (a second copy of the spec).
+pub fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Runs the controller until the process is told to stop: one watch for the whole cluster, or
 /// one per watched namespace.
 pub async fn run(ctx: Arc<Context>) {
@@ -435,15 +452,32 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     // Only spec changes (a new generation) of a pipeline trigger a reconcile: status writes, by
     // this controller or the scaling controller, do not. Changes of the children still do.
     let (reader, writer) = reflector::store();
+    // The cache keeps what reconciles read: no managedFields and no client-side apply copy of
+    // the spec (the two largest parts of a pipeline object at thousands of pipelines).
     let trigger = watcher(pipelines, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(slim)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(spec_or_deletion, Default::default());
+    // Children only wake their pipeline: their metadata (owner references) is all that is
+    // needed, so the watches ask for nothing else.
     Controller::for_stream(trigger, reader)
-        .owns(api::<Deployment>(&client, namespace), owned.clone())
-        .owns(api::<ConfigMap>(&client, namespace), owned.clone())
-        .owns(api::<Service>(&client, namespace), owned)
+        .owns_stream(
+            watcher(api::<PartialObjectMeta<Deployment>>(&client, namespace), owned.clone())
+                .default_backoff()
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(api::<PartialObjectMeta<ConfigMap>>(&client, namespace), owned.clone())
+                .default_backoff()
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(api::<PartialObjectMeta<Service>>(&client, namespace), owned)
+                .default_backoff()
+                .touched_objects(),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -69,6 +69,8 @@ struct PolicyState {
     conflict: Option<writers::Conflict>,
     /// The count the last poll left the pipeline at (the policy's cached status may lag).
     left_at: Option<i32>,
+    /// When the pipeline's consumerLag was last written.
+    lag_written: Option<Instant>,
 }
 
 /// Shared state of the scaling controller.
@@ -615,23 +617,47 @@ async fn poll(
             })
             .set(lag);
     }
+    // Written by server-side apply as the scaling controller, only on a scale or a meaningful
+    // change of the lag. Both fields are always sent: a field this manager leaves out of an
+    // apply would be removed.
     let current_lag = pipeline.status.as_ref().and_then(|s| s.consumer_lag);
-    if applied || (lag.is_some() && lag != current_lag) {
-        let mut patch = serde_json::Map::new();
-        if let Some(lag) = lag {
-            patch.insert("consumerLag".into(), json!(lag));
+    let lag_due = match (current_lag, lag) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(old), Some(new)) => {
+            status::lag_changed_meaningfully(old, new, state.lag_written.map(|at| at.elapsed()))
         }
-        if applied {
-            patch.insert("lastScaleTime".into(), json!(time));
+    };
+    if applied || lag_due {
+        let last_scale_time = if applied {
+            Some(time.clone())
+        } else {
+            pipeline
+                .status
+                .as_ref()
+                .and_then(|s| s.last_scale_time.clone())
+        };
+        let mut owned = serde_json::Map::new();
+        if let Some(lag) = lag.or(current_lag) {
+            owned.insert("consumerLag".into(), json!(lag));
         }
+        if let Some(time) = last_scale_time {
+            owned.insert("lastScaleTime".into(), json!(time));
+        }
+        let body = json!({
+            "apiVersion": EmbeddingPipeline::api_version(&()),
+            "kind": EmbeddingPipeline::kind(&()),
+            "status": owned,
+        });
         pipelines
             .patch_status(
                 &target,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "status": patch })),
+                &PatchParams::apply(SCALING_FIELD_MANAGER).force(),
+                &Patch::Apply(body),
             )
             .await
             .map_err(kerr("writing the pipeline's consumerLag"))?;
+        state.lag_written = Some(Instant::now());
     }
     ctx.base
         .metrics
@@ -718,10 +744,15 @@ async fn write_status(
         &policy.namespace().unwrap_or_default(),
     );
     let was = condition_reason(policy, ACTIVE);
+    // Server-side apply as the scaling controller: the whole status is this manager's.
     api.patch_status(
         &policy.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": new_status })),
+        &PatchParams::apply(SCALING_FIELD_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": ScalingPolicy::api_version(&()),
+            "kind": ScalingPolicy::kind(&()),
+            "status": new_status,
+        })),
     )
     .await
     .map_err(kerr("writing the policy status"))?;

@@ -54,13 +54,40 @@ pub enum Judgement {
     Judged(Outcome),
 }
 
+/// Within 10 % of each other (or both zero): not worth a status write on its own.
+fn close(a: f64, b: f64) -> bool {
+    (a == 0.0) == (b == 0.0) && (a - b).abs() * 10.0 <= a.abs().max(b.abs())
+}
+
+/// How long a changed lag may stay unwritten when every change is small.
+pub const LAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a new consumer lag is worth writing to the pipeline's status: it reached or left
+/// zero, moved by more than 10 %, or changed at all and the written value is older than
+/// [`LAG_REFRESH`] (`written_ago` None: unknown, so due).
+pub fn lag_changed_meaningfully(
+    old: i64,
+    new: i64,
+    written_ago: Option<std::time::Duration>,
+) -> bool {
+    #[allow(clippy::cast_precision_loss)] // lags far below 2^52
+    let near = close(old as f64, new as f64);
+    old != new && (!near || written_ago.is_none_or(|ago| ago >= LAG_REFRESH))
+}
+
+/// The same decision for the status: the same change for the same reason, from inputs within
+/// 10 % (metric values move a little on every poll; rewriting the status for that is noise).
 fn same_decision(a: &ScalingDecision, b: &ScalingDecision) -> bool {
     a.from_replicas == b.from_replicas
         && a.to_replicas == b.to_replicas
         && a.reason == b.reason
-        && a.message == b.message
-        && a.inputs == b.inputs
         && a.applied == b.applied
+        && a.inputs.len() == b.inputs.len()
+        && a.inputs.iter().all(|(name, value)| {
+            b.inputs
+                .get(name)
+                .is_some_and(|other| close(*value, *other))
+        })
 }
 
 /// The status the policy should have after `judgement`.
@@ -238,6 +265,35 @@ mod tests {
     fn condition(status: &ScalingPolicyStatus, type_: &str) -> (String, String) {
         let c = find_condition(&status.conditions, type_).unwrap();
         (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn small_moves_of_the_lag_and_the_inputs_write_nothing() {
+        let minute = Some(std::time::Duration::from_secs(10));
+        assert!(!lag_changed_meaningfully(1000, 1000, None));
+        assert!(!lag_changed_meaningfully(1000, 1050, minute));
+        assert!(lag_changed_meaningfully(1000, 1200, minute));
+        assert!(lag_changed_meaningfully(3, 0, minute), "reaching zero");
+        assert!(lag_changed_meaningfully(0, 1, minute), "leaving zero");
+        assert!(lag_changed_meaningfully(1000, 1050, Some(LAG_REFRESH)));
+        assert!(lag_changed_meaningfully(1000, 1050, None));
+
+        let p = policy("active", 10);
+        let first = compute(
+            &p,
+            &Judgement::Judged(outcome(2, 2, false, false)),
+            &at(100),
+        );
+        let mut moved = outcome(2, 2, false, false);
+        moved.inputs = BTreeMap::from([("kafkaLag".into(), 520.0)]);
+        moved.message = "kafkaLag 520 within the thresholds".into();
+        let mut next_policy = p.clone();
+        next_policy.status = Some(first.clone());
+        let next = compute(&next_policy, &Judgement::Judged(moved.clone()), &at(200));
+        assert_eq!(next, first, "a 4 % move of one input rewrites nothing");
+        moved.inputs = BTreeMap::from([("kafkaLag".into(), 900.0)]);
+        let next = compute(&next_policy, &Judgement::Judged(moved), &at(200));
+        assert_ne!(next.last_decision, first.last_decision);
     }
 
     #[test]
