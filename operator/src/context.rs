@@ -10,6 +10,11 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use crate::controllers::embedding_pipeline::build::Defaults;
 use crate::metrics::Metrics;
 
+/// Reconciles of one controller at a time (each object is reconciled by one at most). A bound
+/// keeps a cold start with thousands of pipelines from flooding the apiserver, which would delay
+/// the leader's Lease renewals and so close its write fence, and it bounds memory.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// The namespaces the operator watches (chart value `watchNamespaces`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Scope {

@@ -21,11 +21,12 @@ use kube_lease_manager::LeaseManagerBuilder;
 use crate::labels::FIELD_MANAGER;
 
 /// Seconds a Lease stays held without renewal.
-const LEASE_SECONDS: u64 = 15;
-/// Seconds before expiry when the holder renews (so it renews 8 s after the last renewal).
-const GRACE_SECONDS: u64 = 7;
+const LEASE_SECONDS: u64 = 30;
+/// Seconds before expiry when the holder renews (so it renews 10 s after the last renewal, and
+/// a renewal may take up to 18 s on a loaded apiserver before the fence closes).
+const GRACE_SECONDS: u64 = 20;
 /// The fence closes this long before the Lease expires.
-const FENCE_MARGIN: Duration = Duration::from_secs(1);
+const FENCE_MARGIN: Duration = Duration::from_secs(2);
 /// How often the holder reads its Lease to move the fence.
 const OBSERVE_EVERY: Duration = Duration::from_millis(500);
 
@@ -292,7 +293,7 @@ mod tests {
             .into();
         assert_eq!(
             deadline(&lease, "op-0"),
-            Some(renewed + Duration::from_secs(14))
+            Some(renewed + Duration::from_secs(13))
         );
         assert_eq!(deadline(&lease, "op-1"), None, "held by another replica");
     }

@@ -292,7 +292,7 @@ async fn a_leader_whose_lease_was_taken_stops_writing_at_once() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let example = repo_root().join("examples/pipelines/minimal.yaml");
     kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
-    // a's next renewal is due about 8 s after the last one: look before that.
+    // a's next renewal is due 10 s after the last one: look before that.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let selector = ListParams::default().labels("app.kubernetes.io/managed-by=vectorpipe-operator");
     let written = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)

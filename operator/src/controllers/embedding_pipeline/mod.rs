@@ -478,6 +478,10 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
                 .default_backoff()
                 .touched_objects(),
         )
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(crate::context::RECONCILE_CONCURRENCY),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

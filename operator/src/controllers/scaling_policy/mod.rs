@@ -827,6 +827,10 @@ async fn run_in(
         last_cleanup: Mutex::new(Instant::now()),
     });
     controller
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(crate::context::RECONCILE_CONCURRENCY),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
