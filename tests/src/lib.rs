@@ -67,6 +67,28 @@ where
 pub mod k8s {
     use super::*;
 
+    /// Whether the pipeline's Ready condition is True.
+    pub fn is_ready(pipeline: &vectorpipe_crds::v1alpha1::EmbeddingPipeline) -> bool {
+        pipeline
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    }
+
+    /// Waits up to 150 s for the pipeline `name` to be Ready (`what` names the wait).
+    pub async fn wait_ready(
+        pipelines: &kube::Api<vectorpipe_crds::v1alpha1::EmbeddingPipeline>,
+        name: &str,
+        what: &str,
+    ) -> Result<vectorpipe_crds::v1alpha1::EmbeddingPipeline> {
+        eventually(what, Duration::from_secs(150), || async {
+            let pipeline = pipelines.get(name).await?;
+            Ok(is_ready(&pipeline).then_some(pipeline))
+        })
+        .await
+    }
+
     /// The kubeconfig of the harness cluster (admin token).
     pub fn kubeconfig() -> Result<PathBuf> {
         harness_var("VP_KUBECONFIG").map(PathBuf::from)

@@ -311,14 +311,10 @@ async fn the_installed_chart_runs_the_operator_with_its_own_permissions() -> Res
         Duration::from_secs(150),
         || async {
             let ep = pipelines.get("posts").await?;
-            let ready = ep
-                .status
-                .iter()
-                .flat_map(|s| &s.conditions)
-                .any(|c| c.type_ == "Ready" && c.status == "True");
             Ok(
-                (ready && ep.status.as_ref().and_then(|s| s.ready_replicas) == Some(2))
-                    .then_some(()),
+                (k8s::is_ready(&ep)
+                    && ep.status.as_ref().and_then(|s| s.ready_replicas) == Some(2))
+                .then_some(()),
             )
         },
     )

@@ -107,20 +107,7 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         let example = repo_root().join("examples/pipelines/minimal.yaml");
         kubectl(&["apply", "-n", &ns.name, "-f", &example.to_string_lossy()])?;
         let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
-        eventually(
-            "Ready with the declared RBAC",
-            Duration::from_secs(150),
-            || async {
-                let ep = pipelines.get("posts").await?;
-                let ready = ep
-                    .status
-                    .iter()
-                    .flat_map(|s| &s.conditions)
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                Ok(ready.then_some(()))
-            },
-        )
-        .await?;
+        k8s::wait_ready(&pipelines, "posts", "Ready with the declared RBAC").await?;
         // The scaling controller too: a policy with unreadable metrics sets its fallback count
         // through the scale subresource, writes both statuses and publishes events.
         k8s::create_fallback_policy(&client, &ns.name).await?;
@@ -266,18 +253,10 @@ async fn a_namespaced_operator_needs_a_role_only_in_each_watched_namespace() -> 
     }
     let client = k8s::client().await?;
     let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &watched.name);
-    eventually(
+    k8s::wait_ready(
+        &pipelines,
+        "posts",
         "Ready with a Role in its namespace only",
-        Duration::from_secs(150),
-        || async {
-            let ep = pipelines.get("posts").await?;
-            let ready = ep
-                .status
-                .iter()
-                .flat_map(|s| &s.conditions)
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(ready.then_some(()))
-        },
     )
     .await?;
     let log = operator.log_text();

@@ -643,12 +643,7 @@ async fn operator_bench(args: OperatorArgs) -> Result<()> {
             .await?
             .items
             .iter()
-            .filter(|p| {
-                p.status
-                    .iter()
-                    .flat_map(|s| &s.conditions)
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
+            .filter(|p| k8s::is_ready(p))
             .count();
         if ready >= args.pipelines
             || started.elapsed() > Duration::from_secs(args.ready_timeout_secs)
