@@ -816,13 +816,21 @@ async fn run_in(
     default_prometheus: Option<String>,
     namespace: Option<&str>,
 ) {
+    use kube::runtime::{WatchStreamExt, reflector};
     let policies: Api<ScalingPolicy> = crate::context::api(&base.client, namespace);
-    let controller = Controller::new(policies, watcher::Config::default().any_semantic());
+    // The cache keeps no managedFields or client-side apply copy (see `slim`).
+    let (store, writer) = reflector::store();
+    let trigger = watcher(policies, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(crate::controllers::embedding_pipeline::slim)
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(trigger, store.clone());
     let ctx = Arc::new(ScalingContext {
         base,
         readers,
         default_prometheus,
-        store: controller.store(),
+        store,
         states: Mutex::new(HashMap::new()),
         last_cleanup: Mutex::new(Instant::now()),
     });
