@@ -64,6 +64,16 @@ where
     }
 }
 
+/// Drops what no reconcile reads from a cached object: managedFields and the client-side apply
+/// annotation (a second copy of the spec).
+pub fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     /// The Kubernetes client.

@@ -804,21 +804,15 @@ pub mod operator {
             )
         }
 
-        /// The operator with its leader Lease in `lease_namespace` (as the Helm chart runs it).
+        /// The operator with its leader Lease in `lease_namespace` (as the Helm chart runs it),
+        /// watching every namespace.
         pub fn start_in(
             log: &Path,
             kubeconfig: &Path,
             lease_namespace: &str,
             lease: &str,
         ) -> Result<Self> {
-            Self::start_full(
-                &crate::worker::binary("vectorpipe-operator")?,
-                log,
-                kubeconfig,
-                lease_namespace,
-                lease,
-                &[],
-            )
+            Self::start_watching(log, kubeconfig, lease_namespace, lease, &[])
         }
 
         fn start_full(

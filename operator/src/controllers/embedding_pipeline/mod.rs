@@ -24,7 +24,7 @@ use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_crds::v1alpha1::conditions::{READY, find_condition};
 use vectorpipe_crds::validate;
 
-use crate::context::{Context, api};
+use crate::context::{Context, api, slim};
 use crate::error::{Error, kube as kerr};
 use crate::labels::FIELD_MANAGER;
 use crate::metrics::{ControllerLabel, ErrorLabels};
@@ -422,16 +422,6 @@ fn spec_or_deletion(pipeline: &EmbeddingPipeline) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Drops what no reconcile reads from a cached object: managedFields and the client-side apply
-/// annotation (a second copy of the spec).
-pub fn slim<K: kube::Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
 /// Runs the controller until the process is told to stop: one watch for the whole cluster, or
 /// one per watched namespace.
 pub async fn run(ctx: Arc<Context>) {
@@ -456,7 +446,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     // the spec (the two largest parts of a pipeline object at thousands of pipelines).
     let trigger = watcher(pipelines, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(slim)
+        .modify(slim::<EmbeddingPipeline>)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(spec_or_deletion, Default::default());

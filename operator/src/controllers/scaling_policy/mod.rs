@@ -822,7 +822,7 @@ async fn run_in(
     let (store, writer) = reflector::store();
     let trigger = watcher(policies, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(crate::controllers::embedding_pipeline::slim)
+        .modify(crate::context::slim::<ScalingPolicy>)
         .reflect(writer)
         .applied_objects();
     let controller = Controller::for_stream(trigger, store.clone());
