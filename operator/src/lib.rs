@@ -2,6 +2,7 @@
 //! domain logic they use (building children, computing status, deciding scale). `main.rs` only
 //! parses arguments and starts them.
 
+pub mod blocked;
 pub mod context;
 pub mod controllers;
 pub mod error;

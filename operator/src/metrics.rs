@@ -14,13 +14,27 @@ pub struct ControllerLabel {
     pub controller: String,
 }
 
-/// Labels naming a controller and an error kind.
+/// Labels naming a controller, the reconcile step that failed and the kind of failure (all
+/// static strings: see [`crate::error::Error`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// The controller.
-    pub controller: String,
-    /// What failed.
-    pub error: String,
+    pub controller: &'static str,
+    /// The step: dereference, build, apply, status or finalize.
+    pub step: &'static str,
+    /// What failed, e.g. `kubernetes-api`.
+    pub kind: &'static str,
+}
+
+impl ErrorLabels {
+    /// The labels of `error` in `controller`.
+    pub fn of(controller: &'static str, error: &crate::error::Error) -> Self {
+        Self {
+            controller,
+            step: error.step().as_str(),
+            kind: error.kind(),
+        }
+    }
 }
 
 /// Labels naming a pipeline.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use k8s_openapi::jiff::Timestamp;
-use kube::Api;
+use kube::{Api, ResourceExt};
 use kube::api::{Patch, PatchParams, PostParams};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -394,14 +394,26 @@ async fn dry_run_changes_nothing(client: &kube::Client) -> Result<()> {
         Some("DryRun".into())
     );
     // Several more polls: still one worker, and one history entry for the same would-be change.
+    // The inputs do not change, so neither may the policy: a status written on every poll
+    // would move its resourceVersion (one write per poll per policy adds up at scale).
+    let policies = Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name);
+    let settle = |p: &ScalingPolicy| {
+        let able = condition(p, "AbleToScale").map(|c| c.1);
+        (able.as_deref() == Some("ReadyForNewScale")).then(|| p.resource_version())
+    };
+    let before = wait_policy(client, &ns.name, "dry", "the cooldown over", settle).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     ensure!(
         replicas(client, &ns.name).await? == 1,
         "dry-run changed the count"
     );
-    let again = Api::<ScalingPolicy>::namespaced(client.clone(), &ns.name)
-        .get("dry")
-        .await?;
+    let again = policies.get("dry").await?;
+    assert_eq!(
+        again.resource_version(),
+        before,
+        "four polls with the same inputs wrote the policy's status: {:?}",
+        again.status
+    );
     assert_eq!(again.status.context("status")?.history.len(), 1);
     let _ = std::fs::remove_file(target);
     Ok(())

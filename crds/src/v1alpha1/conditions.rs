@@ -120,6 +120,32 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// True when the condition of `type_` is present with status `True`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    holds(conditions, type_, ConditionStatus::True)
+}
+
+/// True when the condition of `type_` is present with `status`.
+pub fn holds(conditions: &[Condition], type_: &str, status: ConditionStatus) -> bool {
+    find_condition(conditions, type_).is_some_and(|c| c.status == status.as_str())
+}
+
+/// True when the condition of `type_` is present with `status` and `reason`.
+pub fn holds_for(
+    conditions: &[Condition],
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+) -> bool {
+    find_condition(conditions, type_)
+        .is_some_and(|c| c.status == status.as_str() && c.reason == reason)
+}
+
+/// The reason of the condition of `type_`, if present.
+pub fn reason_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    find_condition(conditions, type_).map(|c| c.reason.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,9 +245,24 @@ mod tests {
             &at(1),
         );
         assert_eq!(conditions.len(), 2);
-        assert_eq!(
-            find_condition(&conditions, DEGRADED).map(|c| c.reason.as_str()),
-            Some("B")
+        assert_eq!(reason_of(&conditions, DEGRADED), Some("B"));
+        assert!(is_true(&conditions, READY));
+        assert!(!is_true(&conditions, DEGRADED));
+        assert!(holds_for(
+            &conditions,
+            DEGRADED,
+            ConditionStatus::False,
+            "B"
+        ));
+        assert!(!holds_for(
+            &conditions,
+            DEGRADED,
+            ConditionStatus::True,
+            "B"
+        ));
+        assert!(
+            !holds(&conditions, ACTIVE, ConditionStatus::False),
+            "absent holds nothing"
         );
     }
 }

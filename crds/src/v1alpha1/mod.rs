@@ -5,6 +5,8 @@ pub mod duration;
 pub mod embedding_pipeline;
 pub mod models;
 pub mod scaling_policy;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use duration::Duration;
 pub use embedding_pipeline::*;

@@ -529,22 +529,10 @@ mod tests {
     use serde_json::json;
 
     fn pipeline(extra: serde_json::Value) -> EmbeddingPipeline {
-        let mut spec = json!({
-            "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
-            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "region": "eu-west-1"}},
-            "sink": {"opensearch": {"endpoints": ["http://os:9200"], "index": "docs"}}
-        });
-        if let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (&mut spec, extra) {
-            a.extend(b);
-        }
-        let mut p: EmbeddingPipeline = serde_json::from_value(json!({
-            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
-            "metadata": {"name": "posts", "namespace": "data", "uid": "u-1", "generation": 3},
-            "spec": spec
-        }))
-        .unwrap();
-        p.status = None;
-        p
+        EmbeddingPipeline::test("posts")
+            .with_metadata(json!({"uid": "u-1", "generation": 3}))
+            .with_spec(extra)
+            .build()
     }
 
     fn defaults() -> Defaults {

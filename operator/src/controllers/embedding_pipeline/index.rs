@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use vectorpipe_crds::index::check_mapping;
 use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 
-use super::status::Problem;
+use crate::blocked::Blocked;
 use crate::secrets::Secrets;
 
 /// How long one answer is trusted (per pipeline generation).
@@ -26,7 +26,7 @@ pub enum Finding {
     /// The index exists and fits, or does not exist yet.
     Fine,
     /// The index exists and does not fit.
-    Mismatch(Problem),
+    Mismatch(Blocked),
     /// The check could not run; why (logged, not a status problem).
     Unchecked(String),
 }
@@ -77,8 +77,7 @@ fn shared_client() -> Result<&'static reqwest::Client, String> {
 /// A request to the pipeline's first OpenSearch endpoint at `path`, with the CA and basic
 /// credentials from the Secrets the spec names. Err says why it cannot be made.
 async fn request(
-    client: &kube::Client,
-    namespace: &str,
+    secrets: &mut Secrets,
     pipeline: &EmbeddingPipeline,
     method: reqwest::Method,
     path: &str,
@@ -88,7 +87,6 @@ async fn request(
         return Err("the operator does not sign SigV4 requests yet".into());
     }
     let endpoint = sink.endpoints.first().ok_or("no endpoint")?;
-    let mut secrets = Secrets::new(client, namespace);
     let http = match sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
         Some(ca) => {
             let pem = secrets
@@ -124,13 +122,13 @@ async fn request(
     Ok(request)
 }
 
-async fn run(client: &kube::Client, namespace: &str, pipeline: &EmbeddingPipeline) -> Finding {
+async fn run(secrets: &mut Secrets, pipeline: &EmbeddingPipeline) -> Finding {
     let sink = &pipeline.spec.sink.opensearch;
     let Ok(dimensions) = pipeline.spec.embedding.bedrock.vector_dimensions() else {
         return Finding::Unchecked("the model's dimension is unknown".into());
     };
     let path = format!("{}/_mapping", sink.index);
-    let request = match request(client, namespace, pipeline, reqwest::Method::GET, &path).await {
+    let request = match request(secrets, pipeline, reqwest::Method::GET, &path).await {
         Ok(r) => r,
         Err(why) => return Finding::Unchecked(why),
     };
@@ -143,10 +141,9 @@ async fn run(client: &kube::Client, namespace: &str, pipeline: &EmbeddingPipelin
         200 => match response.json::<serde_json::Value>().await {
             Ok(mapping) => match check_mapping(sink, dimensions, &mapping) {
                 Ok(()) => Finding::Fine,
-                Err(mismatch) => Finding::Mismatch(Problem {
-                    reason: mismatch.reason(),
-                    message: mismatch.to_string(),
-                }),
+                Err(mismatch) => {
+                    Finding::Mismatch(Blocked::new(mismatch.reason(), mismatch.to_string()))
+                }
             },
             Err(e) => Finding::Unchecked(format!("GET {path}: {e}")),
         },
@@ -161,7 +158,8 @@ pub async fn delete_index(
     pipeline: &EmbeddingPipeline,
 ) -> Result<(), String> {
     let index = &pipeline.spec.sink.opensearch.index;
-    let request = request(client, namespace, pipeline, reqwest::Method::DELETE, index).await?;
+    let mut secrets = Secrets::new(client, namespace);
+    let request = request(&mut secrets, pipeline, reqwest::Method::DELETE, index).await?;
     let response = request
         .send()
         .await
@@ -175,23 +173,21 @@ pub async fn delete_index(
     }
 }
 
-/// Checks the pipeline's index, or returns the recent answer for this generation.
-pub async fn check(
-    cache: &Cache,
-    client: &kube::Client,
-    namespace: &str,
-    pipeline: &EmbeddingPipeline,
-) -> Finding {
-    let key = pipeline
-        .metadata
-        .uid
-        .clone()
-        .unwrap_or_else(|| format!("{namespace}/{}", pipeline.name_any()));
+/// Checks the pipeline's index (with the credentials `secrets` reads), or returns the recent
+/// answer for this generation.
+pub async fn check(cache: &Cache, secrets: &mut Secrets, pipeline: &EmbeddingPipeline) -> Finding {
+    let key = pipeline.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            pipeline.namespace().unwrap_or_default(),
+            pipeline.name_any()
+        )
+    });
     let generation = pipeline.metadata.generation;
     if let Some(found) = cache.get(&key, generation) {
         return found;
     }
-    let found = run(client, namespace, pipeline).await;
+    let found = run(secrets, pipeline).await;
     if let Finding::Unchecked(why) = &found {
         tracing::debug!(%why, "the index was not checked");
     }

@@ -1,6 +1,9 @@
-//! The EmbeddingPipeline controller: validate → build → apply → status.
+//! The EmbeddingPipeline controller. Each reconcile runs the same five steps: dereference (every
+//! read), validate (pure), build (pure), apply, status (with the Events derived from the status
+//! change).
 
 pub mod build;
+pub mod events;
 pub mod index;
 pub mod status;
 
@@ -20,16 +23,16 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
-use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
-use vectorpipe_crds::v1alpha1::conditions::{READY, find_condition};
+use vectorpipe_crds::v1alpha1::conditions::{READY, is_true};
+use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
 use vectorpipe_crds::validate;
 
+use crate::blocked::Blocked;
 use crate::context::{Context, api, slim};
-use crate::error::{Error, kube as kerr};
+use crate::error::{Error, Step, kube as kerr};
 use crate::labels::FIELD_MANAGER;
 use crate::metrics::{ControllerLabel, ErrorLabels};
-use crate::secrets::Secrets;
-use status::Problem;
+use crate::secrets::{SecretProblem, Secrets};
 
 const CONTROLLER: &str = "embeddingpipeline";
 /// How often a healthy pipeline is looked at even without changes.
@@ -39,36 +42,75 @@ const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
 /// How often a pipeline waiting for a Secret is looked at again.
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
-/// Checks that every referenced Secret exists, opted in with the credentials label and has the
-/// keys the worker reads.
-async fn check_secrets(
-    client: &kube::Client,
+/// What a reconcile read about the world, before it decides anything.
+struct World {
+    /// The first Secret the spec names that cannot be used (an unreadable one is an error).
+    secret: Option<SecretProblem>,
+    /// What the pipeline's index looks like; None when not looked at (an invalid spec or an
+    /// unusable Secret names no endpoint worth calling).
+    index: Option<index::Finding>,
+    /// The worker Deployment as it is.
+    deployment: Option<Deployment>,
+}
+
+/// Step 1, every read: the Secrets the spec names, the index's mapping, the worker Deployment.
+async fn dereference(
+    ctx: &Context,
     namespace: &str,
     pipeline: &EmbeddingPipeline,
-) -> Result<Option<Problem>, Error> {
+) -> Result<World, Error> {
+    let client = &ctx.client;
     let mut secrets = Secrets::new(client, namespace);
+    let mut secret = None;
     for (name, keys) in build::referenced_secrets(pipeline) {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         match secrets.check(&name, &keys).await {
             Ok(()) => {}
             Err(problem) if problem.is_transient() => return Err(problem.into()),
             Err(problem) => {
-                return Ok(Some(Problem {
-                    reason: problem.reason(),
-                    message: problem.to_string(),
-                }));
+                secret = Some(problem);
+                break;
             }
         }
     }
-    Ok(None)
+    let index = if secret.is_none() && validate::pipeline(&pipeline.spec).is_ok() {
+        Some(index::check(&ctx.index_checks, &mut secrets, pipeline).await)
+    } else {
+        None
+    };
+    let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get_opt(&build::child_name(pipeline))
+        .await
+        .map_err(kerr(Step::Dereference, "reading the Deployment"))?;
+    Ok(World {
+        secret,
+        index,
+        deployment,
+    })
 }
 
-/// Server-side applies every child; removes the PDB when it is no longer wanted.
+/// Step 2, pure: what stops the pipeline from running, if anything. The spec's own rules first,
+/// then its references.
+fn validate(pipeline: &EmbeddingPipeline, world: &World) -> Option<Blocked> {
+    if let Err(problems) = validate::pipeline(&pipeline.spec) {
+        return Some(Blocked::invalid_spec(problems.to_string()));
+    }
+    if let Some(problem) = &world.secret {
+        return Some(problem.into());
+    }
+    match &world.index {
+        Some(index::Finding::Mismatch(blocked)) => Some(blocked.clone()),
+        Some(index::Finding::Fine | index::Finding::Unchecked(_)) | None => None,
+    }
+}
+
+/// Step 4: server-side applies every child and removes the PDB when it is no longer wanted.
+/// Returns the Deployment as the apiserver holds it after the apply.
 async fn apply(
     client: &kube::Client,
     namespace: &str,
     children: &build::Children,
-) -> Result<(), Error> {
+) -> Result<Deployment, Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let name = children
         .deployment
@@ -79,29 +121,70 @@ async fn apply(
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(&name, &params, &Patch::Apply(&children.config_map))
         .await
-        .map_err(kerr("applying the ConfigMap"))?;
-    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .map_err(kerr(Step::Apply, "applying the ConfigMap"))?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
         .patch(&name, &params, &Patch::Apply(&children.deployment))
         .await
-        .map_err(kerr("applying the Deployment"))?;
+        .map_err(kerr(Step::Apply, "applying the Deployment"))?;
     Api::<Service>::namespaced(client.clone(), namespace)
         .patch(&name, &params, &Patch::Apply(&children.service))
         .await
-        .map_err(kerr("applying the Service"))?;
+        .map_err(kerr(Step::Apply, "applying the Service"))?;
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace);
     match &children.pdb {
         Some(pdb) => {
             pdbs.patch(&name, &params, &Patch::Apply(pdb))
                 .await
-                .map_err(kerr("applying the PodDisruptionBudget"))?;
+                .map_err(kerr(Step::Apply, "applying the PodDisruptionBudget"))?;
         }
         None => match pdbs.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(kerr("deleting the PodDisruptionBudget")(e)),
+            Err(e) => return Err(kerr(Step::Apply, "deleting the PodDisruptionBudget")(e)),
         },
     }
-    Ok(())
+    Ok(deployment)
+}
+
+/// Step 5: writes `status` when it differs from the cached one, by server-side apply as the
+/// pipeline controller, then publishes the Events the change calls for. Returns whether it
+/// wrote.
+async fn write_status(
+    ctx: &Context,
+    pipeline: &EmbeddingPipeline,
+    name: &str,
+    namespace: &str,
+    status: &EmbeddingPipelineStatus,
+) -> Result<bool, Error> {
+    if pipeline.status.as_ref() == Some(status) {
+        return Ok(false);
+    }
+    let api: Api<EmbeddingPipeline> = Api::namespaced(ctx.client.clone(), namespace);
+    // consumerLag and lastScaleTime belong to the scaling controller: left out, so this manager
+    // never owns them and an older cached value never overwrites a newer one.
+    let mut owned = status.clone();
+    owned.consumer_lag = None;
+    owned.last_scale_time = None;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": EmbeddingPipeline::api_version(&()),
+            "kind": EmbeddingPipeline::kind(&()),
+            "status": owned,
+        })),
+    )
+    .await
+    .map_err(kerr(Step::Status, "writing the status"))?;
+    for note in events::derive(pipeline, pipeline.status.as_ref(), status) {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, pipeline, type_, &note.reason, &note.message).await;
+    }
+    Ok(true)
 }
 
 /// One reconcile of one pipeline. Level-based: it looks at the world, not at why it was woken.
@@ -123,6 +206,8 @@ pub async fn reconcile(
     result
 }
 
+/// Dereference → validate → build → apply → status. A blocked pipeline is not built or
+/// applied: its workers stay as they are until the problem is fixed.
 async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<Action, Error> {
     let namespace = pipeline
         .namespace()
@@ -132,122 +217,30 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         .name
         .clone()
         .ok_or(Error::MissingMetadata("name"))?;
-    let client = &ctx.client;
 
     if let Some(action) = finalize(pipeline, ctx, &namespace, &name).await? {
         return Ok(action);
     }
-
-    let problem = match validate::pipeline(&pipeline.spec) {
-        Err(problems) => Some(Problem {
-            reason: "InvalidSpec",
-            message: problems.to_string(),
-        }),
-        Ok(()) => check_secrets(client, &namespace, pipeline).await?,
+    let world = dereference(ctx, &namespace, pipeline).await?;
+    let blocked = validate(pipeline, &world);
+    let deployment = match &blocked {
+        None => {
+            let children = build::build(pipeline, &ctx.defaults)?;
+            Some(apply(&ctx.client, &namespace, &children).await?)
+        }
+        Some(_) => world.deployment,
     };
-    let problem = match problem {
-        Some(p) => Some(p),
-        None => match index::check(&ctx.index_checks, client, &namespace, pipeline).await {
-            index::Finding::Mismatch(p) => Some(p),
-            index::Finding::Fine | index::Finding::Unchecked(_) => None,
-        },
-    };
-    if problem.is_none() {
-        let children = build::build(pipeline, &ctx.defaults)?;
-        apply(client, &namespace, &children).await?;
-    }
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let deployment = deployments
-        .get_opt(&build::child_name(pipeline))
-        .await
-        .map_err(kerr("reading the Deployment"))?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let new_status = status::compute(pipeline, problem.as_ref(), deployment.as_ref(), &now);
-    let ready_now = find_condition(&new_status.conditions, READY).filter(|c| c.status == "True");
-    if pipeline.status.as_ref() != Some(&new_status) {
-        let api: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &namespace);
-        // consumerLag and lastScaleTime belong to the scaling controller: left out of this
-        // merge patch, so an older cached value never overwrites a newer one.
-        let mut patch = new_status.clone();
-        patch.consumer_lag = None;
-        patch.last_scale_time = None;
-        // Server-side apply as the pipeline controller: it owns every status field but those
-        // two, so the scaling controller's writes never collide with it.
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": EmbeddingPipeline::api_version(&()),
-                "kind": EmbeddingPipeline::kind(&()),
-                "status": patch,
-            })),
-        )
-        .await
-        .map_err(kerr("writing the status"))?;
-        let was = pipeline
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
-            .map(|c| (c.status.clone(), c.reason.clone()));
-        if let Some(problem) = &problem
-            && was != Some(("True".into(), problem.reason.into()))
-        {
-            publish(
-                ctx,
-                pipeline,
-                EventType::Warning,
-                problem.reason,
-                &problem.message,
-            )
-            .await;
-        }
-        // Normal events for changes: a new spec generation applied, workers becoming ready.
-        let observed = pipeline.status.as_ref().and_then(|s| s.observed_generation);
-        if problem.is_none() && observed != new_status.observed_generation {
-            publish(
-                ctx,
-                pipeline,
-                EventType::Normal,
-                "SpecApplied",
-                &format!(
-                    "applied generation {} to the worker Deployment ({} workers)",
-                    new_status.observed_generation.unwrap_or_default(),
-                    if pipeline.spec.suspend {
-                        0
-                    } else {
-                        pipeline.spec.workers.replicas
-                    }
-                ),
-            )
-            .await;
-        }
-        let ready_before = pipeline
-            .status
-            .as_ref()
-            .and_then(|s| find_condition(&s.conditions, READY))
-            .is_some_and(|c| c.status == "True");
-        if let Some(ready) = ready_now
-            && !ready_before
-        {
-            publish(
-                ctx,
-                pipeline,
-                EventType::Normal,
-                &ready.reason,
-                &ready.message,
-            )
-            .await;
-        }
-    }
+    let status = status::compute(pipeline, blocked.as_ref(), deployment.as_ref(), &now);
+    write_status(ctx, pipeline, &name, &namespace, &status).await?;
     ctx.reset_backoff(&format!("{namespace}/{name}"));
-    Ok(match problem {
-        Some(Problem {
-            reason: "InvalidSpec",
-            ..
-        }) => Action::await_change(),
+    Ok(match blocked {
+        Some(blocked) if blocked.needs_spec_change() => Action::await_change(),
         Some(_) => Action::requeue(SECRET_RECHECK),
         // Deployment events drive a rollout; a look every few seconds covers a missed one.
-        None if ready_now.is_none() && !pipeline.spec.suspend => Action::requeue(PROGRESS_RECHECK),
+        None if !is_true(&status.conditions, READY) && !pipeline.spec.suspend => {
+            Action::requeue(PROGRESS_RECHECK)
+        }
         None => Action::requeue(RESYNC),
     })
 }
@@ -271,7 +264,7 @@ async fn set_finalizers(
         }})),
     )
     .await
-    .map_err(kerr("updating the finalizers"))?;
+    .map_err(kerr(Step::Apply, "updating the finalizers"))?;
     Ok(())
 }
 
@@ -292,7 +285,7 @@ async fn workers_still_running(
     let Some(deployment) = deployments
         .get_opt(&name)
         .await
-        .map_err(kerr("reading the Deployment"))?
+        .map_err(kerr(Step::Finalize, "reading the Deployment"))?
     else {
         return Ok(false);
     };
@@ -300,7 +293,7 @@ async fn workers_still_running(
         match deployments.delete(&name, &DeleteParams::foreground()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
-            Err(e) => return Err(kerr("deleting the Deployment")(e)),
+            Err(e) => return Err(kerr(Step::Finalize, "deleting the Deployment")(e)),
         }
     }
     Ok(true)
@@ -392,10 +385,7 @@ async fn publish(
 pub fn error_policy(pipeline: Arc<EmbeddingPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
-        .get_or_create(&ErrorLabels {
-            controller: CONTROLLER.into(),
-            error: error.metric_label().into(),
-        })
+        .get_or_create(&ErrorLabels::of(CONTROLLER, error))
         .inc();
     let key = format!(
         "{}/{}",

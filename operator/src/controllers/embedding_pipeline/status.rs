@@ -8,20 +8,12 @@ use vectorpipe_crds::v1alpha1::conditions::{
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
 
 use super::build::selector_string;
-
-/// Something that stops the operator from running a pipeline, with a reason a user can act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// A CamelCase reason, e.g. `InvalidSpec`, `SecretNotFound`.
-    pub reason: &'static str,
-    /// What is wrong and what to do.
-    pub message: String,
-}
+use crate::blocked::Blocked;
 
 /// The status the pipeline should have.
 pub fn compute(
     pipeline: &EmbeddingPipeline,
-    problem: Option<&Problem>,
+    blocked: Option<&Blocked>,
     deployment: Option<&Deployment>,
     now: &Time,
 ) -> EmbeddingPipelineStatus {
@@ -44,7 +36,7 @@ pub fn compute(
     };
     use ConditionStatus::{False, True, Unknown};
 
-    if let Some(problem) = problem {
+    if let Some(problem) = blocked {
         set(READY, False, problem.reason, problem.message.clone());
         set(
             PROGRESSING,
@@ -167,18 +159,11 @@ mod tests {
     }
 
     fn pipeline(replicas: i32, suspend: bool) -> EmbeddingPipeline {
-        serde_json::from_value(json!({
-            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
-            "metadata": {"name": "p", "namespace": "n", "generation": 2},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
-                "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0"}},
-                "sink": {"opensearch": {"endpoints": ["http://os:9200"], "index": "docs"}},
-                "workers": {"replicas": replicas},
-                "suspend": suspend
-            }
-        }))
-        .unwrap()
+        EmbeddingPipeline::test("p")
+            .with_generation(2)
+            .with_replicas(replicas)
+            .suspended(suspend)
+            .build()
     }
 
     fn deployment(
@@ -205,17 +190,14 @@ mod tests {
     type Case<'a> = (
         &'a str,
         EmbeddingPipeline,
-        Option<&'a Problem>,
+        Option<&'a Blocked>,
         Option<Deployment>,
         [(&'a str, &'a str); 3],
     );
 
     #[test]
     fn table() {
-        let invalid = Problem {
-            reason: "SecretNotFound",
-            message: "Secret x not found".into(),
-        };
+        let invalid = Blocked::new("SecretNotFound", "Secret x not found");
         let cases: Vec<Case<'_>> = vec![
             (
                 "no deployment yet",

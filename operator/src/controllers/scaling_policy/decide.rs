@@ -474,19 +474,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    use vectorpipe_crds::v1alpha1::ScalingPolicy;
+
     fn policy(extra: serde_json::Value) -> ScalingPolicySpec {
-        let mut base = json!({
-            "targetRef": {"name": "p"},
-            "minReplicas": 1,
-            "maxReplicas": 10,
-            "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 1000, "scaleInThreshold": 100}],
-            "scaleOut": {"evaluationPeriods": 3, "datapointsToAlarm": 2, "operation": "multiply", "factor": 2, "cooldown": "60s"},
-            "scaleIn": {"evaluationPeriods": 3, "datapointsToAlarm": 3, "operation": "add", "factor": 1, "cooldown": "300s"}
-        });
-        if let (serde_json::Value::Object(b), serde_json::Value::Object(e)) = (&mut base, extra) {
-            b.extend(e);
-        }
-        serde_json::from_value(base).unwrap()
+        ScalingPolicy::test("scale", "p")
+            .with_spec(json!({
+                "maxReplicas": 10,
+                "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 1000, "scaleInThreshold": 100}],
+                "scaleOut": {"evaluationPeriods": 3, "datapointsToAlarm": 2, "operation": "multiply", "factor": 2, "cooldown": "60s"},
+                "scaleIn": {"evaluationPeriods": 3, "datapointsToAlarm": 3, "operation": "add", "factor": 1, "cooldown": "300s"}
+            }))
+            .with_spec(extra)
+            .spec()
     }
 
     fn lag(values: &[f64]) -> Vec<Sample> {

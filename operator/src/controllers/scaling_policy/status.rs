@@ -9,6 +9,8 @@ use vectorpipe_crds::v1alpha1::conditions::{
 };
 use vectorpipe_crds::v1alpha1::{ScalingDecision, ScalingPolicy, ScalingPolicyStatus};
 
+use crate::blocked::Blocked;
+
 /// What one poll concluded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
@@ -36,20 +38,11 @@ pub struct Outcome {
     pub conflict: Option<String>,
 }
 
-/// The policy was not judged: why, and what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Inactive {
-    /// CamelCase reason, e.g. `TargetNotFound`.
-    pub reason: &'static str,
-    /// What is wrong and what to do.
-    pub message: String,
-}
-
 /// The two kinds of poll result.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Judgement {
     /// The policy could not act.
-    Inactive(Inactive),
+    Blocked(Blocked),
     /// The policy decided.
     Judged(Outcome),
 }
@@ -105,7 +98,7 @@ pub fn compute(policy: &ScalingPolicy, judgement: &Judgement, now: &Time) -> Sca
     };
     use ConditionStatus::{False, True};
     let outcome = match judgement {
-        Judgement::Inactive(inactive) => {
+        Judgement::Blocked(inactive) => {
             set(ACTIVE, False, inactive.reason, inactive.message.clone());
             set(
                 ABLE_TO_SCALE,
@@ -227,19 +220,15 @@ mod tests {
     use vectorpipe_crds::v1alpha1::conditions::find_condition;
 
     fn policy(mode: &str, history_limit: i32) -> ScalingPolicy {
-        serde_json::from_value(json!({
-            "apiVersion": "vectorpipe.io/v1alpha1",
-            "kind": "ScalingPolicy",
-            "metadata": {"name": "p", "namespace": "n", "generation": 3},
-            "spec": {
-                "targetRef": {"name": "t"},
+        ScalingPolicy::test("p", "t")
+            .with_generation(3)
+            .with_mode(mode)
+            .with_spec(json!({
                 "maxReplicas": 8,
-                "mode": mode,
                 "historyLimit": history_limit,
                 "metrics": [{"kafkaLag": {}, "scaleOutThreshold": 10}]
-            }
-        }))
-        .unwrap()
+            }))
+            .build()
     }
 
     fn at(secs: i64) -> Time {
@@ -415,10 +404,10 @@ mod tests {
         let p = policy("active", 10);
         let s = compute(
             &p,
-            &Judgement::Inactive(Inactive {
-                reason: "TargetNotFound",
-                message: "EmbeddingPipeline n/t does not exist".into(),
-            }),
+            &Judgement::Blocked(Blocked::new(
+                "TargetNotFound",
+                "EmbeddingPipeline n/t does not exist",
+            )),
             &at(100),
         );
         assert_eq!(

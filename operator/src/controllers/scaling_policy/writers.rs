@@ -112,16 +112,9 @@ mod tests {
     use serde_json::json;
 
     fn pipeline(managed: serde_json::Value) -> EmbeddingPipeline {
-        serde_json::from_value(json!({
-            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
-            "metadata": {"name": "posts", "namespace": "data", "managedFields": managed},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
-                "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "region": "eu-west-1"}},
-                "sink": {"opensearch": {"endpoints": ["https://os:9200"], "index": "posts"}}
-            }
-        }))
-        .unwrap()
+        EmbeddingPipeline::test("posts")
+            .with_metadata(json!({ "managedFields": managed }))
+            .build()
     }
 
     fn at(seconds: i64) -> Timestamp {
