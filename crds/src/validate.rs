@@ -77,6 +77,12 @@ pub fn pipeline(spec: &EmbeddingPipelineSpec) -> Result<(), Problems> {
             ));
         }
     }
+    if spec.transform.id_from_key && spec.transform.id_pointer.is_some() {
+        found.push(problem(
+            "transform",
+            "set idPointer or idFromKey, not both: a record has one id",
+        ));
+    }
     if spec.transform.text_pointers.is_empty() {
         found.push(problem(
             "transform.textPointers",

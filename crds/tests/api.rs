@@ -285,6 +285,11 @@ fn cel_rules_refuse_bad_pipelines_with_a_message_that_says_what_to_fix() {
             json!([{"pointer": "/x"}]),
             "exactly one of exists, equals or notEquals",
         ),
+        (
+            "/spec/transform",
+            json!({"idPointer": "/id", "idFromKey": true}),
+            "set idPointer or idFromKey, not both",
+        ),
     ];
     for (pointer, value, want) in cases {
         let errors =
@@ -375,6 +380,13 @@ fn validate_catches_what_cel_cannot() {
         err.contains("chunking.maxChars") && err.contains("2048"),
         "{err}"
     );
+
+    // The worker reads its file without the apiserver's CEL rules.
+    let mut ep: EmbeddingPipeline = serde_json::from_value(minimal_pipeline()).unwrap();
+    ep.spec.transform.id_pointer = Some("/id".into());
+    ep.spec.transform.id_from_key = true;
+    let err = validate::pipeline(&ep.spec).unwrap_err().to_string();
+    assert!(err.contains("idPointer or idFromKey"), "{err}");
 
     let mut ep: EmbeddingPipeline = serde_json::from_value(minimal_pipeline()).unwrap();
     ep.spec.embedding.bedrock.retry.base_delay = "30s".parse().unwrap();

@@ -419,6 +419,68 @@ async fn a_tombstone_deletes_every_chunk_of_its_record() -> Result<()> {
     Ok(())
 }
 
+/// `transform.idFromKey`: records keyed by id with no id field in the value. A newer record of a
+/// key replaces the documents of the older one, and the key's tombstone deletes them. With
+/// positional ids (no idPointer, no idFromKey) a tombstone can find nothing: it reaches the
+/// dead-letter topic with a reason that says what to set, instead of being counted as a delete.
+/// (Before idFromKey such a topic got one document per record and tombstones were counted as
+/// `deleted-nothing-found`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn with_id_from_key_updates_replace_and_tombstones_delete_by_key() -> Result<()> {
+    let setup = Setup::new("e2e-idkey").await?;
+    setup.edit_pipeline(|p| {
+        p["spec"]["transform"] = json!({"idFromKey": true, "textPointers": ["/text"]});
+    })?;
+    let text = |t: &str| Some(json!({ "text": t }).to_string().into_bytes());
+    setup
+        .produce(&[
+            (Some("a"), text("first version of a")),
+            (Some("b"), text("only version of b")),
+            (Some("c"), text("first version of c")),
+            (Some("a"), text("second version of a")),
+            (Some("c"), None),
+        ])
+        .await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 2, Duration::from_secs(30))
+        .await?;
+    assert_eq!(
+        setup.ids().await?,
+        BTreeSet::from(["a".to_owned(), "b".to_owned()]),
+        "one document per key, c deleted"
+    );
+    assert_eq!(
+        setup
+            .count(json!({"match_phrase": {"text": "second version of a"}}))
+            .await?,
+        1,
+        "the newer version of a won"
+    );
+    assert!(worker.stop()?.success());
+
+    // Positional ids: the tombstone is a dead letter that names the settings.
+    let positional = Setup::new("e2e-idpos").await?;
+    positional.edit_pipeline(|p| {
+        p["spec"]["transform"] = json!({"textPointers": ["/text"]});
+    })?;
+    positional
+        .produce(&[(Some("a"), text("a record")), (Some("a"), None)])
+        .await?;
+    let worker = positional.start_worker("worker")?;
+    let dead = positional.dead_letters(1).await?;
+    assert_eq!(dead[0].0, "unresolvable-tombstone", "{dead:?}");
+    positional
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    assert_eq!(positional.ids().await?.len(), 1, "the record stays indexed");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
 /// A record text of `sentences` sentences (about 40 characters each; chunks hold 200).
 fn sentences(version: &str, sentences: usize) -> String {
     (0..sentences)

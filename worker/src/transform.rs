@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use vectorpipe_crds::v1alpha1::{
-    ChunkingStrategy, EmbeddingPipelineSpec, OnMissingField, RecordFormat,
+    ChunkingStrategy, EmbeddingPipelineSpec, IdSource, OnMissingField, RecordFormat,
 };
 
 use crate::chunk;
@@ -65,6 +65,8 @@ pub enum RejectionKind {
     IndexRejected,
     /// The record is too large to process.
     TooLarge,
+    /// A tombstone that cannot find its documents (ids are not keys in this pipeline).
+    UnresolvableTombstone,
 }
 
 impl RejectionKind {
@@ -76,6 +78,7 @@ impl RejectionKind {
             Self::EmbeddingRejected => "embedding-rejected",
             Self::IndexRejected => "index-rejected",
             Self::TooLarge => "too-large",
+            Self::UnresolvableTombstone => "unresolvable-tombstone",
         }
     }
 }
@@ -158,12 +161,48 @@ fn scalar_text(value: &Value) -> Option<String> {
     }
 }
 
+/// The record's key as text, when it has a non-empty one.
+pub fn key_text(record: &SourceRecord<'_>) -> Option<String> {
+    record
+        .key
+        .filter(|k| !k.is_empty())
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+}
+
+/// The record id from the key (`transform.idFromKey`), or what a missing key becomes.
+fn id_from_key(
+    spec: &EmbeddingPipelineSpec,
+    record: &SourceRecord<'_>,
+    positional: impl FnOnce() -> String,
+) -> Result<String, Outcome> {
+    match key_text(record) {
+        Some(key) => Ok(key),
+        None => match spec.transform.on_missing_field {
+            OnMissingField::Skip => Err(Outcome::Skip(SkipReason::MissingField)),
+            OnMissingField::DeadLetter => Err(reject(
+                RejectionKind::MissingField,
+                "the record has no key, and transform.idFromKey takes the id from the key; key the record, or unset idFromKey",
+            )),
+            OnMissingField::EmbedWholeRecord => Ok(positional()),
+        },
+    }
+}
+
 /// Turns one record into its outcome.
 pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Outcome {
+    let ids = spec.id_source();
     let Some(payload) = record.payload else {
-        return match record.key.map(|k| String::from_utf8_lossy(k).into_owned()) {
-            Some(key) => Outcome::Delete(bounded_id(key)),
+        return match key_text(record) {
             None => Outcome::Skip(SkipReason::TombstoneWithoutKey),
+            // Ids are positions, so no document has this key as its id: say so instead of
+            // counting a delete that can never find anything.
+            Some(key) if ids == IdSource::Position => reject(
+                RejectionKind::UnresolvableTombstone,
+                format!(
+                    "a tombstone for key {key:?} cannot be applied: this pipeline's document ids are <topic>-<partition>-<offset>, not record keys; set transform.idFromKey: true (ids are the record keys) or transform.idPointer to the field that holds the same id as the key"
+                ),
+            ),
+            Some(key) => Outcome::Delete(bounded_id(key)),
         };
     };
     let Ok(text) = std::str::from_utf8(payload) else {
@@ -176,7 +215,13 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
     let positional = || positional_id(record.topic, record.partition, record.offset);
     let (parent_id, body, timestamp, metadata) = match spec.source.kafka.format {
         RecordFormat::Text => (
-            positional(),
+            match ids {
+                IdSource::Key => match id_from_key(spec, record, positional) {
+                    Ok(id) => id,
+                    Err(outcome) => return outcome,
+                },
+                IdSource::Pointer | IdSource::Position => positional(),
+            },
             text.to_owned(),
             record.timestamp_ms.map(Value::from),
             Map::new(),
@@ -216,6 +261,10 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
                 }
             }
             let parent_id = match &t.id_pointer {
+                None if ids == IdSource::Key => match id_from_key(spec, record, positional) {
+                    Ok(id) => id,
+                    Err(outcome) => return outcome,
+                },
                 None => positional(),
                 Some(pointer) => match value.pointer(pointer).and_then(scalar_text) {
                     Some(id) if !id.is_empty() => id,
@@ -508,17 +557,61 @@ mod tests {
 
     #[test]
     fn a_tombstone_deletes_by_key() {
-        let spec = spec(json!({}));
-        assert_eq!(
-            transform(&spec, &record(None)),
-            Outcome::Delete("k-1".into())
+        for transform_spec in [json!({"idPointer": "/id"}), json!({"idFromKey": true})] {
+            let spec = spec(json!({ "transform": transform_spec }));
+            assert_eq!(
+                transform(&spec, &record(None)),
+                Outcome::Delete("k-1".into())
+            );
+            let mut keyless = record(None);
+            keyless.key = None;
+            assert_eq!(
+                transform(&spec, &keyless),
+                Outcome::Skip(SkipReason::TombstoneWithoutKey)
+            );
+        }
+    }
+
+    #[test]
+    fn a_tombstone_that_can_find_nothing_is_a_dead_letter_that_says_what_to_set() {
+        // Positional ids: no document ever has the key as its id.
+        for spec in [
+            spec(json!({})),
+            spec(
+                json!({"source": {"kafka": {"format": "text"}}, "transform": {"idPointer": "/id"}}),
+            ),
+        ] {
+            match transform(&spec, &record(None)) {
+                Outcome::Reject(r) => {
+                    assert_eq!(r.kind, RejectionKind::UnresolvableTombstone);
+                    assert!(r.message.contains("transform.idFromKey"), "{}", r.message);
+                }
+                other => panic!("a delete that finds nothing: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn with_id_from_key_the_key_is_the_id() {
+        let json_spec = spec(json!({"transform": {"idFromKey": true}}));
+        let text_spec = spec(
+            json!({"source": {"kafka": {"format": "text"}}, "transform": {"idFromKey": true}}),
         );
-        let mut keyless = record(None);
-        keyless.key = None;
-        assert_eq!(
-            transform(&spec, &keyless),
-            Outcome::Skip(SkipReason::TombstoneWithoutKey)
-        );
+        let payload = json!({"text": "hello"}).to_string();
+        for (spec, payload) in [(&json_spec, payload.as_str()), (&text_spec, "hello")] {
+            let docs = documents(transform(spec, &record(Some(payload))));
+            assert_eq!(docs[0].id, "k-1");
+            assert_eq!(docs[0].parent_id, "k-1");
+            let mut keyless = record(Some(payload));
+            keyless.key = None;
+            match transform(spec, &keyless) {
+                Outcome::Reject(r) => {
+                    assert_eq!(r.kind, RejectionKind::MissingField);
+                    assert!(r.message.contains("no key"), "{}", r.message);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -331,11 +331,24 @@ pub struct SecretKeyRef {
 /// How a record becomes a document.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.idPointer) || !has(self.idFromKey) || !self.idFromKey",
+        "message": "set idPointer or idFromKey, not both: a record has one id"
+    }
+]))]
 pub struct Transform {
-    /// JSON pointer to the record's id. When unset, the id is `<topic>-<partition>-<offset>`.
+    /// JSON pointer to the record's id. When unset (and `idFromKey` is false), the id is
+    /// `<topic>-<partition>-<offset>`. A tombstone (a record with a key and no value) deletes the
+    /// documents whose id is its key, so producers should key records by this id.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(/.*)?$"))]
     pub id_pointer: Option<String>,
+    /// The Kafka record key is the record's id: a new record with the same key replaces the
+    /// documents of the previous one, and a tombstone deletes them. For keyed topics whose value
+    /// carries no id field (also with `format: text`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub id_from_key: bool,
     /// JSON pointers to the text fields to embed; several are joined with a blank line.
     #[schemars(length(min = 1, max = 16), inner(regex(pattern = r"^(/.*)?$")))]
     pub text_pointers: Vec<String>,
@@ -368,10 +381,44 @@ impl KafkaSource {
     }
 }
 
+impl EmbeddingPipelineSpec {
+    /// Where record ids come from, and so whether a tombstone can find the documents of its key.
+    pub fn id_source(&self) -> IdSource {
+        let t = &self.transform;
+        if t.id_from_key {
+            IdSource::Key
+        } else if t.id_pointer.is_some() && self.source.kafka.format == RecordFormat::Json {
+            IdSource::Pointer
+        } else {
+            IdSource::Position
+        }
+    }
+}
+
+/// Where a record's id comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdSource {
+    /// `transform.idFromKey`: the Kafka key.
+    Key,
+    /// `transform.idPointer`: a field of the JSON value.
+    Pointer,
+    /// Neither: `<topic>-<partition>-<offset>`, so no two records share an id.
+    Position,
+}
+
+impl IdSource {
+    /// True when records with one id can arrive again (updates, tombstones), so their versions
+    /// must be ordered.
+    pub fn is_stable(self) -> bool {
+        self != Self::Position
+    }
+}
+
 impl Default for Transform {
     fn default() -> Self {
         Self {
             id_pointer: None,
+            id_from_key: false,
             text_pointers: vec!["/text".to_owned()],
             timestamp_pointer: None,
             metadata: BTreeMap::new(),

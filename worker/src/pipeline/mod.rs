@@ -36,7 +36,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
+use vectorpipe_crds::v1alpha1::{EmbeddingPipelineSpec, IdSource};
 
 use crate::dead_letter::DeadLetters;
 use crate::dedup::{Dedup, record_hash};
@@ -191,7 +191,8 @@ pub async fn run<E: Embedder>(
         dead_letters: DeadLetters::new(&spec, metrics.clone())?,
         writing: Mutex::new(HashSet::new()),
     });
-    let versioned = spec.transform.id_pointer.is_some();
+    let id_source = spec.id_source();
+    let versioned = id_source.is_stable();
 
     let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
     let batch = embedder.batch_size().max(1);
@@ -219,6 +220,7 @@ pub async fn run<E: Embedder>(
     // Messages that arrived while consumption was paused, with the epoch they were read in,
     // handled before reading on.
     let mut held: VecDeque<(OwnedMessage, Option<Epoch>)> = VecDeque::new();
+    let mut warned_key_mismatch = false;
     loop {
         let (message, epoch) = match held.pop_front() {
             Some(held) => held,
@@ -310,6 +312,18 @@ pub async fn run<E: Embedder>(
                     continue;
                 };
                 let id = first.parent_id.clone();
+                if id_source == IdSource::Pointer
+                    && let Some(key) = transform::key_text(&record)
+                    && transform::bounded_id(key) != id
+                {
+                    // A tombstone deletes the documents whose id is its key: this record's
+                    // cannot be deleted that way.
+                    metrics.key_differs_from_id.inc();
+                    if !warned_key_mismatch {
+                        warned_key_mismatch = true;
+                        tracing::warn!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, %id, "a record's Kafka key differs from its id (transform.idPointer), so a tombstone with its key will not delete it; key records by their id, or use transform.idFromKey (counted in vectorpipe_worker_key_differs_from_id_total)");
+                    }
+                }
                 let hash = dedup
                     .as_ref()
                     .filter(|_| versioned)
@@ -991,7 +1005,7 @@ async fn remove_stale_chunks(
 async fn flush(sink: &Sink, shared: &Shared, batch: Vec<Indexing>) {
     let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
     let mut batch = batch;
-    if !batch.is_empty() && shared.spec.transform.id_pointer.is_some() {
+    if !batch.is_empty() && shared.spec.id_source().is_stable() {
         remove_stale_chunks(sink, shared, &batch).await;
     }
     let mut attempt = 0;
