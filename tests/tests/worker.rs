@@ -476,7 +476,10 @@ async fn with_id_from_key_updates_replace_and_tombstones_delete_by_key() -> Resu
     positional
         .wait_for_commits_at_end(Duration::from_secs(60))
         .await?;
-    assert_eq!(positional.ids().await?.len(), 1, "the record stays indexed");
+    // The record stays indexed (count refreshes the index first).
+    positional
+        .wait_for_count(json!({"match_all": {}}), 1, Duration::from_secs(30))
+        .await?;
     assert!(worker.stop()?.success());
     Ok(())
 }

@@ -306,7 +306,7 @@ async fn run(
     let bound = http::serve(address, registry, ready.clone()).await?;
     tracing::info!(pipeline = %name, %namespace, group_id, metrics = %bound, "starting");
 
-    let sink = sink::opensearch::Sink::new(
+    let sink = sink::opensearch::OpenSearchIndex::new(
         spec.sink.opensearch.clone(),
         dimensions,
         Duration::from_secs(60),
@@ -318,7 +318,7 @@ async fn run(
     loop {
         match sink.ensure_index().await {
             Ok(()) => break,
-            Err(sink::opensearch::SinkError::Transient(e)) => {
+            Err(sink::SinkError::Transient(e)) => {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "OpenSearch is not reachable yet; retrying");
                 tokio::time::sleep(retry::RetryPolicy::STARTUP.wait(attempt)).await;

@@ -43,8 +43,7 @@ use crate::dedup::{Dedup, record_hash};
 use crate::embed::{EmbedError, Embedder};
 use crate::metrics::Metrics;
 use crate::retry::{RetryPolicy, until_done};
-use crate::sink::opensearch::{IndexRequest, ItemResult, Sink, document_source};
-use crate::sink::record_ids;
+use crate::sink::{IndexRequest, ItemResult, Sink, SinkError};
 use crate::source::assignment::{Assignment, Owner};
 use crate::source::offsets::Epoch;
 use crate::source::{self, Context};
@@ -143,11 +142,11 @@ impl Shared {
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.
-pub async fn run<E: Embedder>(
+pub async fn run<E: Embedder, S: Sink>(
     spec: EmbeddingPipelineSpec,
     options: Options,
     embedder: Arc<E>,
-    sink: Arc<Sink>,
+    sink: Arc<S>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -204,6 +203,7 @@ pub async fn run<E: Embedder>(
     stages.spawn(embed_stage(
         embed_rx,
         embedder,
+        sink.clone(),
         sink_tx.clone(),
         shared.clone(),
     ));
@@ -551,9 +551,10 @@ async fn commit_loop(
 }
 
 /// Batches documents (across records) and embeds them.
-async fn embed_stage<E: Embedder>(
+async fn embed_stage<E: Embedder, S: Sink>(
     mut rx: mpsc::Receiver<EmbedJob>,
     embedder: Arc<E>,
+    sink: Arc<S>,
     sink_tx: mpsc::Sender<SinkItem>,
     shared: Arc<Shared>,
 ) {
@@ -574,7 +575,7 @@ async fn embed_stage<E: Embedder>(
                         &mut tasks,
                         max_tasks,
                         std::mem::take(&mut batch),
-                        &embedder,
+                        (&embedder, &sink),
                         &sink_tx,
                         &shared,
                     )
@@ -592,7 +593,7 @@ async fn embed_stage<E: Embedder>(
                     &mut tasks,
                     max_tasks,
                     std::mem::take(&mut batch),
-                    &embedder,
+                    (&embedder, &sink),
                     &sink_tx,
                     &shared,
                 )
@@ -605,16 +606,24 @@ async fn embed_stage<E: Embedder>(
         }
     }
     if !batch.is_empty() {
-        dispatch(&mut tasks, max_tasks, batch, &embedder, &sink_tx, &shared).await;
+        dispatch(
+            &mut tasks,
+            max_tasks,
+            batch,
+            (&embedder, &sink),
+            &sink_tx,
+            &shared,
+        )
+        .await;
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn dispatch<E: Embedder>(
+async fn dispatch<E: Embedder, S: Sink>(
     tasks: &mut JoinSet<()>,
     max_tasks: usize,
     batch: Vec<(Arc<RecordAck>, Document)>,
-    embedder: &Arc<E>,
+    (embedder, sink): (&Arc<E>, &Arc<S>),
     sink_tx: &mpsc::Sender<SinkItem>,
     shared: &Arc<Shared>,
 ) {
@@ -624,6 +633,7 @@ async fn dispatch<E: Embedder>(
     tasks.spawn(embed_batch(
         batch,
         embedder.clone(),
+        sink.clone(),
         sink_tx.clone(),
         shared.clone(),
     ));
@@ -659,9 +669,10 @@ fn still_wanted(
 /// Embeds one batch; retries while the model is unavailable (nothing is committed meanwhile, so
 /// a crash loses nothing); a refused batch is retried text by text so that only the refused
 /// records go to the dead-letter topic.
-async fn embed_batch<E: Embedder>(
+async fn embed_batch<E: Embedder, S: Sink>(
     batch: Vec<(Arc<RecordAck>, Document)>,
     embedder: Arc<E>,
+    sink: Arc<S>,
     sink_tx: mpsc::Sender<SinkItem>,
     shared: Arc<Shared>,
 ) {
@@ -677,17 +688,11 @@ async fn embed_batch<E: Embedder>(
             match embedder.embed(texts.clone()).await {
                 Ok(vectors) => {
                     for ((ack, doc), embedded) in batch.iter().zip(vectors) {
-                        let source =
-                            document_source(&shared.spec.sink.opensearch, doc, &embedded.vector);
-                        let bytes = source.len() + doc.id.len() + 32;
+                        let request = sink.encode(doc, &embedded.vector);
+                        let bytes = request.source.len() + request.id.len() + 32;
                         let item = SinkItem::Index {
                             ack: ack.clone(),
-                            request: IndexRequest {
-                                id: doc.id.clone(),
-                                parent_id: doc.parent_id.clone(),
-                                chunks: doc.chunks,
-                                source,
-                            },
+                            request,
                             bytes,
                         };
                         if sink_tx.send(item).await.is_err() {
@@ -728,7 +733,7 @@ async fn embed_batch<E: Embedder>(
 /// has a write in flight waits here (and a document of a second record with the same id waits for
 /// the first one's request), so versions of one id reach OpenSearch in the order they were read;
 /// older versions that have not started to be written are dropped when a newer one came.
-async fn sink_stage(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<Sink>, shared: Arc<Shared>) {
+async fn sink_stage<S: Sink>(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<S>, shared: Arc<Shared>) {
     let bulk = &shared.spec.sink.opensearch.bulk;
     let max_docs = bulk.max_docs.max(1) as usize;
     let max_bytes = bulk.max_bytes.max(1024) as usize;
@@ -898,15 +903,17 @@ struct Flushes {
 
 impl Flushes {
     /// Starts a write, after waiting for a free slot.
-    async fn send(&mut self, sink: &Arc<Sink>, shared: &Arc<Shared>, write: Write) {
+    async fn send<S: Sink>(&mut self, sink: &Arc<S>, shared: &Arc<Shared>, write: Write) {
         while self.tasks.len() >= self.limit {
             self.tasks.join_next().await;
         }
         let (sink, shared) = (sink.clone(), shared.clone());
         self.tasks.spawn(async move {
             match write {
-                Write::Index(batch) => flush(&sink, &shared, batch).await,
-                Write::Delete(ack, parent_id) => delete(&sink, &shared, ack, parent_id).await,
+                Write::Index(batch) => flush(sink.as_ref(), &shared, batch).await,
+                Write::Delete(ack, parent_id) => {
+                    delete(sink.as_ref(), &shared, ack, parent_id).await
+                }
             }
         });
     }
@@ -922,22 +929,19 @@ impl Flushes {
     }
 }
 
-/// Deletes every document of a record (a tombstone): by id from its first document's chunk
-/// count (exact, and in real time), then by query on the parent id (also finds strays, once they
-/// are searchable). Each attempt runs under a write guard; a revoked record is left alone.
-async fn delete(sink: &Sink, shared: &Shared, ack: Arc<RecordAck>, parent_id: String) {
+/// Deletes every document of a record (a tombstone), as the sink does that. Each attempt runs
+/// under a write guard; a revoked record is left alone.
+async fn delete<S: Sink>(sink: &S, shared: &Shared, ack: Arc<RecordAck>, parent_id: String) {
     let deleted = until_done("deleting a record's documents", RetryPolicy::WRITES, || {
         let (ack, parent_id) = (&ack, &parent_id);
         async move {
             let (guard, allowed) = shared.assignment().begin_write([&ack.owner]);
             if allowed != [true] {
-                return Ok::<_, crate::sink::opensearch::SinkError>(None);
+                return Ok::<_, SinkError>(None);
             }
-            let ids = sink.stored_ids(&[parent_id]).await?;
-            let by_id = sink.delete_ids(&ids).await?;
-            let by_query = sink.delete_records(std::slice::from_ref(parent_id)).await?;
+            let deleted = sink.delete_record(parent_id).await?;
             drop(guard);
-            Ok(Some(by_id + by_query))
+            Ok(Some(deleted))
         }
     })
     .await;
@@ -955,9 +959,10 @@ async fn delete(sink: &Sink, shared: &Shared, ack: Arc<RecordAck>, parent_id: St
 
 /// Deletes the chunks that records of this batch had before and no longer have (a record that
 /// shrank from 5 chunks to 2 leaves `#2`…`#4`, one that became a single document leaves all of
-/// `#n`). Runs before the batch is written, under a write guard; retried until it succeeds.
-async fn remove_stale_chunks(
-    sink: &Sink,
+/// `#n`), as the sink does that. Runs before the batch is written, under a write guard; retried
+/// until it succeeds.
+async fn remove_stale_chunks<S: Sink>(
+    sink: &S,
     shared: &Shared,
     batch: &[(Arc<RecordAck>, IndexRequest)],
 ) {
@@ -974,17 +979,8 @@ async fn remove_stale_chunks(
                 .filter(|(_, owned)| **owned)
                 .map(|((_, r), _)| (r.parent_id.as_str(), r.chunks))
                 .collect();
-            let current: HashSet<String> = records
-                .iter()
-                .flat_map(|(parent, chunks)| record_ids(parent, *chunks))
-                .collect();
-            let parents: Vec<&str> = records.keys().copied().collect();
-            let stored = sink.stored_ids(&parents).await?;
-            let stale: Vec<String> = stored
-                .into_iter()
-                .filter(|id| !current.contains(id))
-                .collect();
-            let deleted = sink.delete_ids(&stale).await;
+            let records: Vec<(&str, usize)> = records.into_iter().collect();
+            let deleted = sink.remove_stale_chunks(&records).await;
             drop(guard);
             deleted
         },
@@ -1002,7 +998,7 @@ async fn remove_stale_chunks(
 /// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
 /// Every attempt runs under a write guard: documents whose partition was revoked are dropped
 /// unwritten (the next owner reads them again).
-async fn flush(sink: &Sink, shared: &Shared, batch: Vec<Indexing>) {
+async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
     let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
     let mut batch = batch;
     if !batch.is_empty() && shared.spec.id_source().is_stable() {
@@ -1022,7 +1018,7 @@ async fn flush(sink: &Sink, shared: &Shared, batch: Vec<Indexing>) {
         }
         let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();
         let started = std::time::Instant::now();
-        let results = sink.bulk(&requests).await;
+        let results = sink.write(&requests).await;
         drop(guard);
         shared
             .metrics

@@ -1,6 +1,10 @@
-//! Writing documents: the OpenSearch sink.
+//! Writing documents. The record path talks to a [`Sink`]: it owns how a document is encoded,
+//! written, and deleted with its record, and how the chunks an update no longer has are removed.
+//! The pipeline decides when (ownership, order, retries); the sink decides how.
 
 pub mod opensearch;
+
+use crate::transform::Document;
 
 /// The field holding a document's record id (shared by the chunks of one record).
 pub const PARENT_ID_FIELD: &str = "parentId";
@@ -19,4 +23,66 @@ pub fn record_ids(parent_id: &str, chunks: usize) -> Vec<String> {
     } else {
         (0..chunks).map(|n| format!("{parent_id}#{n}")).collect()
     }
+}
+
+/// Why the sink failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The index exists with a mapping the pipeline cannot write.
+    #[error("{0}")]
+    IndexMismatch(String),
+    /// The cluster answered with an error that a retry may fix.
+    #[error("OpenSearch request failed: {0}")]
+    Transient(String),
+    /// Configuration that a person must fix.
+    #[error("{0}")]
+    Misconfigured(String),
+}
+
+/// What happened to one document of a bulk request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemResult {
+    /// Indexed.
+    Ok,
+    /// Rejected for now (429, 5xx): send again later.
+    Retry(String),
+    /// Refused for good (a mapping conflict, a malformed document).
+    Rejected(String),
+}
+
+/// A document with its vector, ready for `_bulk`.
+#[derive(Clone, Debug)]
+pub struct IndexRequest {
+    /// The `_id`.
+    pub id: String,
+    /// The record id.
+    pub parent_id: String,
+    /// The number of chunks of the record.
+    pub chunks: usize,
+    /// The `_source`, serialised.
+    pub source: Vec<u8>,
+}
+
+/// Where documents go.
+pub trait Sink: Send + Sync + 'static {
+    /// Turns an embedded document into what [`Sink::write`] sends (called by the embed stage, so
+    /// encoding runs in parallel).
+    fn encode(&self, doc: &Document, vector: &[f32]) -> IndexRequest;
+
+    /// Writes documents: one result per request, in order.
+    fn write(
+        &self,
+        requests: &[&IndexRequest],
+    ) -> impl Future<Output = Result<Vec<ItemResult>, SinkError>> + Send;
+
+    /// Deletes every document of the record `parent_id` (a tombstone). Returns how many existed.
+    fn delete_record(&self, parent_id: &str)
+    -> impl Future<Output = Result<u64, SinkError>> + Send;
+
+    /// Deletes the documents that these records (parent id, new chunk count) had before and no
+    /// longer have. Returns how many it deleted.
+    fn remove_stale_chunks(
+        &self,
+        records: &[(&str, usize)],
+    ) -> impl Future<Output = Result<u64, SinkError>> + Send;
 }

@@ -1,5 +1,5 @@
-//! OpenSearch: creating or checking the k-NN index, `_bulk` with per-item results, and deleting
-//! all chunks of a record.
+//! The OpenSearch sink: creating or checking the k-NN index, encoding documents, `_bulk` with
+//! per-item results, deleting all chunks of a record and the chunks an update left behind.
 
 use std::time::{Duration, Instant};
 
@@ -10,49 +10,14 @@ use serde_json::{Map, Value, json};
 use vectorpipe_crds::index::{check_mapping, space_type_name};
 use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SigV4Service};
 
-use super::{CHUNK_FIELD, CHUNKS_FIELD, PARENT_ID_FIELD, TIMESTAMP_FIELD, record_ids};
+use super::{
+    CHUNK_FIELD, CHUNKS_FIELD, IndexRequest, ItemResult, PARENT_ID_FIELD, Sink, SinkError,
+    TIMESTAMP_FIELD, record_ids,
+};
 use crate::transform::Document;
 
-/// Why the sink failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// The index exists with a mapping the pipeline cannot write.
-    #[error("{0}")]
-    IndexMismatch(String),
-    /// The cluster answered with an error that a retry may fix.
-    #[error("OpenSearch request failed: {0}")]
-    Transient(String),
-    /// Configuration that a person must fix.
-    #[error("{0}")]
-    Misconfigured(String),
-}
-
-/// What happened to one document of a bulk request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ItemResult {
-    /// Indexed.
-    Ok,
-    /// Rejected for now (429, 5xx): send again later.
-    Retry(String),
-    /// Refused for good (a mapping conflict, a malformed document).
-    Rejected(String),
-}
-
-/// A document with its vector, ready for `_bulk`.
-#[derive(Clone, Debug)]
-pub struct IndexRequest {
-    /// The `_id`.
-    pub id: String,
-    /// The record id.
-    pub parent_id: String,
-    /// The number of chunks of the record.
-    pub chunks: usize,
-    /// The `_source`, serialised.
-    pub source: Vec<u8>,
-}
-
-/// The OpenSearch sink of one pipeline.
-pub struct Sink {
+/// The OpenSearch index of one pipeline.
+pub struct OpenSearchIndex {
     client: OpenSearch,
     spec: OpenSearchSink,
     dimensions: i32,
@@ -206,7 +171,7 @@ pub fn item_results(response: &Value, expected: usize) -> Result<Vec<ItemResult>
         .collect())
 }
 
-impl Sink {
+impl OpenSearchIndex {
     /// Connects to the first endpoint. Basic-auth credentials come from the environment
     /// (`VECTORPIPE_OPENSEARCH_USERNAME` / `_PASSWORD`, which the operator fills from the Secret),
     /// a custom CA from `VECTORPIPE_OPENSEARCH_CA_FILE`, and SigV4 credentials from the AWS
@@ -340,7 +305,7 @@ impl Sink {
     }
 
     /// Sends one `_bulk` request and sorts its items.
-    pub async fn bulk(&self, requests: &[&IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
+    async fn bulk(&self, requests: &[&IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
@@ -383,7 +348,7 @@ impl Sink {
     /// The ids of every document stored now for these records, read in real time (`_mget` sees
     /// writes that a search would only see after the next refresh). A record's first document
     /// (`<id>` or `<id>#0`) says how many chunks it has.
-    pub async fn stored_ids(&self, parent_ids: &[&str]) -> Result<Vec<String>, SinkError> {
+    async fn stored_ids(&self, parent_ids: &[&str]) -> Result<Vec<String>, SinkError> {
         if parent_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -402,7 +367,7 @@ impl Sink {
     }
 
     /// Deletes documents by id (missing ones are fine). Returns how many existed.
-    pub async fn delete_ids(&self, ids: &[String]) -> Result<u64, SinkError> {
+    async fn delete_ids(&self, ids: &[String]) -> Result<u64, SinkError> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -433,8 +398,8 @@ impl Sink {
         Ok(deleted)
     }
 
-    /// Deletes every document whose parent id is one of `parent_ids`.
-    pub async fn delete_records(&self, parent_ids: &[String]) -> Result<u64, SinkError> {
+    /// Deletes every document whose parent id is one of `parent_ids` (searchable ones only).
+    async fn delete_by_parent(&self, parent_ids: &[&str]) -> Result<u64, SinkError> {
         let sent = self
             .client
             .delete_by_query(DeleteByQueryParts::Index(&[&self.spec.index]))
@@ -444,6 +409,45 @@ impl Sink {
             .await;
         let value = answer("_delete_by_query", sent).await?;
         Ok(value["deleted"].as_u64().unwrap_or(0))
+    }
+}
+
+impl Sink for OpenSearchIndex {
+    fn encode(&self, doc: &Document, vector: &[f32]) -> IndexRequest {
+        IndexRequest {
+            id: doc.id.clone(),
+            parent_id: doc.parent_id.clone(),
+            chunks: doc.chunks,
+            source: document_source(&self.spec, doc, vector),
+        }
+    }
+
+    async fn write(&self, requests: &[&IndexRequest]) -> Result<Vec<ItemResult>, SinkError> {
+        self.bulk(requests).await
+    }
+
+    /// By id from the first document's chunk count (exact, and in real time), then by query on
+    /// the parent id (also finds strays, once they are searchable).
+    async fn delete_record(&self, parent_id: &str) -> Result<u64, SinkError> {
+        let ids = self.stored_ids(&[parent_id]).await?;
+        let by_id = self.delete_ids(&ids).await?;
+        let by_query = self.delete_by_parent(&[parent_id]).await?;
+        Ok(by_id + by_query)
+    }
+
+    async fn remove_stale_chunks(&self, records: &[(&str, usize)]) -> Result<u64, SinkError> {
+        let current: std::collections::HashSet<String> = records
+            .iter()
+            .flat_map(|(parent, chunks)| record_ids(parent, *chunks))
+            .collect();
+        let parents: Vec<&str> = records.iter().map(|(parent, _)| *parent).collect();
+        let stale: Vec<String> = self
+            .stored_ids(&parents)
+            .await?
+            .into_iter()
+            .filter(|id| !current.contains(id))
+            .collect();
+        self.delete_ids(&stale).await
     }
 }
 
