@@ -64,6 +64,33 @@ where
     }
 }
 
+/// Writes `status` of the object `name` by server-side apply as `manager` (forced: each manager
+/// owns its fields). A field the manager owned and leaves out of `status` is removed.
+pub async fn apply_status<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    manager: &str,
+    status: impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let dynamic = K::DynamicType::default();
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&dynamic),
+        "kind": K::kind(&dynamic),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(manager).force(),
+        &kube::api::Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Drops what no reconcile reads from a cached object: managedFields and the client-side apply
 /// annotation (a second copy of the spec).
 pub fn slim<K: kube::Resource>(object: &mut K) {

@@ -4,6 +4,9 @@
 //! The builders keep the object as JSON until `build`, so the API's own defaults fill in every
 //! field a test leaves out, exactly as for an object read from the apiserver.
 
+use std::marker::PhantomData;
+
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{EmbeddingPipeline, ScalingPolicy, ScalingPolicySpec};
@@ -20,28 +23,22 @@ fn merge(base: &mut Value, patch: Value) {
     }
 }
 
-/// An EmbeddingPipeline under construction (see [`EmbeddingPipeline::test`]).
+/// An object of kind `K` under construction (see [`EmbeddingPipeline::test`] and
+/// [`ScalingPolicy::test`]).
 #[derive(Clone, Debug)]
-pub struct PipelineBuilder(Value);
+pub struct Builder<K>(Value, PhantomData<K>);
 
-impl EmbeddingPipeline {
-    /// A valid pipeline named `name` in namespace `data`: one topic `in` on `k:9092`, Titan v2
-    /// in `eu-west-1`, index `docs` on `http://os:9200`, generation 1.
-    pub fn test(name: &str) -> PipelineBuilder {
-        PipelineBuilder(json!({
-            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
-            "metadata": {"name": name, "namespace": "data", "uid": format!("uid-{name}"), "generation": 1},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
-                "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "region": "eu-west-1"}},
-                "sink": {"opensearch": {"endpoints": ["http://os:9200"], "index": "docs"}}
-            }
-        }))
+/// An EmbeddingPipeline under construction.
+pub type PipelineBuilder = Builder<EmbeddingPipeline>;
+/// A ScalingPolicy under construction.
+pub type PolicyBuilder = Builder<ScalingPolicy>;
+
+impl<K: DeserializeOwned> Builder<K> {
+    fn new(object: Value) -> Self {
+        Self(object, PhantomData)
     }
-}
 
-impl PipelineBuilder {
-    /// Merges `spec` into the spec.
+    /// Merges `spec` into the spec (a list given replaces the list).
     #[must_use]
     pub fn with_spec(mut self, spec: Value) -> Self {
         merge(&mut self.0["spec"], spec);
@@ -55,6 +52,35 @@ impl PipelineBuilder {
         self
     }
 
+    /// `metadata.generation`.
+    #[must_use]
+    pub fn with_generation(self, generation: i64) -> Self {
+        self.with_metadata(json!({ "generation": generation }))
+    }
+
+    /// The object. Panics when the changes made it unreadable (a mistake in the test).
+    pub fn build(self) -> K {
+        serde_json::from_value(self.0).expect("a test object reads back")
+    }
+}
+
+impl EmbeddingPipeline {
+    /// A valid pipeline named `name` in namespace `data`: one topic `in` on `k:9092`, Titan v2
+    /// in `eu-west-1`, index `docs` on `http://os:9200`, generation 1.
+    pub fn test(name: &str) -> PipelineBuilder {
+        Builder::new(json!({
+            "apiVersion": "vectorpipe.io/v1alpha1", "kind": "EmbeddingPipeline",
+            "metadata": {"name": name, "namespace": "data", "uid": format!("uid-{name}"), "generation": 1},
+            "spec": {
+                "source": {"kafka": {"bootstrapServers": ["k:9092"], "topics": ["in"]}},
+                "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "region": "eu-west-1"}},
+                "sink": {"opensearch": {"endpoints": ["http://os:9200"], "index": "docs"}}
+            }
+        }))
+    }
+}
+
+impl PipelineBuilder {
     /// Sets the status.
     #[must_use]
     pub fn with_status(mut self, status: Value) -> Self {
@@ -91,28 +117,13 @@ impl PipelineBuilder {
     pub fn in_namespace(self, namespace: &str) -> Self {
         self.with_metadata(json!({"namespace": namespace}))
     }
-
-    /// `metadata.generation`.
-    #[must_use]
-    pub fn with_generation(self, generation: i64) -> Self {
-        self.with_metadata(json!({"generation": generation}))
-    }
-
-    /// The pipeline. Panics when the changes made it unreadable (a mistake in the test).
-    pub fn build(self) -> EmbeddingPipeline {
-        serde_json::from_value(self.0).expect("a test pipeline reads back")
-    }
 }
-
-/// A ScalingPolicy under construction (see [`ScalingPolicy::test`]).
-#[derive(Clone, Debug)]
-pub struct PolicyBuilder(Value);
 
 impl ScalingPolicy {
     /// A valid policy named `name` in namespace `data` that scales EmbeddingPipeline `target`
     /// between 1 and 4 workers on Kafka lag (scale out above 100), generation 1.
     pub fn test(name: &str, target: &str) -> PolicyBuilder {
-        PolicyBuilder(json!({
+        Builder::new(json!({
             "apiVersion": "vectorpipe.io/v1alpha1", "kind": "ScalingPolicy",
             "metadata": {"name": name, "namespace": "data", "uid": format!("uid-{name}"), "generation": 1},
             "spec": {
@@ -126,20 +137,6 @@ impl ScalingPolicy {
 }
 
 impl PolicyBuilder {
-    /// Merges `spec` into the spec (a list given replaces the list).
-    #[must_use]
-    pub fn with_spec(mut self, spec: Value) -> Self {
-        merge(&mut self.0["spec"], spec);
-        self
-    }
-
-    /// Merges `metadata` into the metadata.
-    #[must_use]
-    pub fn with_metadata(mut self, metadata: Value) -> Self {
-        merge(&mut self.0["metadata"], metadata);
-        self
-    }
-
     /// Bounds of the worker count.
     #[must_use]
     pub fn with_bounds(self, min: i32, max: i32) -> Self {
@@ -156,17 +153,6 @@ impl PolicyBuilder {
     #[must_use]
     pub fn created_at(self, time: &str) -> Self {
         self.with_metadata(json!({"creationTimestamp": time}))
-    }
-
-    /// `metadata.generation`.
-    #[must_use]
-    pub fn with_generation(self, generation: i64) -> Self {
-        self.with_metadata(json!({"generation": generation}))
-    }
-
-    /// The policy. Panics when the changes made it unreadable (a mistake in the test).
-    pub fn build(self) -> ScalingPolicy {
-        serde_json::from_value(self.0).expect("a test policy reads back")
     }
 
     /// Only the spec.

@@ -28,7 +28,7 @@ use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
 use vectorpipe_crds::validate;
 
 use crate::blocked::Blocked;
-use crate::context::{Context, api, slim};
+use crate::context::{Context, api, apply_status, slim};
 use crate::error::{Error, Step, kube as kerr};
 use crate::labels::FIELD_MANAGER;
 use crate::metrics::{ControllerLabel, ErrorLabels};
@@ -165,17 +165,9 @@ async fn write_status(
     let mut owned = status.clone();
     owned.consumer_lag = None;
     owned.last_scale_time = None;
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(json!({
-            "apiVersion": EmbeddingPipeline::api_version(&()),
-            "kind": EmbeddingPipeline::kind(&()),
-            "status": owned,
-        })),
-    )
-    .await
-    .map_err(kerr(Step::Status, "writing the status"))?;
+    apply_status(&api, name, FIELD_MANAGER, owned)
+        .await
+        .map_err(kerr(Step::Status, "writing the status"))?;
     for note in events::derive(pipeline, pipeline.status.as_ref(), status) {
         let type_ = if note.warning {
             EventType::Warning

@@ -34,7 +34,7 @@ use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingMode, ScalingPolicy};
 use vectorpipe_crds::validate;
 
 use crate::blocked::Blocked;
-use crate::context::Context;
+use crate::context::{Context, apply_status};
 use crate::error::{Error, Step, kube as kerr};
 use crate::labels::SCALING_FIELD_MANAGER;
 use crate::metrics::{
@@ -425,16 +425,8 @@ async fn write_pipeline_lag(
     if let Some(time) = last_scale_time {
         owned.insert("lastScaleTime".into(), json!(time));
     }
-    Api::<EmbeddingPipeline>::namespaced(ctx.base.client.clone(), &state.namespace)
-        .patch_status(
-            &target,
-            &PatchParams::apply(SCALING_FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": EmbeddingPipeline::api_version(&()),
-                "kind": EmbeddingPipeline::kind(&()),
-                "status": owned,
-            })),
-        )
+    let pipelines = Api::<EmbeddingPipeline>::namespaced(ctx.base.client.clone(), &state.namespace);
+    apply_status(&pipelines, &target, SCALING_FIELD_MANAGER, owned)
         .await
         .map_err(kerr(Step::Status, "writing the pipeline's consumerLag"))?;
     state.lag_written = Some(Instant::now());
@@ -492,17 +484,9 @@ async fn write_status(
     }
     let namespace = policy.namespace().unwrap_or_default();
     let api: Api<ScalingPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
-    api.patch_status(
-        &policy.name_any(),
-        &PatchParams::apply(SCALING_FIELD_MANAGER).force(),
-        &Patch::Apply(json!({
-            "apiVersion": ScalingPolicy::api_version(&()),
-            "kind": ScalingPolicy::kind(&()),
-            "status": new_status,
-        })),
-    )
-    .await
-    .map_err(kerr(Step::Status, "writing the policy status"))?;
+    apply_status(&api, &policy.name_any(), SCALING_FIELD_MANAGER, &new_status)
+        .await
+        .map_err(kerr(Step::Status, "writing the policy status"))?;
     let target = &policy.spec.target_ref.name;
     for note in events::derive(target, policy.status.as_ref(), &new_status) {
         let type_ = if note.warning {
