@@ -166,10 +166,17 @@ async fn the_declared_rbac_is_enough_and_less_is_visible() -> Result<()> {
         || async {
             let log = operator.log_text();
             let metrics = operator.metrics_text().await.unwrap_or_default();
-            Ok(
-                (log.contains("forbidden: User") && metrics.contains("applying the Deployment"))
-                    .then_some(()),
-            )
+            // The Deployment is read first (the dereference step) and that is refused.
+            let counted = metrics.lines().any(|line| {
+                line.starts_with("vectorpipe_operator_reconcile_errors_total{")
+                    && line.contains("controller=\"embeddingpipeline\"")
+                    && line.contains("step=\"dereference\"")
+                    && line.contains("kind=\"kubernetes-api\"")
+            });
+            Ok((log.contains("forbidden: User")
+                && log.contains("reading the Deployment")
+                && counted)
+                .then_some(()))
         },
     )
     .await?;

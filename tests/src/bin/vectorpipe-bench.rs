@@ -15,7 +15,8 @@
 //! usage: start the harness (`tests/harness/up.sh kafka opensearch`, then source `$VP_RUN/env`),
 //! build the worker (`cargo build --release -p vectorpipe-worker` for meaningful numbers), then
 //! `cargo run --release -p vectorpipe-tests --bin vectorpipe-bench -- worker [--records N] [--latency-ms MS]`;
-//! `vectorpipe-bench operator [--pipelines N]` (needs `up.sh k8s`) reconciles N pipelines from cold.
+//! `vectorpipe-bench operator [--pipelines N]` (needs `up.sh k8s`) reconciles N pipelines from cold;
+//! `vectorpipe-bench scale-in [--latency-ms MS]` times removing one of three busy workers.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,6 +44,10 @@ enum Bench {
     /// Scaling reaction time: from a lag threshold being met on the broker to the pipeline's
     /// worker count changing (needs `up.sh k8s kafka`).
     Scaling(ScalingArgs),
+    /// Scale-in: one of three workers is sent SIGTERM while the other two keep a backlog going
+    /// at a Bedrock latency, next to the same stop with nothing in flight (needs `up.sh kafka
+    /// opensearch`).
+    ScaleIn(ScaleInArgs),
     /// The chaos run of the worker tests, long: keyed updates and tombstones while workers are
     /// started, killed and stopped; fails when the index differs from the model (needs `up.sh
     /// kafka opensearch`).
@@ -85,6 +90,214 @@ async fn chaos_bench(args: ChaosArgs) -> Result<()> {
         })
         .await?;
         println!("{report:?}");
+    }
+    Ok(())
+}
+
+/// Scale-in benchmark settings.
+#[derive(clap::Args, Debug)]
+struct ScaleInArgs {
+    /// Bedrock latency while a worker is removed.
+    #[arg(long, default_value_t = 1000)]
+    latency_ms: u64,
+    /// Records in the backlog.
+    #[arg(long, default_value_t = 3000)]
+    records: usize,
+    /// The pipeline's embedding.bedrock.maxInFlight.
+    #[arg(long, default_value_t = 16)]
+    max_in_flight: usize,
+    /// Topic partitions.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Rounds of each scenario.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The worker binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+}
+
+/// What removing one worker took.
+struct Removal {
+    /// SIGTERM to exit.
+    exit_seconds: f64,
+    /// SIGTERM to the group being stable with the other two members.
+    stable_seconds: f64,
+    /// The exit code.
+    code: Option<i32>,
+}
+
+/// The group's state and member count, as the broker reports it.
+fn group_state(group: &str) -> Result<(String, usize)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = kafka::config()?.create()?;
+    let list = client.fetch_group_list(Some(group), Duration::from_secs(5))?;
+    Ok(list
+        .groups()
+        .first()
+        .map(|g| (g.state().to_owned(), g.members().len()))
+        .unwrap_or_default())
+}
+
+/// Starts three workers on a topic with a backlog at `latency`, waits until each has indexed
+/// something (or, with no backlog, until the group is stable with three members), then sends one
+/// of them SIGTERM and times its exit and the group's settling on two. Checks that every record
+/// is indexed and committed afterwards.
+async fn remove_one_of_three(
+    args: &ScaleInArgs,
+    worker_binary: &std::path::Path,
+    latency: Duration,
+    backlog: usize,
+) -> Result<Removal> {
+    let topic = unique_name("bench-scale-in");
+    let group = format!("{topic}-group");
+    kafka::create_topic(&topic, args.partitions).await?;
+    let (fake, address) = FakeBedrock::start().await?;
+    fake.set_latency(latency);
+    let dir = std::env::temp_dir().join(&topic);
+    std::fs::create_dir_all(&dir)?;
+    let pipeline = dir.join("pipeline.yaml");
+    let index = topic.to_lowercase();
+    std::fs::write(
+        &pipeline,
+        serde_yaml::to_string(&json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "EmbeddingPipeline",
+            "metadata": {"name": "bench", "namespace": "bench"},
+            "spec": {
+                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": group}},
+                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+                "chunking": {"strategy": "none"},
+                "embedding": {"bedrock": {
+                    "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
+                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
+                }},
+                "sink": {"opensearch": {
+                    "endpoints": [os::url()?], "index": index,
+                    "method": {"engine": "lucene"},
+                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
+                }},
+            }
+        }))?,
+    )?;
+    let producer: FutureProducer = kafka::config()?.set("linger.ms", "20").create()?;
+    let sends = (0..backlog).map(|i| {
+        let (id, payload) = (
+            format!("r{i}"),
+            json!({"id": format!("r{i}"), "text": format!("scale-in record {i}")}).to_string(),
+        );
+        let producer = &producer;
+        let topic = topic.as_str();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(&id).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!(e))
+        }
+    });
+    futures::future::try_join_all(sends).await?;
+    let mut workers = (0..3)
+        .map(|n| Worker::start_binary(worker_binary, &pipeline, &dir.join(format!("w{n}.log"))))
+        .collect::<Result<Vec<_>>>()?;
+    // All three members in the group, and (with a backlog) work in flight.
+    let started = Instant::now();
+    loop {
+        for w in &mut workers {
+            w.assert_running()?;
+        }
+        let (state, members) = group_state(&group)?;
+        let busy = backlog == 0 || count(&index).await? > 0;
+        if state == "Stable" && members == 3 && busy {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "three workers did not form a stable group"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leaving = workers.remove(0);
+    let signalled = Instant::now();
+    let (exit, stable) = tokio::join!(
+        tokio::task::spawn_blocking(move || {
+            let status = leaving.stop();
+            (signalled.elapsed().as_secs_f64(), status)
+        }),
+        async {
+            loop {
+                if let Ok((state, 2)) = group_state(&group)
+                    && state == "Stable"
+                {
+                    return signalled.elapsed().as_secs_f64();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    );
+    let (exit_seconds, status) = exit?;
+    let code = status?.code();
+    // Nothing lost: every record indexed and committed by the two that stayed.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count(&index).await? < backlog as u64
+        || !kafka::commits_at_end(&topic, &group, args.partitions)?
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the backlog was not finished");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for w in workers {
+        w.stop()?;
+    }
+    Ok(Removal {
+        exit_seconds,
+        stable_seconds: stable,
+        code,
+    })
+}
+
+async fn scale_in_bench(args: ScaleInArgs) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    println!("worker binary: {}", worker.display());
+    let latency = Duration::from_millis(args.latency_ms);
+    let mut rows: Vec<(&str, Vec<Removal>)> = Vec::new();
+    for (name, latency, backlog) in [
+        ("idle (baseline)", Duration::ZERO, 0),
+        ("backlog at latency", latency, args.records),
+    ] {
+        let mut runs = Vec::new();
+        for _ in 0..args.rounds {
+            runs.push(remove_one_of_three(&args, &worker, latency, backlog).await?);
+        }
+        rows.push((name, runs));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let baseline = median(rows[0].1.iter().map(|r| r.exit_seconds).collect());
+    println!(
+        "removing one of three workers ({} rounds each; Bedrock latency {} ms, maxInFlight {}, {} records, {} partitions)",
+        args.rounds, args.latency_ms, args.max_in_flight, args.records, args.partitions
+    );
+    println!(
+        "{:<22} {:>14} {:>16} {:>12} {:>12}",
+        "scenario", "exit s (med)", "stable on 2 s", "exit codes", "vs baseline"
+    );
+    for (name, runs) in &rows {
+        let exit = median(runs.iter().map(|r| r.exit_seconds).collect());
+        let stable = median(runs.iter().map(|r| r.stable_seconds).collect());
+        let codes: Vec<String> = runs
+            .iter()
+            .map(|r| r.code.map_or("signal".into(), |c| c.to_string()))
+            .collect();
+        println!(
+            "{name:<22} {exit:>14.2} {stable:>16.2} {:>12} {:>11.2}x",
+            codes.join(","),
+            exit / baseline
+        );
     }
     Ok(())
 }
@@ -398,6 +611,7 @@ async fn main() -> Result<()> {
         Bench::Operator(args) => operator_bench(args).await,
         Bench::Scaling(args) => scaling_bench(args).await,
         Bench::Chaos(args) => chaos_bench(args).await,
+        Bench::ScaleIn(args) => scale_in_bench(args).await,
     }
 }
 
