@@ -139,15 +139,16 @@ fn group_state(group: &str) -> Result<(String, usize)> {
         .unwrap_or_default())
 }
 
-/// Starts three workers on a topic with a backlog at `latency`, waits until each has indexed
-/// something (or, with no backlog, until the group is stable with three members), then sends one
-/// of them SIGTERM and times its exit and the group's settling on two. Checks that every record
-/// is indexed and committed afterwards.
+/// Starts three workers on a topic with a backlog at `latency`, waits until each owns partitions
+/// (and, when `idle`, until the backlog is done), then sends one of them SIGTERM and times its
+/// exit and the group's settling on two. Checks that every record is indexed and committed
+/// afterwards.
 async fn remove_one_of_three(
     args: &ScaleInArgs,
     worker_binary: &std::path::Path,
     latency: Duration,
     backlog: usize,
+    idle: bool,
 ) -> Result<Removal> {
     let topic = unique_name("bench-scale-in");
     let group = format!("{topic}-group");
@@ -180,6 +181,26 @@ async fn remove_one_of_three(
             }
         }))?,
     )?;
+    let mut workers = (0..3)
+        .map(|n| Worker::start_binary(worker_binary, &pipeline, &dir.join(format!("w{n}.log"))))
+        .collect::<Result<Vec<_>>>()?;
+    // The group settles on three first (the cooperative protocol takes two rounds), then the
+    // backlog arrives, so every worker has records of its own.
+    let started = Instant::now();
+    let mut stable_since: Option<Instant> = None;
+    while stable_since.is_none_or(|at| at.elapsed() < Duration::from_secs(5)) {
+        let (state, members) = group_state(&group)?;
+        if state == "Stable" && members == 3 {
+            stable_since.get_or_insert_with(Instant::now);
+        } else {
+            stable_since = None;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "three workers did not form a stable group"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let producer: FutureProducer = kafka::config()?.set("linger.ms", "20").create()?;
     let sends = (0..backlog).map(|i| {
         let (id, payload) = (
@@ -200,18 +221,23 @@ async fn remove_one_of_three(
         }
     });
     futures::future::try_join_all(sends).await?;
-    let mut workers = (0..3)
-        .map(|n| Worker::start_binary(worker_binary, &pipeline, &dir.join(format!("w{n}.log"))))
-        .collect::<Result<Vec<_>>>()?;
-    // All three members in the group, and (with a backlog) work in flight.
+    // All three members in a stable group, each owning partitions (each has indexed something:
+    // the cooperative protocol reaches "Stable" once before the second round hands partitions
+    // to the new members). Idle: the whole backlog indexed, nothing in flight.
     let started = Instant::now();
     loop {
+        let mut each_indexed = true;
         for w in &mut workers {
             w.assert_running()?;
+            let page = w.metrics_text().await.unwrap_or_default();
+            each_indexed &= vectorpipe_tests::worker::metric_sum(
+                &page,
+                "vectorpipe_worker_documents_indexed_total",
+            ) > 0.0;
         }
         let (state, members) = group_state(&group)?;
-        let busy = backlog == 0 || count(&index).await? > 0;
-        if state == "Stable" && members == 3 && busy {
+        let settled = !idle || count(&index).await? >= backlog as u64;
+        if state == "Stable" && members == 3 && each_indexed && settled {
             break;
         }
         anyhow::ensure!(
@@ -263,13 +289,13 @@ async fn scale_in_bench(args: ScaleInArgs) -> Result<()> {
     println!("worker binary: {}", worker.display());
     let latency = Duration::from_millis(args.latency_ms);
     let mut rows: Vec<(&str, Vec<Removal>)> = Vec::new();
-    for (name, latency, backlog) in [
-        ("idle (baseline)", Duration::ZERO, 0),
-        ("backlog at latency", latency, args.records),
+    for (name, latency, backlog, idle) in [
+        ("idle (baseline)", Duration::ZERO, 300, true),
+        ("backlog at latency", latency, args.records, false),
     ] {
         let mut runs = Vec::new();
         for _ in 0..args.rounds {
-            runs.push(remove_one_of_three(&args, &worker, latency, backlog).await?);
+            runs.push(remove_one_of_three(&args, &worker, latency, backlog, idle).await?);
         }
         rows.push((name, runs));
     }
