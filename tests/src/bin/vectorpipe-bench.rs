@@ -207,18 +207,8 @@ async fn remove_one_of_three(
             format!("r{i}"),
             json!({"id": format!("r{i}"), "text": format!("scale-in record {i}")}).to_string(),
         );
-        let producer = &producer;
-        let topic = topic.as_str();
-        async move {
-            producer
-                .send(
-                    FutureRecord::to(topic).key(&id).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| anyhow::anyhow!(e))
-        }
+        let (producer, topic) = (&producer, topic.as_str());
+        async move { send_keyed(producer, topic, &id, &payload).await }
     });
     futures::future::try_join_all(sends).await?;
     // All three members in a stable group, each owning partitions (each has indexed something:
@@ -418,6 +408,23 @@ fn process_usage(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, hwm_kib / 1024.0))
 }
 
+/// Sends one keyed record and waits for the broker's acknowledgement.
+async fn send_keyed(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> Result<()> {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| anyhow::anyhow!(e))
+}
+
 /// Moves the produced records that are now searchable from `produced` to `latencies` (ms).
 async fn collect_searchable(
     client: &opensearch::OpenSearch,
@@ -521,16 +528,7 @@ async fn scenario(
         let payload =
             json!({"id": id, "text": format!("{text} #{i}"), "producedAt": 0}).to_string();
         let key = id;
-        pending.push(async move {
-            producer_ref
-                .send(
-                    FutureRecord::to(topic_ref).key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| anyhow::anyhow!(e))
-        });
+        pending.push(async move { send_keyed(producer_ref, topic_ref, &key, &payload).await });
         if pending.len() >= 5000 {
             futures::future::try_join_all(pending.drain(..)).await?;
         }
