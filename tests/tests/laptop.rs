@@ -237,3 +237,36 @@ fn texts_longer_than_the_model_reads_are_split_by_its_word_pieces_not_truncated(
     );
     Ok(())
 }
+
+#[test]
+fn a_record_updated_later_in_the_same_input_leaves_nothing_of_its_earlier_version() -> Result<()> {
+    // The laptop mode runs the cluster's stages: the older version of an id is superseded (or
+    // written first and then cleaned up), never written after the newer one's clean-up.
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().context("path")?;
+    let post = |text: &str| {
+        serde_json::json!({"id": "x", "topic": "t", "title": "x", "author": "a",
+            "created": "2026-01-01T00:00:00Z", "text": text})
+        .to_string()
+    };
+    let long = "Tugboats push the freighter into its berth at dawn. ".repeat(60);
+    let input = format!(
+        "{}\n{}\n",
+        post(&long),
+        post("The freighter is berthed now.")
+    );
+    let run = ingest(store_arg, Some(input.as_bytes()))?;
+    assert_eq!(run["records"], 2, "{run}");
+    assert_eq!(
+        run["stored"], 1,
+        "only the newer version's one document: {run}"
+    );
+    let hits = search(store_arg, "tugboats and a freighter", 5)?;
+    let found: Vec<(&str, &str)> = hits
+        .iter()
+        .filter_map(|h| Some((h["id"].as_str()?, h["text"].as_str()?)))
+        .collect();
+    assert_eq!(found, [("x", "The freighter is berthed now.")]);
+    Ok(())
+}

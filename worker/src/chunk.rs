@@ -4,6 +4,8 @@ use text_splitter::{ChunkConfig, TextSplitter};
 use unicode_segmentation::UnicodeSegmentation;
 use vectorpipe_crds::v1alpha1::{Chunking, ChunkingStrategy};
 
+use crate::transform::Document;
+
 /// Splits `text` according to the spec. `model_max_chars` is the longest input the model accepts;
 /// with strategy `none`, longer texts are truncated to it (at a character boundary).
 pub fn split(text: &str, chunking: &Chunking, model_max_chars: Option<usize>) -> Vec<String> {
@@ -21,6 +23,41 @@ pub fn split(text: &str, chunking: &Chunking, model_max_chars: Option<usize>) ->
         ChunkingStrategy::Recursive => recursive(text, max, overlap),
         ChunkingStrategy::Sentences => sentences(text, max, overlap),
     }
+}
+
+/// Re-splits the documents of one record whose text is longer than the model reads (`split`
+/// gives the pieces, `None` when a text fits), renumbering the record's chunks so that ids stay
+/// `<id>#<n>` over all of them. Records that fit are returned as they are.
+pub fn fit(docs: Vec<Document>, split: impl Fn(&str) -> Option<Vec<String>>) -> Vec<Document> {
+    let pieces: Vec<(Document, Option<Vec<String>>)> = docs
+        .into_iter()
+        .map(|doc| {
+            let parts = split(&doc.text).filter(|parts| parts.len() > 1);
+            (doc, parts)
+        })
+        .collect();
+    if pieces.iter().all(|(_, parts)| parts.is_none()) {
+        return pieces.into_iter().map(|(doc, _)| doc).collect();
+    }
+    let total: usize = pieces
+        .iter()
+        .map(|(_, parts)| parts.as_ref().map_or(1, Vec::len))
+        .sum();
+    let mut out = Vec::with_capacity(total);
+    for (doc, parts) in pieces {
+        let texts = parts.unwrap_or_else(|| vec![doc.text.clone()]);
+        for text in texts {
+            let n = out.len();
+            out.push(Document {
+                id: format!("{}#{n}", doc.parent_id),
+                chunk: n,
+                chunks: total,
+                text,
+                ..doc.clone()
+            });
+        }
+    }
+    out
 }
 
 /// Fixed windows of `max` characters, each starting `max - overlap` after the previous one.
@@ -169,5 +206,51 @@ mod tests {
         for chunk in &chunks {
             assert!(chunk.ends_with('.'), "{chunk:?}");
         }
+    }
+
+    fn document(parent: &str, chunk: usize, chunks: usize, text: &str) -> Document {
+        Document {
+            id: if chunks == 1 {
+                parent.to_owned()
+            } else {
+                format!("{parent}#{chunk}")
+            },
+            parent_id: parent.into(),
+            chunk,
+            chunks,
+            text: text.into(),
+            timestamp: None,
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    #[test]
+    fn texts_the_model_cannot_read_whole_are_split_and_the_record_renumbered() {
+        let split = |text: &str| {
+            (text.len() > 4).then(|| {
+                text.as_bytes()
+                    .chunks(4)
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .collect()
+            })
+        };
+        let fits = vec![document("r", 0, 1, "abc")];
+        assert_eq!(fit(fits.clone(), split), fits, "nothing to do");
+        let docs = fit(
+            vec![document("r", 0, 2, "abcdefgh"), document("r", 1, 2, "ij")],
+            split,
+        );
+        let layout: Vec<(&str, usize, usize, &str)> = docs
+            .iter()
+            .map(|d| (d.id.as_str(), d.chunk, d.chunks, d.text.as_str()))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                ("r#0", 0, 3, "abcd"),
+                ("r#1", 1, 3, "efgh"),
+                ("r#2", 2, 3, "ij")
+            ]
+        );
     }
 }

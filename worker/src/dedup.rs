@@ -36,12 +36,21 @@ pub fn document_hash(doc: &Document) -> Hash {
 
 /// The hash of all documents of a record (ids and chunk layout included).
 pub fn record_hash(docs: &[Document]) -> Hash {
+    combine_hashes(
+        docs.iter()
+            .map(|d| (d.id.as_str(), d.chunks, document_hash(d))),
+    )
+}
+
+/// The hash of a record from its documents' ids, chunk count and [`document_hash`]es, in chunk
+/// order (what a store that keeps each document's hash can compute again).
+pub fn combine_hashes<'a>(docs: impl Iterator<Item = (&'a str, usize, Hash)>) -> Hash {
     let mut hasher = Sha256::new();
-    for doc in docs {
-        hasher.update(doc.id.as_bytes());
+    for (id, chunks, hash) in docs {
+        hasher.update(id.as_bytes());
         hasher.update([0]);
-        hasher.update(doc.chunks.to_le_bytes());
-        hasher.update(document_hash(doc));
+        hasher.update(chunks.to_le_bytes());
+        hasher.update(hash);
     }
     hasher.finalize().into()
 }
@@ -61,6 +70,24 @@ impl Dedup {
                 .support_invalidation_closures()
                 .build(),
         })
+    }
+
+    /// A cache as the spec sets it that starts out knowing these records of `partition` as
+    /// written (what a persistent store holds), with room for all of them.
+    pub fn seeded(
+        spec: &DedupSpec,
+        partition: &Partition,
+        records: Vec<(String, Hash)>,
+    ) -> Option<Self> {
+        let room = spec.max_entries.max(1) as u64 + records.len() as u64;
+        let dedup = Self::from_spec(&DedupSpec {
+            max_entries: i64::try_from(room).unwrap_or(i64::MAX),
+            ..spec.clone()
+        })?;
+        for (id, hash) in records {
+            dedup.remember(partition, &id, hash);
+        }
+        Some(dedup)
     }
 
     /// True when this record, read from `partition`, was written with this content before.

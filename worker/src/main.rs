@@ -134,12 +134,12 @@ async fn local_ingest(
             std::path::Path::new("examples/laptop/pipeline.yaml"),
         )?,
     };
-    let (model, mut store) = laptop.open()?;
+    let (model, store) = laptop.open()?;
+    let model_name = model.name().to_owned();
     let started = std::time::Instant::now();
     let (summary, source) = if input.as_os_str() == "-" {
         let stdin = std::io::stdin().lock();
-        let summary =
-            local::ingest(&spec, stdin, "stdin", &model, &mut store, &laptop.store).await?;
+        let summary = local::ingest(&spec, stdin, "stdin", model, store, &laptop.store).await?;
         (summary, "stdin".to_owned())
     } else {
         let file = std::fs::File::open(&input)
@@ -149,8 +149,7 @@ async fn local_ingest(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "input".to_owned());
         let reader = std::io::BufReader::new(file);
-        let summary =
-            local::ingest(&spec, reader, &name, &model, &mut store, &laptop.store).await?;
+        let summary = local::ingest(&spec, reader, &name, model, store, &laptop.store).await?;
         (summary, input.display().to_string())
     };
     if laptop.json {
@@ -162,7 +161,7 @@ async fn local_ingest(
              {} documents in the store",
             summary.records,
             summary.indexed,
-            model.name(),
+            model_name,
             laptop.store.display(),
             started.elapsed().as_secs_f64(),
             summary.unchanged,

@@ -205,6 +205,15 @@ impl Metrics {
             .inc();
     }
 
+    /// How many records had this outcome.
+    pub fn records_with(&self, outcome: &str) -> u64 {
+        self.records
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .get()
+    }
+
     /// Counts an embedding call outcome.
     pub fn embed_call(&self, outcome: &str) {
         self.embed_calls

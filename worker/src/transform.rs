@@ -70,6 +70,16 @@ pub enum RejectionKind {
 }
 
 impl RejectionKind {
+    /// Every kind.
+    pub const ALL: [Self; 6] = [
+        Self::Parse,
+        Self::MissingField,
+        Self::EmbeddingRejected,
+        Self::IndexRejected,
+        Self::TooLarge,
+        Self::UnresolvableTombstone,
+    ];
+
     /// The value of the `vectorpipe.reason` header.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +116,14 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every reason.
+    pub const ALL: [Self; 4] = [
+        Self::EmptyText,
+        Self::Filtered,
+        Self::MissingField,
+        Self::TombstoneWithoutKey,
+    ];
+
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {

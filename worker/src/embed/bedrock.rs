@@ -288,9 +288,6 @@ impl Embedder for BedrockEmbedder {
                         self.limit.on_success();
                         self.metrics.embed_limit.set(self.limit.current() as i64);
                         self.metrics.embed_call("ok");
-                        self.metrics
-                            .tokens
-                            .inc_by(embedded.iter().map(|e| e.tokens).sum());
                         return Ok(embedded);
                     }
                     Err(e) => Failure::Transient(format!("unexpected response from Bedrock: {e}")),

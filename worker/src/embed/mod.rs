@@ -43,4 +43,11 @@ pub trait Embedder: Send + Sync + 'static {
 
     /// Texts per call.
     fn batch_size(&self) -> usize;
+
+    /// The pieces to embed instead of `text` when it is longer than the model reads, or `None`
+    /// when it fits. The spec's chunking counts characters; a model with a small window (the
+    /// laptop mode's) splits further by its own tokens, so nothing is silently truncated.
+    fn split_to_fit(&self, _text: &str) -> Option<Vec<String>> {
+        None
+    }
 }

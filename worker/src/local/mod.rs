@@ -1,25 +1,36 @@
 //! The laptop mode: the pipeline's transform and chunking on a JSONL file (or stdin), a local
 //! embedding model and an embedded vector store, with no Kafka, AWS or OpenSearch.
 //!
-//! Each line is one record; its line number plays the Kafka offset (ids without an `idPointer`
-//! are `<file>-0-<line>`). Records that cannot be indexed are appended to `dead-letters.jsonl` in
-//! the store with the reason, like the dead-letter topic. Re-running over the same input
-//! re-embeds only documents whose content changed, and removes chunks a shorter record left over.
+//! The records go through the same stages as on a cluster (`pipeline::run_records`): the same
+//! transform, chunking, deduplication, ordering of versions, retries and dead letters, with the
+//! file as the source and the store as the sink. Each line is one record of partition 0; its line
+//! number plays the Kafka offset (ids without an `idPointer` are `<file>-0-<line>`). Records that
+//! cannot be indexed are appended to `dead-letters.jsonl` in the store with the reason, like the
+//! dead-letter topic. Re-running over the same input re-embeds only records whose content
+//! changed (deduplication starts from what the store holds), and removes chunks a shorter record
+//! left over.
 
 pub mod model;
 pub mod store;
 
-use std::io::{BufRead, Write};
+use std::cell::Cell;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::json;
+use rdkafka::Timestamp;
+use rdkafka::message::OwnedMessage;
 use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
-use crate::embed::Embedder;
-use crate::transform::{self, Document, Outcome, Rejection, SourceRecord};
+use crate::dead_letter::DeadLetters;
+use crate::dedup::Dedup;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Parts};
+use crate::sink::local::LocalStore;
+use crate::transform::{RejectionKind, SkipReason};
 use model::LocalModel;
-use store::{Store, StoredDocument};
+use store::Store;
 
 /// The pipeline used when none is given: `examples/laptop/pipeline.yaml`.
 pub const DEFAULT_PIPELINE: &str = include_str!("../../../examples/laptop/pipeline.yaml");
@@ -43,7 +54,7 @@ pub struct Summary {
     pub records: u64,
     /// Documents embedded and written.
     pub indexed: u64,
-    /// Documents already stored with the same content.
+    /// Records already stored with the same content.
     pub unchanged: u64,
     /// Left-over chunks of shrunk records that were deleted.
     pub deleted: u64,
@@ -71,210 +82,107 @@ pub enum LocalError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    /// The model failed.
-    #[error("the local model failed: {0}")]
-    Model(String),
-    /// The dead-letter file could not be written.
-    #[error("writing the dead-letter file {path}: {source}")]
-    DeadLetters {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
+    /// The stages stopped (the model or the store failed).
+    #[error("{0:#}")]
+    Pipeline(anyhow::Error),
 }
 
-/// A hash of everything a document's stored form depends on (the rule shared with the Kafka path).
-fn content_hash(doc: &Document) -> String {
-    hex::encode(crate::dedup::document_hash(doc))
-}
-
-/// Re-splits chunks longer than the model reads (the spec's chunking counts characters, the
-/// model word pieces), renumbering the record's chunks, so nothing is silently truncated.
-fn fit_to_model(docs: Vec<Document>, model: &LocalModel) -> Vec<Document> {
-    let pieces: Vec<(Document, Vec<String>)> = docs
-        .into_iter()
-        .map(|doc| {
-            let parts = model.fit(&doc.text);
-            (doc, parts)
-        })
-        .collect();
-    let total: usize = pieces.iter().map(|(_, parts)| parts.len()).sum();
-    if total == pieces.len() {
-        return pieces.into_iter().map(|(doc, _)| doc).collect();
-    }
-    let mut out = Vec::with_capacity(total);
-    for (doc, parts) in pieces {
-        for text in parts {
-            let n = out.len();
-            out.push(Document {
-                id: format!("{}#{n}", doc.parent_id),
-                chunk: n,
-                chunks: total,
-                text,
-                ..doc.clone()
-            });
-        }
-    }
-    out
-}
-
-struct Ingest<'a> {
-    model: &'a LocalModel,
-    store: &'a mut Store,
-    pending: Vec<(Document, String)>,
-    summary: Summary,
-    dead_letters: PathBuf,
-}
-
-impl Ingest<'_> {
-    async fn flush(&mut self) -> Result<(), LocalError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut self.pending);
-        let texts = batch.iter().map(|(d, _)| d.text.clone()).collect();
-        let embedded = self
-            .model
-            .embed(texts)
-            .await
-            .map_err(|e| LocalError::Model(e.to_string()))?;
-        let documents: Vec<StoredDocument> = batch
-            .into_iter()
-            .zip(embedded)
-            .map(|((doc, content_hash), e)| {
-                self.summary.tokens += e.tokens;
-                let mut metadata = doc.metadata;
-                if let Some(ts) = doc.timestamp {
-                    metadata.insert("@timestamp".into(), ts);
-                }
-                StoredDocument {
-                    id: doc.id,
-                    parent_id: doc.parent_id,
-                    chunk: doc.chunk,
-                    text: doc.text,
-                    metadata,
-                    content_hash,
-                    vector: e.vector,
-                }
-            })
-            .collect();
-        self.store.upsert(&documents)?;
-        self.summary.indexed += documents.len() as u64;
-        Ok(())
-    }
-
-    fn dead_letter(
-        &mut self,
-        source: &str,
-        line: i64,
-        raw: &[u8],
-        rejection: &Rejection,
-    ) -> Result<(), LocalError> {
-        tracing::warn!(
-            source, line, reason = rejection.kind.as_str(), error = %rejection.message,
-            "record written to the dead-letter file"
-        );
-        let entry = json!({
-            "reason": rejection.kind.as_str(),
-            "error": rejection.message,
-            "source": source,
-            "line": line,
-            "time": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default(),
-            "record": String::from_utf8_lossy(raw),
-        });
-        let io = |source| LocalError::DeadLetters {
-            path: self.dead_letters.clone(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.dead_letters)
-            .map_err(io)?;
-        writeln!(file, "{entry}").map_err(io)?;
-        self.summary.dead_lettered += 1;
-        Ok(())
-    }
-}
-
-/// Reads every line of `input`, embeds the documents and writes them to the store.
+/// Reads every line of `input`, embeds the documents with `model` and writes them to `store`
+/// (saved in `store_dir` at the end).
 pub async fn ingest(
     spec: &EmbeddingPipelineSpec,
     input: impl BufRead,
     source_name: &str,
-    model: &LocalModel,
-    store: &mut Store,
+    model: LocalModel,
+    store: Store,
     store_dir: &Path,
 ) -> Result<Summary, LocalError> {
     let started = Instant::now();
-    let mut run = Ingest {
-        model,
-        store,
-        pending: Vec::new(),
-        summary: Summary::default(),
-        dead_letters: store_dir.join("dead-letters.jsonl"),
+    let mut spec = spec.clone();
+    // One forward pass at a time, the next batch filled meanwhile: the model uses every core.
+    spec.embedding.bedrock.max_in_flight = 1;
+    let partition = (source_name.to_owned(), 0);
+    let sink = Arc::new(LocalStore::new(store));
+    let dedup = Dedup::seeded(&spec.dedup, &partition, sink.record_hashes()?).map(Arc::new);
+    let (metrics, _) = Metrics::new(source_name);
+    let metrics = Arc::new(metrics);
+    let parts = Parts {
+        stable_ids: true,
+        dead_letters: DeadLetters::file(store_dir.join("dead-letters.jsonl"), metrics.clone()),
+        spec,
+        embedder: Arc::new(model),
+        sink: sink.clone(),
+        metrics: metrics.clone(),
+        dedup,
+        stop_on_misconfigured: true,
     };
-    let batch = model.batch_size();
-    for (n, line) in input.split(b'\n').enumerate() {
-        let line = line.map_err(|source| LocalError::Input {
-            input: source_name.to_owned(),
-            source,
-        })?;
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let read = Cell::new(0u64);
+    let input_error = |source| LocalError::Input {
+        input: source_name.to_owned(),
+        source,
+    };
+    let records = input
+        .split(b'\n')
+        .enumerate()
+        .filter_map(|(n, line)| match line {
+            Err(e) => Some(Err(e)),
+            Ok(line) => {
+                let line = line.strip_suffix(b"\r").map(<[u8]>::to_vec).unwrap_or(line);
+                (!line.iter().all(u8::is_ascii_whitespace)).then_some(Ok((n as i64 + 1, line)))
+            }
+        })
+        .map(|line| {
+            let (number, line) = line?;
+            read.set(read.get() + 1);
+            Ok(OwnedMessage::new(
+                Some(line),
+                None,
+                source_name.to_owned(),
+                Timestamp::NotAvailable,
+                0,
+                number,
+                None,
+            ))
+        });
+    let mut read_failure = None;
+    let records = records.map_while(|r: Result<OwnedMessage, std::io::Error>| match r {
+        Ok(m) => Some(Ok(m)),
+        Err(e) => {
+            read_failure = Some(e);
+            None
         }
-        let number = n as i64 + 1;
-        run.summary.records += 1;
-        let record = SourceRecord {
-            topic: source_name,
-            partition: 0,
-            offset: number,
-            key: None,
-            payload: Some(line),
-            timestamp_ms: None,
-        };
-        match transform::transform(spec, &record) {
-            Outcome::Index(docs) => {
-                let docs = fit_to_model(docs, model);
-                if let Some(first) = docs.first() {
-                    let keep: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
-                    run.summary.deleted += run.store.retain_chunks(&first.parent_id, &keep)? as u64;
-                }
-                for doc in docs {
-                    let hash = content_hash(&doc);
-                    if run.store.unchanged(&doc.id, &hash)? {
-                        run.summary.unchanged += 1;
-                    } else {
-                        run.pending.push((doc, hash));
-                    }
-                }
-                if run.pending.len() >= batch {
-                    run.flush().await?;
-                }
-            }
-            Outcome::Delete(parent) => {
-                run.summary.deleted += run.store.retain_chunks(&parent, &[])? as u64;
-            }
-            Outcome::Skip(reason) => {
-                tracing::debug!(line = number, reason = reason.as_str(), "record skipped");
-                run.summary.skipped += 1;
-            }
-            Outcome::Reject(rejection) => run.dead_letter(source_name, number, line, &rejection)?,
-        }
+    });
+    let result = pipeline::run_records(parts, partition, records).await;
+    if let Some(e) = read_failure {
+        return Err(input_error(e));
     }
-    run.flush().await?;
-    run.store.save()?;
-    run.summary.stored = run.store.len() as u64;
+    result.map_err(LocalError::Pipeline)?;
+    let mut store = Arc::try_unwrap(sink)
+        .map_err(|_| LocalError::Pipeline(anyhow::anyhow!("the store is still in use")))?
+        .into_inner();
+    store.save()?;
+    let sum = |labels: &mut dyn Iterator<Item = String>| -> u64 {
+        labels.map(|label| metrics.records_with(&label)).sum()
+    };
+    let summary = Summary {
+        records: read.get(),
+        indexed: metrics.documents_indexed.get(),
+        unchanged: metrics.records_with("skipped-duplicate"),
+        deleted: metrics.documents_deleted.get(),
+        skipped: sum(&mut SkipReason::ALL
+            .iter()
+            .map(|r| format!("skipped-{}", r.as_str()))),
+        dead_lettered: sum(&mut RejectionKind::ALL
+            .iter()
+            .map(|k| format!("dead-lettered-{}", k.as_str()))),
+        tokens: metrics.tokens.get(),
+        stored: store.len() as u64,
+    };
     tracing::info!(
-        records = run.summary.records,
-        indexed = run.summary.indexed,
+        records = summary.records,
+        indexed = summary.indexed,
         seconds = started.elapsed().as_secs_f64(),
         "ingest finished"
     );
-    Ok(run.summary)
+    Ok(summary)
 }

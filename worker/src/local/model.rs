@@ -207,4 +207,9 @@ impl Embedder for LocalModel {
     fn batch_size(&self) -> usize {
         BATCH_SIZE
     }
+
+    fn split_to_fit(&self, text: &str) -> Option<Vec<String>> {
+        let parts = self.fit(text);
+        (parts.len() > 1).then_some(parts)
+    }
 }

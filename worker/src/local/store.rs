@@ -10,6 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
+use crate::dedup::{Hash, combine_hashes};
+
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,7 +54,7 @@ pub enum StoreError {
 }
 
 /// One document to store.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StoredDocument {
     /// The document id (`<id>` or `<id>#<n>`).
     pub id: String,
@@ -236,17 +238,44 @@ impl Store {
         self.len() == 0
     }
 
-    /// True when the document is stored with this content hash (nothing to embed again).
-    pub fn unchanged(&self, id: &str, content_hash: &str) -> Result<bool, StoreError> {
-        self.db
-            .query_row(
-                "SELECT 1 FROM documents WHERE id = ?1 AND content_hash = ?2",
-                params![id, content_hash],
-                |_| Ok(()),
-            )
-            .optional()
-            .map(|found| found.is_some())
-            .map_err(sqlite_error(&self.db_path))
+    /// The content hash of each stored record (see [`crate::dedup::record_hash`]), from its
+    /// documents' hashes in chunk order.
+    pub fn record_hashes(&self) -> Result<Vec<(String, Hash)>, StoreError> {
+        let error = sqlite_error(&self.db_path);
+        let mut statement = self
+            .db
+            .prepare("SELECT parent_id, id, content_hash FROM documents ORDER BY parent_id, chunk")
+            .map_err(&error)?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(&error)?;
+        let mut records: Vec<(String, Vec<(String, Hash)>)> = Vec::new();
+        for row in rows {
+            let (parent, id, hash) = row.map_err(&error)?;
+            // A hash that does not decode matches nothing: the record is embedded again.
+            let mut decoded = [0; 32];
+            if hex::decode_to_slice(&hash, &mut decoded).is_err() {
+                decoded = [0xff; 32];
+            }
+            match records.last_mut() {
+                Some((p, docs)) if *p == parent => docs.push((id, decoded)),
+                _ => records.push((parent, vec![(id, decoded)])),
+            }
+        }
+        Ok(records
+            .into_iter()
+            .map(|(parent, docs)| {
+                let chunks = docs.len();
+                let hash = combine_hashes(docs.iter().map(|(id, h)| (id.as_str(), chunks, *h)));
+                (parent, hash)
+            })
+            .collect())
     }
 
     fn make_room(&self, more: usize) -> Result<(), StoreError> {
@@ -479,16 +508,52 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let mut store = Store::open(dir.path(), "test-model", 4)?;
         store.upsert(&[doc("a", "a", 0, vector(0, 1, 0.0))])?;
-        assert!(store.unchanged("a", "hash-a")?);
-        assert!(!store.unchanged("a", "another-hash")?);
+        let first = store.record_hashes()?;
         let mut moved = doc("a", "a", 0, vector(2, 1, 0.0));
-        moved.content_hash = "hash-2".into();
+        moved.content_hash = hex::encode([2; 32]);
         store.upsert(&[moved])?;
         assert_eq!(store.len(), 1);
         let hits = store.search(&vector(2, 1, 0.0), 1)?;
         assert_eq!(hits[0].id, "a");
         assert!(hits[0].score > 0.99, "the vector was replaced: {hits:?}");
-        assert!(store.unchanged("a", "hash-2")?);
+        assert_ne!(
+            store.record_hashes()?,
+            first,
+            "the record's hash follows its content"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn record_hashes_are_those_of_the_documents_the_pipeline_made() -> anyhow::Result<()> {
+        use crate::dedup::{document_hash, record_hash};
+        use crate::transform::Document;
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        let docs: Vec<Document> = (0..3)
+            .map(|n| Document {
+                id: format!("r#{n}"),
+                parent_id: "r".into(),
+                chunk: n,
+                chunks: 3,
+                text: format!("part {n}"),
+                timestamp: Some(Value::from(7)),
+                metadata: Map::new(),
+            })
+            .collect();
+        let stored: Vec<StoredDocument> = docs
+            .iter()
+            .rev()
+            .map(|d| StoredDocument {
+                content_hash: hex::encode(document_hash(d)),
+                ..doc(&d.id, "r", d.chunk, vector(0, 1, 0.0))
+            })
+            .collect();
+        store.upsert(&stored)?;
+        store.upsert(&[doc("s", "s", 0, vector(1, 0, 0.0))])?;
+        let hashes = store.record_hashes()?;
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(hashes[0], ("r".to_owned(), record_hash(&docs)));
         Ok(())
     }
 

@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use vectorpipe_crds::v1alpha1::{EmbeddingPipelineSpec, IdSource};
 
+use crate::chunk;
 use crate::dead_letter::DeadLetters;
 use crate::dedup::{Dedup, record_hash};
 use crate::embed::{EmbedError, Embedder};
@@ -45,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::retry::{RetryPolicy, until_done};
 use crate::sink::{IndexRequest, ItemResult, Sink, SinkError};
 use crate::source::assignment::{Assignment, Owner};
-use crate::source::offsets::Epoch;
+use crate::source::offsets::{Epoch, Partition};
 use crate::source::{self, Context};
 use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
 use ack::{AckHub, RecordAck, Versions};
@@ -117,6 +118,14 @@ struct Shared {
     dead_letters: DeadLetters,
     /// Record ids with a write (index or delete) in flight: their next documents wait.
     writing: Mutex<HashSet<String>>,
+    /// Ids are the same when a record is read again: versions of one id are ordered, stale
+    /// chunks are removed and duplicates skipped.
+    stable_ids: bool,
+    /// A configuration error of the embedder or the sink ends the run instead of holding the
+    /// records until a person fixes it (the laptop mode, where nobody else will).
+    stop_on_misconfigured: bool,
+    /// Why the run must end, once one of its stages hit such an error.
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -138,6 +147,202 @@ impl Shared {
         self.dead_letters.send(&ack.message, &rejection).await;
         ack.fail();
         ack.done(1);
+    }
+
+    /// True when this error ends the run (its work is dropped, never marked done, so nothing
+    /// after it is committed); false when the caller holds the work and tries again.
+    fn gives_up(&self, misconfigured: bool, error: &dyn std::fmt::Display) -> bool {
+        if !(self.stop_on_misconfigured && misconfigured) {
+            return false;
+        }
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        failure.get_or_insert_with(|| error.to_string());
+        true
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What a pipeline is made of, wherever its records come from.
+pub struct Parts<E, S> {
+    /// The pipeline.
+    pub spec: EmbeddingPipelineSpec,
+    /// The model.
+    pub embedder: Arc<E>,
+    /// Where documents go.
+    pub sink: Arc<S>,
+    /// The worker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where refused records go.
+    pub dead_letters: DeadLetters,
+    /// Deduplication, when on.
+    pub dedup: Option<Arc<Dedup>>,
+    /// See [`Shared::stable_ids`].
+    pub stable_ids: bool,
+    /// See [`Shared::stop_on_misconfigured`].
+    pub stop_on_misconfigured: bool,
+}
+
+/// Work a record turned into, for the stage that takes it.
+enum Work {
+    Embed(EmbedJob),
+    Write(SinkItem),
+}
+
+/// The running embed and sink stages, and the rules that let records into them: the same for
+/// the Kafka consumer and the laptop mode's file.
+struct Stages<E> {
+    shared: Arc<Shared>,
+    embedder: Arc<E>,
+    embed_tx: mpsc::Sender<EmbedJob>,
+    sink_tx: mpsc::Sender<SinkItem>,
+    /// The two stages and the dead-letter sends of records refused before embedding.
+    tasks: JoinSet<()>,
+    warned_key_mismatch: bool,
+}
+
+impl<E: Embedder> Stages<E> {
+    fn start<S: Sink>(parts: Parts<E, S>, assignment: Arc<Assignment>) -> Self {
+        let spec = parts.spec;
+        let hub = Arc::new(AckHub {
+            assignment,
+            versions: Versions::default(),
+            dedup: parts.dedup,
+            released: Notify::new(),
+        });
+        let shared = Arc::new(Shared {
+            spec: spec.clone(),
+            hub,
+            metrics: parts.metrics,
+            dead_letters: parts.dead_letters,
+            writing: Mutex::new(HashSet::new()),
+            stable_ids: parts.stable_ids,
+            stop_on_misconfigured: parts.stop_on_misconfigured,
+            failure: Mutex::new(None),
+        });
+        let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
+        let batch = parts.embedder.batch_size().max(1);
+        let (embed_tx, embed_rx) = mpsc::channel::<EmbedJob>(in_flight * batch);
+        let (sink_tx, sink_rx) =
+            mpsc::channel::<SinkItem>((spec.sink.opensearch.bulk.max_docs.max(1) as usize) * 2);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(embed_stage(
+            embed_rx,
+            parts.embedder.clone(),
+            parts.sink.clone(),
+            sink_tx.clone(),
+            shared.clone(),
+        ));
+        tasks.spawn(sink_stage(sink_rx, parts.sink, shared.clone()));
+        Self {
+            shared,
+            embedder: parts.embedder,
+            embed_tx,
+            sink_tx,
+            tasks,
+            warned_key_mismatch: false,
+        }
+    }
+
+    /// Lets one record in: transforms it, registers it with the offset tracker and returns the
+    /// work for the next stage, or `None` when it is done already (skipped, a duplicate, sent to
+    /// the dead-letter topic) or was read while its partition was not owned.
+    fn admit(&mut self, message: OwnedMessage, owner: Owner) -> Option<Work> {
+        while self.tasks.try_join_next().is_some() {}
+        let shared = &self.shared;
+        let (spec, hub, metrics) = (&shared.spec, &shared.hub, &shared.metrics);
+        let assignment = &hub.assignment;
+        let dedup = &hub.dedup;
+        let stable = shared.stable_ids;
+        let record = SourceRecord {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            payload: message.payload(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        match transform::transform(spec, &record) {
+            Outcome::Skip(reason) => {
+                if assignment.start(&owner, false) {
+                    metrics.record(&format!("skipped-{}", reason.as_str()));
+                    tracing::debug!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, reason = reason.as_str(), "skipped a record");
+                }
+                None
+            }
+            Outcome::Reject(rejection) => {
+                if !assignment.start(&owner, true) {
+                    return None;
+                }
+                let ack = RecordAck::new(hub.clone(), owner, message, None, None, 1);
+                let shared = shared.clone();
+                self.tasks
+                    .spawn(async move { shared.reject(&ack, rejection).await });
+                None
+            }
+            Outcome::Delete(parent_id) => {
+                if let Some(dedup) = dedup {
+                    dedup.forget(&owner.partition, &parent_id);
+                }
+                if !assignment.start(&owner, true) {
+                    return None;
+                }
+                let version = stable.then(|| (parent_id.clone(), hub.versions.begin(&parent_id)));
+                let ack = RecordAck::new(hub.clone(), owner, message, version, None, 1);
+                Some(Work::Write(SinkItem::Delete { ack, parent_id }))
+            }
+            Outcome::Index(docs) => {
+                let docs = chunk::fit(docs, |text| self.embedder.split_to_fit(text));
+                let Some(first) = docs.first() else {
+                    if assignment.start(&owner, false) {
+                        metrics.record("skipped-empty-text");
+                    }
+                    return None;
+                };
+                let id = first.parent_id.clone();
+                if spec.id_source() == IdSource::Pointer
+                    && let Some(key) = transform::key_text(&record)
+                    && transform::bounded_id(key) != id
+                {
+                    // A tombstone deletes the documents whose id is its key: this record's
+                    // cannot be deleted that way.
+                    metrics.key_differs_from_id.inc();
+                    if !self.warned_key_mismatch {
+                        self.warned_key_mismatch = true;
+                        tracing::warn!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, %id, "a record's Kafka key differs from its id (transform.idPointer), so a tombstone with its key will not delete it; key records by their id, or use transform.idFromKey (counted in vectorpipe_worker_key_differs_from_id_total)");
+                    }
+                }
+                let hash = dedup
+                    .as_ref()
+                    .filter(|_| stable)
+                    .map(|_| record_hash(&docs));
+                if let (Some(dedup), Some(hash)) = (dedup, &hash)
+                    && !hub.versions.in_flight(&id)
+                    && dedup.is_duplicate(&owner.partition, &id, hash)
+                {
+                    if assignment.start(&owner, false) {
+                        metrics.record("skipped-duplicate");
+                    }
+                    return None;
+                }
+                if !assignment.start(&owner, true) {
+                    return None;
+                }
+                let version = stable.then(|| (id.clone(), hub.versions.begin(&id)));
+                let ack = RecordAck::new(hub.clone(), owner, message, version, hash, docs.len());
+                Some(Work::Embed(EmbedJob { ack, docs }))
+            }
+        }
+    }
+
+    /// No more records: the stages finish what they hold; the returned set ends when they did.
+    fn close(self) -> (Arc<Shared>, JoinSet<()>) {
+        (self.shared, self.tasks)
     }
 }
 
@@ -177,41 +382,21 @@ pub async fn run<E: Embedder, S: Sink>(
     }
     let subscription = topics.subscription();
     consumer.subscribe(&subscription.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let hub = Arc::new(AckHub {
-        assignment: assignment.clone(),
-        versions: Versions::default(),
-        dedup: dedup.clone(),
-        released: Notify::new(),
-    });
-    let shared = Arc::new(Shared {
-        spec: spec.clone(),
-        hub: hub.clone(),
-        metrics: metrics.clone(),
+    let parts = Parts {
         dead_letters: DeadLetters::new(&spec, metrics.clone())?,
-        writing: Mutex::new(HashSet::new()),
-    });
-    let id_source = spec.id_source();
-    let versioned = id_source.is_stable();
-
-    let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
-    let batch = embedder.batch_size().max(1);
-    let (embed_tx, embed_rx) = mpsc::channel::<EmbedJob>(in_flight * batch);
-    let (sink_tx, sink_rx) =
-        mpsc::channel::<SinkItem>((spec.sink.opensearch.bulk.max_docs.max(1) as usize) * 2);
-
-    let mut stages = JoinSet::new();
-    stages.spawn(embed_stage(
-        embed_rx,
+        stable_ids: spec.id_source().is_stable(),
+        spec,
         embedder,
-        sink.clone(),
-        sink_tx.clone(),
-        shared.clone(),
-    ));
-    stages.spawn(sink_stage(sink_rx, sink, shared.clone()));
+        sink,
+        metrics: metrics.clone(),
+        dedup,
+        stop_on_misconfigured: false,
+    };
+    let mut stages = Stages::start(parts, assignment.clone());
     let stop_committer = Arc::new(Notify::new());
     let committer = tokio::spawn(commit_loop(
         consumer.clone(),
-        shared.clone(),
+        stages.shared.clone(),
         options.clone(),
         stop_committer.clone(),
     ));
@@ -220,7 +405,6 @@ pub async fn run<E: Embedder, S: Sink>(
     // Messages that arrived while consumption was paused, with the epoch they were read in,
     // handled before reading on.
     let mut held: VecDeque<(OwnedMessage, Option<Epoch>)> = VecDeque::new();
-    let mut warned_key_mismatch = false;
     loop {
         let (message, epoch) = match held.pop_front() {
             Some(held) => held,
@@ -243,120 +427,39 @@ pub async fn run<E: Embedder, S: Sink>(
                 }
             }
         };
-        let partition = (message.topic().to_owned(), message.partition());
         // Read while its partition was not owned: its owner reads it. (A partition revoked
         // since is caught by `Assignment::start`, which refuses an ended epoch.)
         let Some(epoch) = epoch else {
             continue;
         };
         let owner = Owner {
-            partition,
+            partition: (message.topic().to_owned(), message.partition()),
             epoch,
             offset: message.offset(),
         };
-        let record = SourceRecord {
-            topic: message.topic(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key(),
-            payload: message.payload(),
-            timestamp_ms: message.timestamp().to_millis(),
-        };
-        let outcome = transform::transform(&spec, &record);
-        match outcome {
-            Outcome::Skip(reason) => {
-                if !assignment.start(&owner, false) {
-                    continue;
-                }
-                metrics.record(&format!("skipped-{}", reason.as_str()));
-                tracing::debug!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, reason = reason.as_str(), "skipped a record");
+        let (consumer, held, metrics) = (&consumer, &mut held, &metrics);
+        let handed = match stages.admit(message, owner) {
+            None => true,
+            Some(Work::Embed(job)) => {
+                let to = &stages.embed_tx;
+                hand_over(to, job, consumer, &assignment, held, metrics, &mut shutdown).await
             }
-            Outcome::Reject(rejection) => {
-                if !assignment.start(&owner, true) {
-                    continue;
-                }
-                let ack = RecordAck::new(hub.clone(), owner, message, None, None, 1);
-                let shared = shared.clone();
-                tokio::spawn(async move { shared.reject(&ack, rejection).await });
-            }
-            Outcome::Delete(parent_id) => {
-                if let Some(dedup) = &dedup {
-                    dedup.forget(&owner.partition, &parent_id);
-                }
-                if !assignment.start(&owner, true) {
-                    continue;
-                }
-                let version =
-                    versioned.then(|| (parent_id.clone(), hub.versions.begin(&parent_id)));
-                let ack = RecordAck::new(hub.clone(), owner, message, version, None, 1);
-                let item = SinkItem::Delete { ack, parent_id };
-                if !hand_over(
-                    &sink_tx,
+            Some(Work::Write(item)) => {
+                let to = &stages.sink_tx;
+                hand_over(
+                    to,
                     item,
-                    &consumer,
+                    consumer,
                     &assignment,
-                    &mut held,
-                    &metrics,
+                    held,
+                    metrics,
                     &mut shutdown,
                 )
                 .await
-                {
-                    break;
-                }
             }
-            Outcome::Index(docs) => {
-                let Some(first) = docs.first() else {
-                    if assignment.start(&owner, false) {
-                        metrics.record("skipped-empty-text");
-                    }
-                    continue;
-                };
-                let id = first.parent_id.clone();
-                if id_source == IdSource::Pointer
-                    && let Some(key) = transform::key_text(&record)
-                    && transform::bounded_id(key) != id
-                {
-                    // A tombstone deletes the documents whose id is its key: this record's
-                    // cannot be deleted that way.
-                    metrics.key_differs_from_id.inc();
-                    if !warned_key_mismatch {
-                        warned_key_mismatch = true;
-                        tracing::warn!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, %id, "a record's Kafka key differs from its id (transform.idPointer), so a tombstone with its key will not delete it; key records by their id, or use transform.idFromKey (counted in vectorpipe_worker_key_differs_from_id_total)");
-                    }
-                }
-                let hash = dedup
-                    .as_ref()
-                    .filter(|_| versioned)
-                    .map(|_| record_hash(&docs));
-                if let (Some(dedup), Some(hash)) = (&dedup, &hash)
-                    && !hub.versions.in_flight(&id)
-                    && dedup.is_duplicate(&owner.partition, &id, hash)
-                {
-                    if assignment.start(&owner, false) {
-                        metrics.record("skipped-duplicate");
-                    }
-                    continue;
-                }
-                if !assignment.start(&owner, true) {
-                    continue;
-                }
-                let version = versioned.then(|| (id.clone(), hub.versions.begin(&id)));
-                let ack = RecordAck::new(hub.clone(), owner, message, version, hash, docs.len());
-                let job = EmbedJob { ack, docs };
-                if !hand_over(
-                    &embed_tx,
-                    job,
-                    &consumer,
-                    &assignment,
-                    &mut held,
-                    &metrics,
-                    &mut shutdown,
-                )
-                .await
-                {
-                    break;
-                }
-            }
+        };
+        if !handed {
+            break;
         }
     }
 
@@ -368,8 +471,7 @@ pub async fn run<E: Embedder, S: Sink>(
     stopping.store(true, Ordering::SeqCst);
     pause_all(&consumer);
     held.clear();
-    drop(embed_tx);
-    drop(sink_tx);
+    let (_, mut stages) = stages.close();
     let started = std::time::Instant::now();
     let deadline = Instant::now() + options.drain_timeout;
     loop {
@@ -411,6 +513,61 @@ pub async fn run<E: Embedder, S: Sink>(
     // Closing the consumer leaves the group at once, so the others take the partitions over
     // without waiting for a session timeout.
     drop(consumer);
+    Ok(())
+}
+
+/// Runs the stages over the records of one partition that has no group and no commits (the
+/// laptop mode's file), and returns when every record was written, skipped or dead-lettered.
+/// The stages, their order and their rules are those of [`run`].
+pub async fn run_records<E: Embedder, S: Sink>(
+    parts: Parts<E, S>,
+    partition: Partition,
+    records: impl Iterator<Item = anyhow::Result<OwnedMessage>>,
+) -> anyhow::Result<()> {
+    let assignment = Arc::new(Assignment::new());
+    assignment.assign(std::slice::from_ref(&partition));
+    let epoch = assignment
+        .epoch(&partition)
+        .ok_or_else(|| anyhow::anyhow!("the input's partition was not assigned"))?;
+    let mut stages = Stages::start(parts, assignment.clone());
+    let mut read_error = None;
+    for message in records {
+        if stages.shared.failure().is_some() {
+            break;
+        }
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        };
+        let owner = Owner {
+            partition: partition.clone(),
+            epoch,
+            offset: message.offset(),
+        };
+        let handed = match stages.admit(message, owner) {
+            None => true,
+            Some(Work::Embed(job)) => stages.embed_tx.send(job).await.is_ok(),
+            Some(Work::Write(item)) => stages.sink_tx.send(item).await.is_ok(),
+        };
+        if !handed {
+            break;
+        }
+    }
+    let (shared, mut tasks) = stages.close();
+    while tasks.join_next().await.is_some() {}
+    if let Some(e) = read_error {
+        return Err(e);
+    }
+    if let Some(failure) = shared.failure() {
+        anyhow::bail!(failure);
+    }
+    let (_, open) = assignment.committable(None);
+    if open > 0 {
+        anyhow::bail!("{open} records were neither written nor dead-lettered");
+    }
     Ok(())
 }
 
@@ -687,6 +844,10 @@ async fn embed_batch<E: Embedder, S: Sink>(
         loop {
             match embedder.embed(texts.clone()).await {
                 Ok(vectors) => {
+                    shared
+                        .metrics
+                        .tokens
+                        .inc_by(vectors.iter().map(|e| e.tokens).sum());
                     for ((ack, doc), embedded) in batch.iter().zip(vectors) {
                         let request = sink.encode(doc, &embedded.vector);
                         let bytes = request.source.len() + request.id.len() + 32;
@@ -719,6 +880,9 @@ async fn embed_batch<E: Embedder, S: Sink>(
                     break;
                 }
                 Err(e) => {
+                    if shared.gives_up(matches!(e, EmbedError::Misconfigured(_)), &e) {
+                        return;
+                    }
                     pause += 1;
                     let wait = shared.spec.embedding.bedrock.retry.max_delay.get();
                     tracing::error!(error = %e, retry_in = ?wait, pause, "embedding is failing; holding these records until it recovers");
@@ -1001,7 +1165,7 @@ async fn remove_stale_chunks<S: Sink>(
 async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
     let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
     let mut batch = batch;
-    if !batch.is_empty() && shared.spec.id_source().is_stable() {
+    if !batch.is_empty() && shared.stable_ids {
         remove_stale_chunks(sink, shared, &batch).await;
     }
     let mut attempt = 0;
@@ -1054,6 +1218,9 @@ async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
                 batch = retry;
             }
             Err(e) => {
+                if shared.gives_up(matches!(e, SinkError::Misconfigured(_)), &e) {
+                    break;
+                }
                 tracing::warn!(error = %e, docs = batch.len(), attempt, "bulk request failed; retrying");
             }
         }

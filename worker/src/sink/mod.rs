@@ -2,6 +2,7 @@
 //! written, and deleted with its record, and how the chunks an update no longer has are removed.
 //! The pipeline decides when (ownership, order, retries); the sink decides how.
 
+pub mod local;
 pub mod opensearch;
 
 use crate::transform::Document;
