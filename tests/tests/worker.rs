@@ -484,6 +484,50 @@ async fn with_id_from_key_updates_replace_and_tombstones_delete_by_key() -> Resu
     Ok(())
 }
 
+/// Ids from `idPointer` and Kafka keys that differ from them: a tombstone deletes what the
+/// records of its key produced (the documents keep their source key), also a multi-chunk record
+/// right in front of its tombstone, while a key equal to the id keeps working. (Before, the
+/// tombstone looked for documents whose id is the key, found none, and the documents stayed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn with_id_pointer_a_tombstone_deletes_what_its_key_produced() -> Result<()> {
+    let setup = Setup::new("e2e-idptr-key").await?;
+    let record =
+        |id: &str, text: &str| Some(json!({"id": id, "text": text}).to_string().into_bytes());
+    setup
+        .produce(&[
+            (Some("k-a"), record("doc-a", "the record of key k-a")),
+            (Some("k-b"), record("doc-b", "the record of key k-b")),
+            (Some("doc-c"), record("doc-c", "a record keyed by its id")),
+        ])
+        .await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 3, Duration::from_secs(90))
+        .await?;
+    setup
+        .produce(&[
+            (Some("k-a"), None),
+            (Some("doc-c"), None),
+            (Some("k-d"), record("doc-d", &sentences("d", 12))),
+            (Some("k-d"), None),
+        ])
+        .await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    // Counting refreshes the index first.
+    setup
+        .wait_for_count(json!({"match_all": {}}), 1, Duration::from_secs(30))
+        .await?;
+    assert_eq!(
+        setup.ids().await?,
+        BTreeSet::from(["doc-b".to_owned()]),
+        "the tombstones of k-a, doc-c and k-d deleted their documents"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
 /// A record text of `sentences` sentences (about 40 characters each; chunks hold 200).
 fn sentences(version: &str, sentences: usize) -> String {
     (0..sentences)

@@ -221,6 +221,7 @@ mod tests {
             text: text.into(),
             timestamp: None,
             metadata: serde_json::Map::new(),
+            source_key: None,
         }
     }
 

@@ -31,6 +31,10 @@ pub fn document_hash(doc: &Document) -> Hash {
     if let Some(ts) = &doc.timestamp {
         hasher.update(ts.to_string().as_bytes());
     }
+    if let Some(key) = &doc.source_key {
+        hasher.update([0]);
+        hasher.update(key.as_bytes());
+    }
     hasher.finalize().into()
 }
 
@@ -136,6 +140,7 @@ mod tests {
             text: text.into(),
             timestamp: ts.map(Value::from),
             metadata,
+            source_key: None,
         }
     }
 
@@ -150,6 +155,9 @@ mod tests {
         assert_ne!(base, record_hash(&[doc("t", 2, Some(1))]), "metadata");
         assert_ne!(base, record_hash(&[doc("t", 1, Some(2))]), "timestamp");
         assert_ne!(base, record_hash(&[doc("u", 1, Some(1))]), "text");
+        let mut keyed = doc("t", 1, Some(1));
+        keyed.source_key = Some("k".into());
+        assert_ne!(base, record_hash(&[keyed]), "source key");
         let mut split = doc("t", 1, Some(1));
         split.chunks = 2;
         assert_ne!(base, record_hash(&[split]), "chunk layout");

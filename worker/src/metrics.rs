@@ -64,9 +64,6 @@ pub struct Metrics {
     /// Documents not embedded or not written because a newer version (or a tombstone) of their
     /// record arrived first, by stage (`before-embedding` saves an embedding call).
     pub superseded: Family<Outcome, Counter>,
-    /// Records whose Kafka key differs from their id (`idPointer`): a tombstone with that key
-    /// does not delete them.
-    pub key_differs_from_id: Counter,
 }
 
 impl Metrics {
@@ -95,14 +92,8 @@ impl Metrics {
             consumer_pauses: Counter::default(),
             same_id_waits: Counter::default(),
             superseded: Family::default(),
-            key_differs_from_id: Counter::default(),
         };
         let r = &mut registry;
-        r.register(
-            "key_differs_from_id",
-            "Records whose Kafka key differs from their id, so a tombstone with the key does not delete them",
-            metrics.key_differs_from_id.clone(),
-        );
         r.register(
             "records",
             "Records read, by outcome",

@@ -50,6 +50,9 @@ pub struct Document {
     pub timestamp: Option<Value>,
     /// Extra fields from the spec's `transform.metadata`.
     pub metadata: Map<String, Value>,
+    /// The record's Kafka key, when ids come from `idPointer` and the key differs from the id:
+    /// stored with the document so that the key's tombstone finds it.
+    pub source_key: Option<String>,
 }
 
 /// Why a record goes to the dead-letter topic.
@@ -367,6 +370,10 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
         // Only whitespace (kept by skipEmptyText: false) that the splitter trimmed away.
         return Outcome::Skip(SkipReason::EmptyText);
     }
+    let source_key = (ids == IdSource::Pointer)
+        .then(|| key_text(record).map(bounded_id))
+        .flatten()
+        .filter(|key| *key != parent_id);
     let single = chunks.len() == 1;
     let count = chunks.len();
     let documents = chunks
@@ -384,6 +391,7 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
             text,
             timestamp: timestamp.clone(),
             metadata: metadata.clone(),
+            source_key: source_key.clone(),
         })
         .collect();
     Outcome::Index(documents)
@@ -588,6 +596,27 @@ mod tests {
                 Outcome::Skip(SkipReason::TombstoneWithoutKey)
             );
         }
+    }
+
+    #[test]
+    fn documents_keep_their_key_when_it_is_not_their_id() {
+        let spec = spec(json!({"transform": {"idPointer": "/id"}}));
+        let by_id = |id: &str| json!({"id": id, "text": "hello"}).to_string();
+        let other = documents(transform(&spec, &record(Some(&by_id("doc-9")))));
+        assert_eq!(other[0].id, "doc-9");
+        assert_eq!(other[0].source_key.as_deref(), Some("k-1"));
+        let same = documents(transform(&spec, &record(Some(&by_id("k-1")))));
+        assert_eq!(same[0].source_key, None, "the id is the key already");
+        let keys = spec_with_key_ids();
+        let from_key = documents(transform(&keys, &record(Some(&by_id("doc-9")))));
+        assert_eq!(
+            from_key[0].source_key, None,
+            "ids from keys need no source key"
+        );
+    }
+
+    fn spec_with_key_ids() -> EmbeddingPipelineSpec {
+        spec(json!({"transform": {"idFromKey": true}}))
     }
 
     #[test]

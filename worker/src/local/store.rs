@@ -539,6 +539,7 @@ mod tests {
                 text: format!("part {n}"),
                 timestamp: Some(Value::from(7)),
                 metadata: Map::new(),
+                source_key: None,
             })
             .collect();
         let stored: Vec<StoredDocument> = docs

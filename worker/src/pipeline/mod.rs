@@ -203,7 +203,6 @@ struct Stages<E> {
     sink_tx: mpsc::Sender<SinkItem>,
     /// The two stages and the dead-letter sends of records refused before embedding.
     tasks: JoinSet<()>,
-    warned_key_mismatch: bool,
 }
 
 impl<E: Embedder> Stages<E> {
@@ -245,7 +244,6 @@ impl<E: Embedder> Stages<E> {
             embed_tx,
             sink_tx,
             tasks,
-            warned_key_mismatch: false,
         }
     }
 
@@ -304,19 +302,12 @@ impl<E: Embedder> Stages<E> {
                     }
                     return None;
                 };
-                let id = first.parent_id.clone();
-                if spec.id_source() == IdSource::Pointer
-                    && let Some(key) = transform::key_text(&record)
-                    && transform::bounded_id(key) != id
-                {
-                    // A tombstone deletes the documents whose id is its key: this record's
-                    // cannot be deleted that way.
-                    metrics.key_differs_from_id.inc();
-                    if !self.warned_key_mismatch {
-                        self.warned_key_mismatch = true;
-                        tracing::warn!(topic = %owner.partition.0, partition = owner.partition.1, offset = owner.offset, %id, "a record's Kafka key differs from its id (transform.idPointer), so a tombstone with its key will not delete it; key records by their id, or use transform.idFromKey (counted in vectorpipe_worker_key_differs_from_id_total)");
-                    }
-                }
+                // Versions are ordered per Kafka key when the key is not the id: Kafka orders
+                // a key's records, and the key's tombstone must come after all of them.
+                let id = first
+                    .source_key
+                    .clone()
+                    .unwrap_or_else(|| first.parent_id.clone());
                 let hash = dedup
                     .as_ref()
                     .filter(|_| stable)
@@ -988,7 +979,12 @@ fn take_ready(
             ack.done(1);
             continue;
         }
-        let id = item.record_id().to_owned();
+        // Versions are ordered by the record's version id (its Kafka key or its id); the record
+        // id is held as well, so two keys with one id never write it at once.
+        let record_id = item.record_id().to_owned();
+        let id = ack
+            .version()
+            .map_or_else(|| record_id.clone(), |(id, _)| id.to_owned());
         let version = ack.version().map(|(_, v)| v);
         let writer = version.and_then(|_| versions.writer(&id));
         let is_writer = writer.is_some() && writer == version;
@@ -996,7 +992,11 @@ fn take_ready(
         // The version being written goes first; any other waits for it, and behind an
         // earlier waiting item of its id.
         let turn = is_writer || (writer.is_none() && !blocked.contains(&id));
-        let free = same_record || (turn && !taken.contains_key(&id) && !writing.contains(&id));
+        let unheld = |key: &str| match taken.get(key) {
+            Some(holder) => Arc::ptr_eq(holder, ack),
+            None => !writing.contains(key),
+        };
+        let free = (same_record || turn) && unheld(&id) && unheld(&record_id);
         let full = batch.len() >= max_docs || batch_bytes + item.bytes() > max_bytes.max(1);
         if !free || (matches!(item, SinkItem::Index { .. }) && full && !batch.is_empty()) {
             if !free {
@@ -1018,6 +1018,7 @@ fn take_ready(
             versions.claim_writer(&id, version);
         }
         taken.insert(id.clone(), ack.clone());
+        taken.insert(record_id, ack.clone());
         match item {
             SinkItem::Index {
                 ack,
@@ -1096,6 +1097,7 @@ impl Flushes {
 /// Deletes every document of a record (a tombstone), as the sink does that. Each attempt runs
 /// under a write guard; a revoked record is left alone.
 async fn delete<S: Sink>(sink: &S, shared: &Shared, ack: Arc<RecordAck>, parent_id: String) {
+    let by_source_key = shared.spec.id_source() == IdSource::Pointer;
     let deleted = until_done("deleting a record's documents", RetryPolicy::WRITES, || {
         let (ack, parent_id) = (&ack, &parent_id);
         async move {
@@ -1103,7 +1105,7 @@ async fn delete<S: Sink>(sink: &S, shared: &Shared, ack: Arc<RecordAck>, parent_
             if allowed != [true] {
                 return Ok::<_, SinkError>(None);
             }
-            let deleted = sink.delete_record(parent_id).await?;
+            let deleted = sink.delete_record(parent_id, by_source_key).await?;
             drop(guard);
             Ok(Some(deleted))
         }
@@ -1163,7 +1165,14 @@ async fn remove_stale_chunks<S: Sink>(
 /// Every attempt runs under a write guard: documents whose partition was revoked are dropped
 /// unwritten (the next owner reads them again).
 async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
-    let ids: HashSet<String> = batch.iter().map(|(_, r)| r.parent_id.clone()).collect();
+    // The ids `take_ready` held: record ids and version ids.
+    let ids: HashSet<String> = batch
+        .iter()
+        .flat_map(|(ack, r)| {
+            let version = ack.version().map(|(id, _)| id.to_owned());
+            std::iter::once(r.parent_id.clone()).chain(version)
+        })
+        .collect();
     let mut batch = batch;
     if !batch.is_empty() && shared.stable_ids {
         remove_stale_chunks(sink, shared, &batch).await;

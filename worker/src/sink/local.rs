@@ -80,7 +80,8 @@ impl Sink for LocalStore {
         Ok(results)
     }
 
-    async fn delete_record(&self, parent_id: &str) -> Result<u64, SinkError> {
+    /// Lines of a file have no keys: only the record id counts.
+    async fn delete_record(&self, parent_id: &str, _: bool) -> Result<u64, SinkError> {
         let deleted = self.lock().retain_chunks(parent_id, &[]).map_err(failed)?;
         Ok(deleted as u64)
     }

@@ -15,6 +15,9 @@ pub const CHUNK_FIELD: &str = "chunk";
 pub const CHUNKS_FIELD: &str = "chunks";
 /// The field holding the record's creation time.
 pub const TIMESTAMP_FIELD: &str = "@timestamp";
+/// The field holding the record's Kafka key, when ids come from `idPointer` and the key is not
+/// the id (its tombstone finds the document by it).
+pub const SOURCE_KEY_FIELD: &str = "sourceKey";
 
 /// The document ids of a record with `chunks` chunks: the record id itself when it has one,
 /// else `<id>#0` … `<id>#<chunks - 1>`.
@@ -76,9 +79,14 @@ pub trait Sink: Send + Sync + 'static {
         requests: &[&IndexRequest],
     ) -> impl Future<Output = Result<Vec<ItemResult>, SinkError>> + Send;
 
-    /// Deletes every document of the record `parent_id` (a tombstone). Returns how many existed.
-    fn delete_record(&self, parent_id: &str)
-    -> impl Future<Output = Result<u64, SinkError>> + Send;
+    /// Deletes every document of the record `parent_id` (a tombstone of that key); with
+    /// `by_source_key`, also those whose record had this Kafka key (ids from `idPointer`).
+    /// Returns how many existed.
+    fn delete_record(
+        &self,
+        parent_id: &str,
+        by_source_key: bool,
+    ) -> impl Future<Output = Result<u64, SinkError>> + Send;
 
     /// Deletes the documents that these records (parent id, new chunk count) had before and no
     /// longer have. Returns how many it deleted.

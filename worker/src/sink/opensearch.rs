@@ -4,15 +4,17 @@
 use std::time::{Duration, Instant};
 
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
-use opensearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts};
+use opensearch::indices::{
+    IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesRefreshParts,
+};
 use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch};
 use serde_json::{Map, Value, json};
 use vectorpipe_crds::index::{check_mapping, space_type_name};
 use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SigV4Service};
 
 use super::{
-    CHUNK_FIELD, CHUNKS_FIELD, IndexRequest, ItemResult, PARENT_ID_FIELD, Sink, SinkError,
-    TIMESTAMP_FIELD, record_ids,
+    CHUNK_FIELD, CHUNKS_FIELD, IndexRequest, ItemResult, PARENT_ID_FIELD, SOURCE_KEY_FIELD, Sink,
+    SinkError, TIMESTAMP_FIELD, record_ids,
 };
 use crate::transform::Document;
 
@@ -53,6 +55,7 @@ pub fn index_body(spec: &OpenSearchSink, dimensions: i32) -> Value {
     properties.insert(CHUNK_FIELD.into(), json!({"type": "integer"}));
     properties.insert(CHUNKS_FIELD.into(), json!({"type": "integer"}));
     properties.insert(TIMESTAMP_FIELD.into(), json!({"type": "date"}));
+    properties.insert(SOURCE_KEY_FIELD.into(), json!({"type": "keyword"}));
     json!({
         "settings": {"index": {
             "knn": true,
@@ -77,6 +80,9 @@ pub fn document_source(spec: &OpenSearchSink, doc: &Document, vector: &[f32]) ->
     fields.insert(CHUNKS_FIELD.into(), json!(doc.chunks));
     if let Some(ts) = &doc.timestamp {
         fields.insert(TIMESTAMP_FIELD.into(), ts.clone());
+    }
+    if let Some(key) = &doc.source_key {
+        fields.insert(SOURCE_KEY_FIELD.into(), json!(key));
     }
     // A map of JSON values, strings and floats always serialise (NaN becomes null).
     let mut out = serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec());
@@ -399,6 +405,33 @@ impl OpenSearchIndex {
     }
 
     /// Deletes every document whose parent id is one of `parent_ids` (searchable ones only).
+    /// Deletes the documents whose source key is `key`. The index is refreshed first: the
+    /// records of the key read before its tombstone are acknowledged by now, but may not be
+    /// searchable yet. (An index that mapped the field dynamically has it as text with a
+    /// `keyword` sub-field; both are asked.)
+    async fn delete_by_source_key(&self, key: &str) -> Result<u64, SinkError> {
+        let refreshed = self
+            .client
+            .indices()
+            .refresh(IndicesRefreshParts::Index(&[&self.spec.index]))
+            .send()
+            .await;
+        answer("refreshing the index", refreshed).await?;
+        let keyword = format!("{SOURCE_KEY_FIELD}.keyword");
+        let sent = self
+            .client
+            .delete_by_query(DeleteByQueryParts::Index(&[&self.spec.index]))
+            .body(json!({"query": {"bool": {"should": [
+                {"term": {SOURCE_KEY_FIELD: key}},
+                {"term": {keyword: key}}
+            ]}}}))
+            .conflicts(opensearch::params::Conflicts::Proceed)
+            .send()
+            .await;
+        let value = answer("_delete_by_query", sent).await?;
+        Ok(value["deleted"].as_u64().unwrap_or(0))
+    }
+
     async fn delete_by_parent(&self, parent_ids: &[&str]) -> Result<u64, SinkError> {
         let sent = self
             .client
@@ -427,12 +460,19 @@ impl Sink for OpenSearchIndex {
     }
 
     /// By id from the first document's chunk count (exact, and in real time), then by query on
-    /// the parent id (also finds strays, once they are searchable).
-    async fn delete_record(&self, parent_id: &str) -> Result<u64, SinkError> {
+    /// the parent id (also finds strays, once they are searchable); with `by_source_key`, after a
+    /// refresh (so that documents written a moment ago are searchable), also the documents that
+    /// keep this key as their source key.
+    async fn delete_record(&self, parent_id: &str, by_source_key: bool) -> Result<u64, SinkError> {
         let ids = self.stored_ids(&[parent_id]).await?;
         let by_id = self.delete_ids(&ids).await?;
         let by_query = self.delete_by_parent(&[parent_id]).await?;
-        Ok(by_id + by_query)
+        let by_key = if by_source_key {
+            self.delete_by_source_key(parent_id).await?
+        } else {
+            0
+        };
+        Ok(by_id + by_query + by_key)
     }
 
     async fn remove_stale_chunks(&self, records: &[(&str, usize)]) -> Result<u64, SinkError> {
@@ -489,6 +529,7 @@ mod tests {
             text: "hello".into(),
             timestamp: Some(json!("2026-01-01T00:00:00Z")),
             metadata: Map::from_iter([("likes".to_owned(), json!(3))]),
+            source_key: None,
         };
         let vector = [0.1f32, -2.5, 1e-8];
         let source: Value = serde_json::from_slice(&document_source(&spec, &doc, &vector)).unwrap();
@@ -502,6 +543,7 @@ mod tests {
         assert_eq!(read, vector);
         let empty = Document {
             metadata: Map::new(),
+            source_key: None,
             ..doc
         };
         let text = String::from_utf8(document_source(&spec, &empty, &[1.0])).unwrap();
