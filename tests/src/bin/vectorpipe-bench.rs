@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -112,6 +113,9 @@ struct ScaleInArgs {
     /// Rounds of each scenario.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Runs only the mid-rebalance scenario (next to the idle baseline), for more rounds of it.
+    #[arg(long)]
+    mid_rebalance_only: bool,
     /// The worker binary (default: the release build, else the debug build, next to this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -121,7 +125,7 @@ struct ScaleInArgs {
 struct Removal {
     /// SIGTERM to exit.
     exit_seconds: f64,
-    /// SIGTERM to the group being stable with the other two members.
+    /// SIGTERM to the group being stable with the members that stay, after the exit.
     stable_seconds: f64,
     /// The exit code.
     code: Option<i32>,
@@ -149,6 +153,7 @@ async fn remove_one_of_three(
     latency: Duration,
     backlog: usize,
     idle: bool,
+    joining: Option<Duration>,
 ) -> Result<Removal> {
     let topic = unique_name("bench-scale-in");
     let group = format!("{topic}-group");
@@ -236,17 +241,37 @@ async fn remove_one_of_three(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Mid-rebalance: a fourth worker joins and the first is stopped while the group works the
+    // join out (the cooperative protocol's two rounds), the timing of a rolling update.
+    let remaining = if let Some(after) = joining {
+        workers.push(Worker::start_binary(
+            worker_binary,
+            &pipeline,
+            &dir.join("w3.log"),
+        )?);
+        tokio::time::sleep(after).await;
+        3
+    } else {
+        2
+    };
     let leaving = workers.remove(0);
     let signalled = Instant::now();
+    // The group counts as settled only after the stopped worker exited (before that, a stable
+    // group of the right size may still be the old one).
+    let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gone = exited.clone();
     let (exit, stable) = tokio::join!(
         tokio::task::spawn_blocking(move || {
             let status = leaving.stop();
+            gone.store(true, std::sync::atomic::Ordering::SeqCst);
             (signalled.elapsed().as_secs_f64(), status)
         }),
         async {
             loop {
-                if let Ok((state, 2)) = group_state(&group)
+                if exited.load(std::sync::atomic::Ordering::SeqCst)
+                    && let Ok((state, members)) = group_state(&group)
                     && state == "Stable"
+                    && members == remaining
                 {
                     return signalled.elapsed().as_secs_f64();
                 }
@@ -279,13 +304,19 @@ async fn scale_in_bench(args: ScaleInArgs) -> Result<()> {
     println!("worker binary: {}", worker.display());
     let latency = Duration::from_millis(args.latency_ms);
     let mut rows: Vec<(&str, Vec<Removal>)> = Vec::new();
-    for (name, latency, backlog, idle) in [
-        ("idle (baseline)", Duration::ZERO, 300, true),
-        ("backlog at latency", latency, args.records, false),
+    for (name, latency, backlog, idle, joining) in [
+        ("idle (baseline)", Duration::ZERO, 300, true, false),
+        ("backlog at latency", latency, args.records, false, false),
+        ("backlog, mid-rebalance", latency, args.records, false, true),
     ] {
+        if args.mid_rebalance_only && !idle && !joining {
+            continue;
+        }
         let mut runs = Vec::new();
-        for _ in 0..args.rounds {
-            runs.push(remove_one_of_three(&args, &worker, latency, backlog, idle).await?);
+        for round in 0..args.rounds {
+            // Mid-rebalance: the stop lands at a different point of the join in each round.
+            let after = joining.then(|| Duration::from_millis(200 + 500 * round as u64));
+            runs.push(remove_one_of_three(&args, &worker, latency, backlog, idle, after).await?);
         }
         rows.push((name, runs));
     }
@@ -299,18 +330,19 @@ async fn scale_in_bench(args: ScaleInArgs) -> Result<()> {
         args.rounds, args.latency_ms, args.max_in_flight, args.records, args.partitions
     );
     println!(
-        "{:<22} {:>14} {:>16} {:>12} {:>12}",
-        "scenario", "exit s (med)", "stable on 2 s", "exit codes", "vs baseline"
+        "{:<24} {:>14} {:>16} {:>12} {:>12} {:>14}",
+        "scenario", "exit s (med)", "stable s (med)", "exit codes", "vs baseline", "stable s (max)"
     );
     for (name, runs) in &rows {
         let exit = median(runs.iter().map(|r| r.exit_seconds).collect());
         let stable = median(runs.iter().map(|r| r.stable_seconds).collect());
+        let worst = runs.iter().map(|r| r.stable_seconds).fold(0.0, f64::max);
         let codes: Vec<String> = runs
             .iter()
             .map(|r| r.code.map_or("signal".into(), |c| c.to_string()))
             .collect();
         println!(
-            "{name:<22} {exit:>14.2} {stable:>16.2} {:>12} {:>11.2}x",
+            "{name:<24} {exit:>14.2} {stable:>16.2} {:>12} {:>11.2}x {worst:>14.2}",
             codes.join(","),
             exit / baseline
         );
