@@ -871,6 +871,11 @@ pub mod operator {
             std::fs::read_to_string(&self.log).unwrap_or_default()
         }
 
+        /// True once the process has exited.
+        pub fn exited(&mut self) -> Result<bool> {
+            Ok(self.child.try_wait()?.is_some())
+        }
+
         /// The text of its `/metrics`.
         pub async fn metrics_text(&self) -> Result<String> {
             let url = format!("http://{}/metrics", self.metrics);
