@@ -985,9 +985,13 @@ async fn worker_bench(args: Args) -> Result<()> {
         "p99 ms"
     );
     let rate_of = |r: &Figures| r.records as f64 / r.seconds;
+    // From process start as well: the clock of the table starts at the first searchable
+    // document, by which time the update-heavy scenario has read most of its records.
+    let total_rate_of = |r: &Figures| r.total as f64 / (r.startup + r.seconds);
     println!(
-        "update-heavy throughput / unique-id throughput at the same latency: {:.0}%",
-        100.0 * rate_of(&rows[2]) / rate_of(&rows[1])
+        "update-heavy throughput / unique-id throughput at the same latency: {:.0}% ({:.0}% from process start)",
+        100.0 * rate_of(&rows[2]) / rate_of(&rows[1]),
+        100.0 * total_rate_of(&rows[2]) / total_rate_of(&rows[1])
     );
     for r in &rows {
         let rate = rate_of(r);
