@@ -29,22 +29,19 @@ pub fn split(text: &str, chunking: &Chunking, model_max_chars: Option<usize>) ->
 /// gives the pieces, `None` when a text fits), renumbering the record's chunks so that ids stay
 /// `<id>#<n>` over all of them. Records that fit are returned as they are.
 pub fn fit(docs: Vec<Document>, split: impl Fn(&str) -> Option<Vec<String>>) -> Vec<Document> {
-    let pieces: Vec<(Document, Option<Vec<String>>)> = docs
-        .into_iter()
-        .map(|doc| {
-            let parts = split(&doc.text).filter(|parts| parts.len() > 1);
-            (doc, parts)
-        })
-        .collect();
-    if pieces.iter().all(|(_, parts)| parts.is_none()) {
-        return pieces.into_iter().map(|(doc, _)| doc).collect();
-    }
-    let total: usize = pieces
+    let splits: Vec<Option<Vec<String>>> = docs
         .iter()
-        .map(|(_, parts)| parts.as_ref().map_or(1, Vec::len))
+        .map(|doc| split(&doc.text).filter(|parts| parts.len() > 1))
+        .collect();
+    if splits.iter().all(Option::is_none) {
+        return docs;
+    }
+    let total: usize = splits
+        .iter()
+        .map(|parts| parts.as_ref().map_or(1, Vec::len))
         .sum();
     let mut out = Vec::with_capacity(total);
-    for (doc, parts) in pieces {
+    for (doc, parts) in docs.into_iter().zip(splits) {
         let texts = parts.unwrap_or_else(|| vec![doc.text.clone()]);
         for text in texts {
             let n = out.len();

@@ -117,64 +117,57 @@ pub async fn ingest(
         stop_on_misconfigured: true,
     };
     let read = Cell::new(0u64);
-    let input_error = |source| LocalError::Input {
-        input: source_name.to_owned(),
-        source,
-    };
-    let records = input
-        .split(b'\n')
-        .enumerate()
-        .filter_map(|(n, line)| match line {
-            Err(e) => Some(Err(e)),
-            Ok(line) => {
-                let line = line.strip_suffix(b"\r").map(<[u8]>::to_vec).unwrap_or(line);
-                (!line.iter().all(u8::is_ascii_whitespace)).then_some(Ok((n as i64 + 1, line)))
+    // Blank lines are not records; a read error ends the run with what could not be read.
+    let records = input.split(b'\n').enumerate().filter_map(|(n, line)| {
+        let mut line = match line {
+            Ok(line) => line,
+            Err(source) => {
+                return Some(Err(anyhow::Error::new(LocalError::Input {
+                    input: source_name.to_owned(),
+                    source,
+                })));
             }
-        })
-        .map(|line| {
-            let (number, line) = line?;
-            read.set(read.get() + 1);
-            Ok(OwnedMessage::new(
-                Some(line),
-                None,
-                source_name.to_owned(),
-                Timestamp::NotAvailable,
-                0,
-                number,
-                None,
-            ))
-        });
-    let mut read_failure = None;
-    let records = records.map_while(|r: Result<OwnedMessage, std::io::Error>| match r {
-        Ok(m) => Some(Ok(m)),
-        Err(e) => {
-            read_failure = Some(e);
-            None
+        };
+        if line.ends_with(b"\r") {
+            line.pop();
         }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        read.set(read.get() + 1);
+        Some(Ok(OwnedMessage::new(
+            Some(line),
+            None,
+            source_name.to_owned(),
+            Timestamp::NotAvailable,
+            0,
+            n as i64 + 1,
+            None,
+        )))
     });
-    let result = pipeline::run_records(parts, partition, records).await;
-    if let Some(e) = read_failure {
-        return Err(input_error(e));
-    }
-    result.map_err(LocalError::Pipeline)?;
+    pipeline::run_records(parts, partition, records)
+        .await
+        .map_err(LocalError::Pipeline)?;
     let mut store = Arc::try_unwrap(sink)
         .map_err(|_| LocalError::Pipeline(anyhow::anyhow!("the store is still in use")))?
         .into_inner();
     store.save()?;
-    let sum = |labels: &mut dyn Iterator<Item = String>| -> u64 {
-        labels.map(|label| metrics.records_with(&label)).sum()
+    let sum = |prefix: &str, labels: &[&str]| -> u64 {
+        labels
+            .iter()
+            .map(|label| metrics.records_with(&format!("{prefix}{label}")))
+            .sum()
     };
     let summary = Summary {
         records: read.get(),
         indexed: metrics.documents_indexed.get(),
         unchanged: metrics.records_with("skipped-duplicate"),
         deleted: metrics.documents_deleted.get(),
-        skipped: sum(&mut SkipReason::ALL
-            .iter()
-            .map(|r| format!("skipped-{}", r.as_str()))),
-        dead_lettered: sum(&mut RejectionKind::ALL
-            .iter()
-            .map(|k| format!("dead-lettered-{}", k.as_str()))),
+        skipped: sum("skipped-", &SkipReason::ALL.map(SkipReason::as_str)),
+        dead_lettered: sum(
+            "dead-lettered-",
+            &RejectionKind::ALL.map(RejectionKind::as_str),
+        ),
         tokens: metrics.tokens.get(),
         stored: store.len() as u64,
     };
