@@ -51,6 +51,8 @@ pub enum Fault {
     ValidationException,
     /// 500: an internal error.
     InternalServerException,
+    /// 424: the model failed on the input.
+    ModelErrorException,
 }
 
 impl Fault {
@@ -63,6 +65,7 @@ impl Fault {
             Self::ModelTimeoutException => StatusCode::REQUEST_TIMEOUT,
             Self::ValidationException => StatusCode::BAD_REQUEST,
             Self::InternalServerException => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ModelErrorException => StatusCode::FAILED_DEPENDENCY,
         }
     }
 
@@ -74,6 +77,7 @@ impl Fault {
             Self::ModelTimeoutException => "ModelTimeoutException",
             Self::ValidationException => "ValidationException",
             Self::InternalServerException => "InternalServerException",
+            Self::ModelErrorException => "ModelErrorException",
         }
     }
 
@@ -85,6 +89,7 @@ impl Fault {
             Self::ModelTimeoutException => "Model has timed out in processing the request.",
             Self::ValidationException => "Malformed input request.",
             Self::InternalServerException => "An internal server error occurred.",
+            Self::ModelErrorException => "The model encountered an error processing the request.",
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct Stats {
 #[derive(Default)]
 struct Inner {
     faults: VecDeque<Fault>,
+    /// Calls whose body holds one of these texts fail with its fault, every time.
+    poison: Vec<(String, Fault)>,
     latency: Duration,
     quota: Option<Quota>,
     stats: Stats,
@@ -162,6 +169,17 @@ impl FakeBedrock {
     pub fn inject(&self, fault: Fault, count: usize) {
         let mut inner = self.lock();
         inner.faults.extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Drops the queued faults.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Fails every call whose input holds `marker` with `fault`, for good (a text the model
+    /// cannot take).
+    pub fn poison(&self, marker: &str, fault: Fault) {
+        self.lock().poison.push((marker.to_owned(), fault));
     }
 
     /// Delays every model call.
@@ -251,6 +269,18 @@ impl FakeBedrock {
                 "InvalidSignatureException",
                 &reason,
             ));
+        }
+        let poisoned = self
+            .lock()
+            .poison
+            .iter()
+            .find(|(marker, _)| body.windows(marker.len()).any(|w| w == marker.as_bytes()))
+            .map(|(_, fault)| *fault);
+        if let Some(fault) = poisoned {
+            let mut inner = self.lock();
+            inner.stats.calls += 1;
+            record_failure(&mut inner.stats, model_id, fault.name());
+            return Err(fault_response(fault));
         }
         let latency = self.admit(model_id).map_err(fault_response)?;
         if !latency.is_zero() {
@@ -468,14 +498,16 @@ fn family(model_id: &str) -> Option<Family> {
         .iter()
         .find_map(|p| base.strip_prefix(p))
         .unwrap_or(base);
-    if base.starts_with("amazon.titan-embed-text-v2") {
-        Some(Family::TitanV2)
-    } else if base.starts_with("amazon.titan-embed-text-v1") {
-        Some(Family::TitanV1)
-    } else if base.starts_with("cohere.embed-") {
-        Some(Family::Cohere)
-    } else {
-        None
+    // Bedrock knows exact ids (with their version suffix), not prefixes: an id without its
+    // `:0` is "The provided model identifier is invalid."
+    match base {
+        "amazon.titan-embed-text-v2:0" => Some(Family::TitanV2),
+        "amazon.titan-embed-text-v1" | "amazon.titan-embed-text-v1:2:8k" => Some(Family::TitanV1),
+        "cohere.embed-english-v3"
+        | "cohere.embed-multilingual-v3"
+        | "cohere.embed-english-v3:0:512"
+        | "cohere.embed-multilingual-v3:0:512" => Some(Family::Cohere),
+        _ => None,
     }
 }
 

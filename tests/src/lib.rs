@@ -251,10 +251,23 @@ pub mod kafka {
 
     /// Creates a topic with `partitions` partitions and waits for the broker to confirm it.
     pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
+        create_topic_with(name, partitions, &[]).await
+    }
+
+    /// Creates a topic with topic configs (e.g. `max.message.bytes`).
+    pub async fn create_topic_with(
+        name: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = config()?.create()?;
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (key, value) in configs {
+            topic = topic.set(key, value);
+        }
         let results = admin
             .create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &[topic],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await?;
@@ -455,6 +468,99 @@ pub mod opensearch {
         Ok((serve_proxy(handler).await?, counts))
     }
 
+    /// What a [`serverless_proxy`] refused.
+    #[derive(Default)]
+    pub struct ServerlessRefusals {
+        /// Index or create actions that named an `_id`.
+        pub custom_ids: std::sync::atomic::AtomicU64,
+        /// Requests for an API a vector collection does not have (`_refresh`), or index
+        /// settings it manages itself.
+        pub unsupported: std::sync::atomic::AtomicU64,
+        /// Requests signed right for `aoss`.
+        pub verified: std::sync::atomic::AtomicU64,
+    }
+
+    /// A reverse proxy in front of the node that behaves like an OpenSearch Serverless vector
+    /// collection where the worker can tell: requests must be signed with SigV4 for `aoss`; an
+    /// index or create action (in `_bulk` or on `_doc/<id>`) that names an `_id` is refused
+    /// with 400; `_refresh` does not exist; an index created with shard, replica or refresh
+    /// settings is refused.
+    pub async fn serverless_proxy() -> Result<(String, std::sync::Arc<ServerlessRefusals>)> {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use serde_json::Value;
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
+        let upstream = url()?;
+        let counts = Arc::new(ServerlessRefusals::default());
+        let http = reqwest::Client::new();
+        let state = counts.clone();
+        let refuse = |reason: &str| {
+            (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": {"type": "illegal_argument_exception", "reason": reason}, "status": 400})
+                    .to_string(),
+            )
+        };
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (http, upstream, counts) = (http.clone(), upstream.clone(), state.clone());
+            async move {
+                if let Err(e) = crate::bedrock::verify_sigv4(&method, &uri, &headers, &body, "aoss")
+                {
+                    return (
+                        StatusCode::FORBIDDEN,
+                        serde_json::json!({"message": e}).to_string(),
+                    );
+                }
+                counts.verified.fetch_add(1, Ordering::SeqCst);
+                let path = uri.path();
+                if path.contains("/_refresh") {
+                    counts.unsupported.fetch_add(1, Ordering::SeqCst);
+                    return (
+                        StatusCode::NOT_FOUND,
+                        r#"{"error":"Unsupported API for OpenSearch Serverless"}"#.to_owned(),
+                    );
+                }
+                if path.contains("/_doc/") && (method == Method::PUT || method == Method::POST) {
+                    counts.custom_ids.fetch_add(1, Ordering::SeqCst);
+                    return refuse(
+                        "Document ID is not supported in create/index operation request",
+                    );
+                }
+                if method == Method::PUT && !path[1..].contains('/') {
+                    let text = String::from_utf8_lossy(&body);
+                    if ["number_of_shards", "number_of_replicas", "refresh_interval"]
+                        .iter()
+                        .any(|s| text.contains(s))
+                    {
+                        counts.unsupported.fetch_add(1, Ordering::SeqCst);
+                        return refuse(
+                            "index settings [number_of_shards, number_of_replicas, refresh_interval] are managed by OpenSearch Serverless",
+                        );
+                    }
+                }
+                if method == Method::POST && path.ends_with("/_bulk") {
+                    let named = body
+                        .split(|b| *b == b'\n')
+                        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+                        .any(|action| {
+                            ["index", "create"]
+                                .iter()
+                                .any(|op| action.get(op).and_then(|a| a.get("_id")).is_some())
+                        });
+                    if named {
+                        counts.custom_ids.fetch_add(1, Ordering::SeqCst);
+                        return refuse(
+                            "Document ID is not supported in create/index operation request",
+                        );
+                    }
+                }
+                forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await
+            }
+        };
+        Ok((serve_proxy(handler).await?, counts))
+    }
+
     /// A reverse proxy in front of the node that holds every `_bulk` request carrying index
     /// actions for `hold` before passing it on (a slow or stalled write of one worker); the
     /// counter says how many it held. Deletes and every other request pass at once.
@@ -483,6 +589,43 @@ pub mod opensearch {
             }
         };
         Ok((serve_proxy(handler).await?, held))
+    }
+
+    /// A reverse proxy in front of the node that answers 413 (as Amazon OpenSearch Service
+    /// does above its HTTP size limit) to every `_bulk` request whose body holds `marker`; the
+    /// counter says how many it refused. Everything else passes.
+    pub async fn too_large_proxy(
+        marker: &str,
+    ) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let upstream = url()?;
+        let refused = Arc::new(AtomicU64::new(0));
+        let http = reqwest::Client::new();
+        let state = refused.clone();
+        let marker = marker.as_bytes().to_vec();
+        let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (http, upstream, refused, marker) = (
+                http.clone(),
+                upstream.clone(),
+                state.clone(),
+                marker.clone(),
+            );
+            async move {
+                let bulk = method == Method::POST && uri.path().ends_with("/_bulk");
+                if bulk && body.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    return (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        r#"{"Message":"Request size exceeded 10485760 bytes"}"#.to_owned(),
+                    );
+                }
+                forward(&http, &upstream, &method, &uri, &headers, body.to_vec()).await
+            }
+        };
+        Ok((serve_proxy(handler).await?, refused))
     }
 
     /// What a [`rejecting_proxy`] refused.
@@ -650,6 +793,16 @@ pub mod worker {
             Self::spawn(&binary("vectorpipe-worker")?, pipeline, log, env)
         }
 
+        /// Like [`Worker::start_with_env`], with a given worker binary.
+        pub fn start_with_env_binary(
+            worker: &Path,
+            pipeline: &Path,
+            log: &Path,
+            env: &[(&str, &str)],
+        ) -> Result<Self> {
+            Self::spawn(worker, pipeline, log, env)
+        }
+
         /// Like [`Worker::start`], with a given worker binary (e.g. a release build).
         pub fn start_binary(worker: &Path, pipeline: &Path, log: &Path) -> Result<Self> {
             Self::spawn(worker, pipeline, log, &[])
@@ -707,6 +860,11 @@ pub mod worker {
                 );
             }
             Ok(())
+        }
+
+        /// The exit status once the worker exited, `None` while it runs.
+        pub fn try_exit(&mut self) -> Result<Option<std::process::ExitStatus>> {
+            Ok(self.child.try_wait()?)
         }
 
         /// The text of `/metrics`.

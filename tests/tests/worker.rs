@@ -287,9 +287,10 @@ async fn every_record_becomes_exactly_one_document_and_offsets_reach_the_end() -
         status.success(),
         "the worker exits 0 after SIGTERM, got {status}"
     );
+    // One call per record, and the start-up check.
     assert_eq!(
         setup.fake.stats().models["amazon.titan-embed-text-v2:0"].succeeded,
-        n as u64
+        n as u64 + 1
     );
     Ok(())
 }
@@ -869,7 +870,8 @@ async fn cohere_batches_are_indexed_and_their_tokens_counted_from_the_header() -
         .await?;
     let stats = setup.fake.stats();
     let answered = stats.models.get(model).context("no Cohere calls")?;
-    assert_eq!(answered.texts, n as u64);
+    // Every record's text, and the start-up check's.
+    assert_eq!(answered.texts, n as u64 + 1);
     assert!(
         answered.succeeded < n as u64,
         "texts were sent in batches: {} calls for {n} records",
@@ -1221,5 +1223,538 @@ async fn a_write_held_across_a_revoke_never_undoes_the_new_owners_tombstone() ->
     );
     assert!(first.stop()?.success());
     assert!(second.stop()?.success());
+    Ok(())
+}
+
+/// `/readyz`: its status and its text.
+async fn readyz(worker: &Worker) -> Result<(u16, String)> {
+    let response = reqwest::get(format!("http://{}/readyz", worker.metrics)).await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// Waits until `/readyz` answers 503 with a text that holds `needle`.
+async fn wait_not_ready(worker: &Worker, needle: &str, limit: Duration) -> Result<String> {
+    eventually(
+        &format!("/readyz not ready for {needle:?}"),
+        limit,
+        || async {
+            let (status, text) = readyz(worker).await?;
+            Ok((status == 503 && text.contains(needle)).then_some(text))
+        },
+    )
+    .await
+}
+
+fn without_dead_letter_topic(pipeline: &mut Value) {
+    if let Some(spec) = pipeline["spec"].as_object_mut() {
+        spec.remove("deadLetter");
+    }
+}
+
+/// Sets or lifts `index.blocks.write` on the test's index.
+async fn set_write_block(setup: &Setup, blocked: bool) -> Result<()> {
+    let response = reqwest::Client::new()
+        .put(format!("{}/{}/_settings", os::url()?, setup.index))
+        .json(&json!({"index.blocks.write": blocked}))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "{}", response.text().await?);
+    Ok(())
+}
+
+/// A write block (a snapshot, a shrink) is the index's fault, not the documents': the records
+/// are held (not dead-lettered, not skipped, not committed), the worker says so in `/readyz`, and
+/// once the block is lifted every record is indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_write_block_holds_the_records_until_lifted_and_loses_nothing() -> Result<()> {
+    let setup = Setup::new("e2e-block").await?;
+    setup.edit_pipeline(without_dead_letter_topic)?;
+    let worker = setup.start_worker("worker")?;
+    setup.produce(&as_records(&posts(0..50))).await?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 50, Duration::from_secs(90))
+        .await?;
+    set_write_block(&setup, true).await?;
+    setup.produce(&as_records(&posts(50..200))).await?;
+    let why = wait_not_ready(&worker, "opensearch", Duration::from_secs(60)).await?;
+    assert!(
+        why.contains("index.blocks.write"),
+        "says what to fix: {why}"
+    );
+    // Held a while: nothing is committed past the held records meanwhile.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!kafka::commits_at_end(
+        &setup.topic,
+        &setup.group,
+        PARTITIONS
+    )?);
+    set_write_block(&setup, false).await?;
+    setup
+        .assert_exactly_indexed(200, Duration::from_secs(120))
+        .await?;
+    let (status, _) = readyz(&worker).await?;
+    assert_eq!(status, 200, "ready again once the block is lifted");
+    let metrics = worker.metrics_text().await?;
+    assert!(!metrics.contains("skipped-index-rejected"), "{metrics}");
+    assert!(
+        labelled_sum(
+            &metrics,
+            "vectorpipe_worker_holds_total",
+            r#"fault="opensearch""#
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// A `_bulk` request the cluster refuses as too large (413) is split until the document that is
+/// too large is alone: that one is dead-lettered as `too-large`, every other record is indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_refused_as_too_large_is_split_and_only_its_document_dead_lettered() -> Result<()>
+{
+    let setup = Setup::new("e2e-413").await?;
+    let (proxy, refused) = os::too_large_proxy(r#""_id":"poison""#).await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+    })?;
+    let mut records = posts(0..100);
+    records.insert(
+        40,
+        (
+            "poison".to_owned(),
+            json!({"id": "poison", "text": "a post the cluster refuses"})
+                .to_string()
+                .into_bytes(),
+        ),
+    );
+    setup.produce(&as_records(&records)).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .assert_exactly_indexed(100, Duration::from_secs(90))
+        .await?;
+    let dead = setup.dead_letters(1).await?;
+    assert_eq!(dead[0].0, "too-large");
+    assert!(dead[0].2.starts_with(br#"{"id":"poison""#));
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_no_more_dead_letters(&setup, 1).await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// Fails unless the dead-letter topic holds exactly `n` records.
+async fn assert_no_more_dead_letters(setup: &Setup, n: usize) -> Result<()> {
+    let consumer: StreamConsumer = kafka::config()?
+        .set("group.id", unique_name("dlq-count"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&setup.dead_letter])?;
+    let mut seen = 0;
+    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+        message?;
+        seen += 1;
+    }
+    assert_eq!(seen, n, "dead letters");
+    Ok(())
+}
+
+/// A model id Bedrock does not know (here without its `:0`) fails the start with what to fix,
+/// before any record is read: nothing is dead-lettered, skipped or committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_model_id_fails_the_start_with_what_to_fix_and_commits_nothing() -> Result<()> {
+    let setup = Setup::new("e2e-model-id").await?;
+    setup.edit_pipeline(|pipeline| {
+        without_dead_letter_topic(pipeline);
+        pipeline["spec"]["embedding"]["bedrock"]["modelId"] = json!("amazon.titan-embed-text-v2");
+    })?;
+    setup.produce(&as_records(&posts(0..10))).await?;
+    let mut worker = setup.start_worker("worker")?;
+    let status = eventually("the worker exiting", Duration::from_secs(60), || {
+        let exited = worker.try_exit();
+        async move { exited }
+    })
+    .await?;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&worker.log)?;
+    assert!(
+        log.contains("The provided model identifier is invalid"),
+        "{log}"
+    );
+    assert!(log.contains("embedding.bedrock.modelId"), "{log}");
+    assert!(!kafka::commits_at_end(
+        &setup.topic,
+        &setup.group,
+        PARTITIONS
+    )?);
+    assert_eq!(setup.count(json!({"match_all": {}})).await?, 0);
+    Ok(())
+}
+
+/// A model that starts refusing every record with the same error (its settings, not the records)
+/// trips the breaker: a few records are dead-lettered, then the rest are held, the worker is not
+/// ready, and once the model takes texts again every held record is indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_refusing_every_record_holds_them_instead_of_dead_lettering_the_stream()
+-> Result<()> {
+    let setup = Setup::new("e2e-breaker").await?;
+    let worker = setup.start_worker("worker")?;
+    answers_ok(&format!("http://{}/readyz", worker.metrics), 60).await?;
+    setup.fake.inject(Fault::ValidationException, 100_000);
+    setup.produce(&as_records(&posts(0..30))).await?;
+    let why = wait_not_ready(&worker, "embedding", Duration::from_secs(60)).await?;
+    assert!(why.contains("Malformed input request"), "{why}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!kafka::commits_at_end(
+        &setup.topic,
+        &setup.group,
+        PARTITIONS
+    )?);
+    setup.fake.clear_faults();
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    // Counting refreshes the index, so the last writes are searchable.
+    setup.count(json!({"match_all": {}})).await?;
+    let indexed = setup.ids().await?;
+    let metrics = worker.metrics_text().await?;
+    let dead = labelled_sum(
+        &metrics,
+        "vectorpipe_worker_records_total",
+        r#"outcome="dead-lettered-embedding-rejected""#,
+    );
+    assert!(
+        dead < 5.0,
+        "at most the breaker's count before it tripped: {dead}"
+    );
+    assert_eq!(indexed.len() as f64 + dead, 30.0, "{indexed:?}");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// A text the model fails on every time (ModelErrorException) reaches the dead-letter topic after
+/// its attempts, as `embedding-failed`; the records around it are indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_the_model_keeps_failing_on_is_dead_lettered_after_its_attempts() -> Result<()> {
+    let setup = Setup::new("e2e-model-error").await?;
+    setup.fake.poison("cursed", Fault::ModelErrorException);
+    let mut records = posts(0..20);
+    records.push((
+        "cursed".to_owned(),
+        json!({"id": "cursed", "text": "a cursed text"})
+            .to_string()
+            .into_bytes(),
+    ));
+    setup.produce(&as_records(&records)).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .assert_exactly_indexed(20, Duration::from_secs(90))
+        .await?;
+    let dead = setup.dead_letters(1).await?;
+    assert_eq!(dead[0].0, "embedding-failed");
+    assert_no_more_dead_letters(&setup, 1).await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// A record of 2.5 MB with the default chunking is too large to embed and larger than the
+/// dead-letter producer takes: it is dead-lettered with its value cut to fit and a header that
+/// says so, with the source record's headers and timestamp, and the partition goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_larger_than_the_dead_letter_topic_takes_is_dead_lettered_cut_to_fit() -> Result<()>
+{
+    let setup = Setup::new("e2e-huge").await?;
+    let big_topic = format!("{}-big", setup.topic);
+    kafka::create_topic_with(&big_topic, 1, &[("max.message.bytes", "8388608")]).await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["topics"] = json!([big_topic]);
+        pipeline["spec"]["chunking"] = json!({});
+    })?;
+    let huge = json!({"id": "huge", "text": "a ".repeat(1_250_000)}).to_string();
+    let producer: FutureProducer = kafka::config()?
+        .set("message.max.bytes", "8000000")
+        .create()?;
+    let timestamp = 1_700_000_000_000;
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "trace-id",
+        value: Some("abc-123"),
+    });
+    producer
+        .send(
+            FutureRecord::to(&big_topic)
+                .key("huge")
+                .payload(huge.as_bytes())
+                .headers(headers)
+                .timestamp(timestamp),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    for (id, payload) in posts(0..3) {
+        producer
+            .send(
+                FutureRecord::to(&big_topic).key(&id).payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 3, Duration::from_secs(90))
+        .await?;
+    let consumer: StreamConsumer = kafka::config()?
+        .set("group.id", unique_name("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&setup.dead_letter])?;
+    let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .context("no dead letter")??;
+    let header = |name: &str| {
+        message
+            .headers()
+            .and_then(|h| h.iter().find(|x| x.key == name))
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("vectorpipe.reason").as_deref(), Some("too-large"));
+    let truncated = header("vectorpipe.truncated").context("no vectorpipe.truncated header")?;
+    assert!(truncated.contains(&huge.len().to_string()), "{truncated}");
+    assert_eq!(header("trace-id").as_deref(), Some("abc-123"));
+    assert_eq!(message.timestamp().to_millis(), Some(timestamp));
+    let payload = message.payload().unwrap_or_default();
+    assert!(payload.len() < 1_000_000 && huge.as_bytes().starts_with(payload));
+    kafka::wait_for_commits_at_end(&big_topic, &setup.group, 1, Duration::from_secs(60)).await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// A dead-letter topic that does not exist (auto-creation off) takes nothing: the refused
+/// record waits, nothing after it is committed, the worker is not ready and says why; once the
+/// topic exists, the record is dead-lettered and the commits reach the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_dead_letter_topic_holds_the_records_until_it_exists() -> Result<()> {
+    let setup = Setup::new("e2e-no-dlq").await?;
+    let missing = format!("{}-missing", setup.dead_letter);
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["deadLetter"]["topic"] = json!(missing);
+    })?;
+    let good = posts(0..10);
+    let mut records = as_records(&good);
+    for n in 0..200 {
+        records.push((Some("bad"), Some(format!("{{not json {n}").into_bytes())));
+    }
+    setup.produce(&records).await?;
+    let worker = setup.start_worker("worker")?;
+    let why = wait_not_ready(&worker, "dead-letters", Duration::from_secs(120)).await?;
+    assert!(why.contains(&missing), "{why}");
+    assert!(!kafka::commits_at_end(
+        &setup.topic,
+        &setup.group,
+        PARTITIONS
+    )?);
+    kafka::create_topic(&missing, 1).await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(180))
+        .await?;
+    setup.count(json!({"match_all": {}})).await?;
+    assert_eq!(setup.ids().await?, expected_ids(0..10));
+    let (status, _) = readyz(&worker).await?;
+    assert_eq!(status, 200);
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// A record of four chunks whose first chunk the model refuses is dead-lettered once and leaves
+/// nothing of itself in the index; its next version (two chunks) is indexed whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_with_one_refused_chunk_is_dead_lettered_once_and_not_half_indexed() -> Result<()>
+{
+    let setup = Setup::new("e2e-chunk-refused").await?;
+    setup
+        .fake
+        .poison("forbidden-word", Fault::ValidationException);
+    let long = |first: &str, sentences: usize| {
+        let mut text = format!("{first} opens the record. ");
+        for n in 0..sentences {
+            text.push_str(&format!(
+                "Sentence number {n} of a long record about cats. "
+            ));
+        }
+        json!({"id": "long", "text": text}).to_string().into_bytes()
+    };
+    // 200-character chunks: about four for 12 sentences, two for 4.
+    setup
+        .produce(&[(Some("long"), Some(long("forbidden-word", 12)))])
+        .await?;
+    let worker = setup.start_worker("worker")?;
+    let dead = setup.dead_letters(1).await?;
+    assert_eq!(dead[0].0, "embedding-rejected");
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    assert_eq!(setup.count(json!({"term": {"parentId": "long"}})).await?, 0);
+    assert_no_more_dead_letters(&setup, 1).await?;
+    setup
+        .produce(&[(Some("long"), Some(long("Fine", 4)))])
+        .await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    let chunks = setup.count(json!({"term": {"parentId": "long"}})).await?;
+    let first = stored_source(&setup, "long#0").await?;
+    assert!(chunks >= 2, "{chunks}");
+    assert_eq!(Some(chunks), first["chunks"].as_u64(), "{first}");
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// Every endpoint takes a share of the writes, and one that does not answer is left out: the
+/// first endpoint listed here is a closed port.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_spread_over_every_endpoint_and_fail_over_from_one_that_is_down() -> Result<()> {
+    let setup = Setup::new("e2e-endpoints").await?;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (first, first_count) = os::holding_proxy(Duration::ZERO).await?;
+    let (second, second_count) = os::holding_proxy(Duration::ZERO).await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["endpoints"] =
+            json!([format!("http://{closed}"), first, second]);
+        pipeline["spec"]["sink"]["opensearch"]["bulk"]["maxDocs"] = json!(5);
+    })?;
+    setup.produce(&as_records(&posts(0..100))).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .assert_exactly_indexed(100, Duration::from_secs(90))
+        .await?;
+    use std::sync::atomic::Ordering;
+    let (a, b) = (
+        first_count.load(Ordering::SeqCst),
+        second_count.load(Ordering::SeqCst),
+    );
+    assert!(
+        a >= 3 && b >= 3,
+        "both live endpoints took writes: {a} and {b}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// `/healthz` fails when records wait and nothing progressed for the stall timeout (here an
+/// embedding call that hangs), and passes again once work goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_fails_when_records_wait_and_nothing_progresses() -> Result<()> {
+    let setup = Setup::new("e2e-stall").await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["embedding"]["bedrock"]["timeout"] = json!("120s");
+        pipeline["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(1);
+    })?;
+    let worker = Worker::start_with_env(
+        &setup.pipeline,
+        &setup.dir.join("worker.log"),
+        &[("VECTORPIPE_STALL_SECONDS", "3")],
+    )?;
+    answers_ok(&format!("http://{}/readyz", worker.metrics), 60).await?;
+    setup.fake.set_latency(Duration::from_secs(40));
+    setup.produce(&as_records(&posts(0..5))).await?;
+    let url = format!("http://{}/healthz", worker.metrics);
+    let text = eventually("/healthz failing", Duration::from_secs(30), || async {
+        let response = reqwest::get(&url).await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status == 503).then_some(text))
+    })
+    .await?;
+    assert!(text.contains("records wait"), "{text}");
+    setup.fake.set_latency(Duration::ZERO);
+    setup
+        .assert_exactly_indexed(5, Duration::from_secs(90))
+        .await?;
+    answers_ok(&url, 30).await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+async fn parent_count(setup: &Setup, id: &str) -> Result<u64> {
+    setup.count(json!({"term": {"parentId": id}})).await
+}
+
+/// OpenSearch Serverless vector collections refuse a custom `_id`: with `sigv4.service: aoss`
+/// the worker lets OpenSearch pick ids, and a new version of a record replaces the older one
+/// (chunks and all) and a tombstone deletes it, by query.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_serverless_ids_are_picked_by_opensearch_and_versions_replace_by_query() -> Result<()> {
+    let setup = Setup::new("e2e-aoss").await?;
+    let (proxy, counts) = os::serverless_proxy().await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["endpoints"] = json!([proxy]);
+        pipeline["spec"]["sink"]["opensearch"]["auth"] =
+            json!({"sigv4": {"region": "eu-west-1", "service": "aoss"}});
+    })?;
+    setup.produce(&as_records(&posts(0..20))).await?;
+    let long = json!({"id": "long", "text": sentences("v1", 20)}).to_string();
+    setup
+        .produce(&[(Some("long"), Some(long.into_bytes()))])
+        .await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(90))
+        .await?;
+    let first_chunks = parent_count(&setup, "long").await?;
+    assert!(first_chunks >= 3, "{first_chunks}");
+    assert_eq!(
+        setup.count(json!({"match_all": {}})).await?,
+        20 + first_chunks
+    );
+
+    // A new version of post-3, a shorter version of "long", a tombstone of post-4.
+    let updated = json!({"id": "post-3", "text": "post 3 rewritten about dogs", "likes": 99});
+    let short = json!({"id": "long", "text": "v2 is short now"});
+    setup
+        .produce(&[
+            (Some("post-3"), Some(updated.to_string().into_bytes())),
+            (Some("long"), Some(short.to_string().into_bytes())),
+            (Some("post-4"), None),
+        ])
+        .await?;
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(60))
+        .await?;
+    // The deletes reach documents once they are searchable (here at once, the harness index
+    // refreshes each second; the second delete catches later ones).
+    eventually(
+        "the older versions gone",
+        Duration::from_secs(60),
+        || async {
+            let post3 = parent_count(&setup, "post-3").await?;
+            let long = parent_count(&setup, "long").await?;
+            let post4 = parent_count(&setup, "post-4").await?;
+            Ok((post3 == 1 && long == 1 && post4 == 0).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        stored_source(&setup, "post-3").await.ok(),
+        None,
+        "ids are OpenSearch's"
+    );
+    let client = os::client()?;
+    let hit: Value = client
+        .search(SearchParts::Index(&[&setup.index]))
+        .body(json!({"query": {"term": {"docId": "post-3"}}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(hit["hits"]["hits"][0]["_source"]["likes"], 99, "{hit}");
+    use std::sync::atomic::Ordering;
+    assert_eq!(
+        counts.custom_ids.load(Ordering::SeqCst),
+        0,
+        "never a custom _id"
+    );
+    assert_eq!(counts.unsupported.load(Ordering::SeqCst), 0);
+    assert!(counts.verified.load(Ordering::SeqCst) > 2);
+    assert!(worker.stop()?.success());
     Ok(())
 }

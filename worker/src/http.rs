@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -11,10 +10,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
+use crate::health::Health;
+
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -36,11 +37,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn ready(State(state): State<AppState>) -> StatusCode {
-    if state.ready.load(Ordering::SeqCst) {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+/// 200 when ready; 503 with the reasons (one line each, with what to fix) otherwise.
+async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.health.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+/// 200 unless the worker stalled (records wait and nothing progressed for the stall timeout).
+async fn live(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.health.stalled() {
+        None => (StatusCode::OK, "live\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
@@ -48,15 +57,15 @@ async fn ready(State(state): State<AppState>) -> StatusCode {
 pub async fn serve(
     address: SocketAddr,
     registry: Registry,
-    ready_flag: Arc<AtomicBool>,
+    health: Arc<Health>,
 ) -> std::io::Result<SocketAddr> {
     let state = AppState {
         registry: Arc::new(registry),
-        ready: ready_flag,
+        health,
     };
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(address).await?;

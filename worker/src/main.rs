@@ -9,6 +9,7 @@ mod config;
 mod dead_letter;
 mod dedup;
 mod embed;
+mod health;
 mod http;
 mod local;
 mod metrics;
@@ -22,7 +23,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +61,19 @@ enum Command {
         /// Seconds allowed to finish in-flight work after SIGTERM.
         #[arg(long, env = "VECTORPIPE_DRAIN_SECONDS", default_value_t = 25)]
         drain_seconds: u64,
+        /// Seconds without progress (nothing written, dead-lettered or committed) while records
+        /// wait, and no known fault holds them, after which /healthz fails (the kubelet restarts
+        /// a hung worker).
+        #[arg(long, env = "VECTORPIPE_STALL_SECONDS", default_value_t = 300)]
+        stall_seconds: u64,
+        /// The most bytes the records in flight may hold (messages, texts, vectors, encoded
+        /// documents; estimated as they are read): when it is reached, reading waits.
+        /// Default: a quarter of --memory-request-bytes, else 256 MiB.
+        #[arg(long, env = "VECTORPIPE_MAX_IN_FLIGHT_BYTES")]
+        max_in_flight_bytes: Option<usize>,
+        /// The container's memory request (the operator fills it from the pod spec).
+        #[arg(long, env = "VECTORPIPE_MEMORY_REQUEST_BYTES")]
+        memory_request_bytes: Option<u64>,
         /// Log as JSON lines (the default in containers) or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
@@ -134,6 +147,8 @@ async fn local_ingest(
             std::path::Path::new("examples/laptop/pipeline.yaml"),
         )?,
     };
+    // One writer at a time; held until this run ends.
+    let _writer = local::store::lock_for_writing(&laptop.store)?;
     let (model, store) = laptop.open()?;
     let model_name = model.name().to_owned();
     let started = std::time::Instant::now();
@@ -276,6 +291,8 @@ async fn run(
     namespace: Option<String>,
     metrics_address: Option<SocketAddr>,
     drain_seconds: u64,
+    stall_seconds: u64,
+    (max_in_flight_bytes, memory_request_bytes): (Option<usize>, Option<u64>),
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
     let spec = config::load(&pipeline)?;
@@ -295,14 +312,17 @@ async fn run(
 
     let (metrics, registry) = metrics::Metrics::new(&name);
     let metrics = Arc::new(metrics);
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(health::Health::new(
+        metrics.clone(),
+        Duration::from_secs(stall_seconds),
+    ));
     let address = metrics_address.unwrap_or_else(|| {
         SocketAddr::from((
             [0, 0, 0, 0],
             spec.workers.metrics_port.clamp(1, 65535) as u16,
         ))
     });
-    let bound = http::serve(address, registry, ready.clone()).await?;
+    let bound = http::serve(address, registry, health.clone()).await?;
     tracing::info!(pipeline = %name, %namespace, group_id, metrics = %bound, "starting");
 
     let sink = sink::opensearch::OpenSearchIndex::new(
@@ -327,11 +347,13 @@ async fn run(
     }
     let embedder =
         embed::bedrock::BedrockEmbedder::new(spec.embedding.bedrock.clone(), metrics.clone()).await;
+    check_embedder(&embedder, dimensions as usize, &health, &metrics).await?;
     let options = pipeline::Options {
         group_id,
         drain_timeout: Duration::from_secs(drain_seconds),
         commit_interval: Duration::from_secs(1),
         max_commit_interval: Duration::from_secs(5),
+        max_in_flight_bytes: in_flight_budget(max_in_flight_bytes, memory_request_bytes),
     };
     pipeline::run(
         spec,
@@ -339,12 +361,72 @@ async fn run(
         Arc::new(embedder),
         Arc::new(sink),
         metrics,
-        ready,
+        health,
         shutdown_signal(),
     )
     .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The in-flight byte budget: as set, else a quarter of the memory request, else 256 MiB; never
+/// below 16 MiB (a record larger than the budget still goes, alone).
+fn in_flight_budget(set: Option<usize>, memory_request: Option<u64>) -> usize {
+    let budget = set.unwrap_or_else(|| match memory_request {
+        Some(bytes) if bytes > 0 => usize::try_from(bytes / 4).unwrap_or(usize::MAX),
+        _ => 256 << 20,
+    });
+    budget.max(16 << 20)
+}
+
+/// One embedding call before any record is read: a model id, region, permission or request the
+/// model does not take fails the start with what to fix, instead of refusing (and dead-lettering)
+/// record after record. An outage is waited out (not ready meanwhile).
+async fn check_embedder(
+    embedder: &impl embed::Embedder,
+    dimensions: usize,
+    health: &health::Health,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<()> {
+    let text = "vectorpipe start-up check: can the model embed this text?".to_owned();
+    let mut attempt = 0;
+    loop {
+        match embedder.embed(vec![text.clone()]).await {
+            Ok(vectors) => {
+                // Billed like any other call.
+                metrics
+                    .tokens
+                    .inc_by(vectors.iter().map(|v| v.tokens).sum());
+                let got = vectors.first().map_or(0, |v| v.vector.len());
+                anyhow::ensure!(
+                    got == dimensions,
+                    "the embedding model answered with {got} dimensions, the pipeline expects {dimensions}; set embedding.bedrock.dimensions to what the model returns"
+                );
+                health.clear(health::Fault::Embedding);
+                tracing::info!(
+                    dimensions,
+                    "the embedding model answered the start-up check"
+                );
+                return Ok(());
+            }
+            Err(e @ (embed::EmbedError::Rejected(_) | embed::EmbedError::Failed { .. })) => {
+                anyhow::bail!(
+                    "the embedding model refused a start-up check call, so no record was read: {e}; check embedding.bedrock.modelId (the exact id with its version suffix such as amazon.titan-embed-text-v2:0, or an inference profile id), and that its dimensions and inputType are ones the model takes"
+                );
+            }
+            Err(e @ embed::EmbedError::Misconfigured(_)) => {
+                anyhow::bail!("the embedding model cannot be called, so no record was read: {e}");
+            }
+            Err(e @ embed::EmbedError::Unavailable { .. }) => {
+                attempt += 1;
+                let what = format!(
+                    "the start-up check call to the embedding model failed: {e}; if this lasts, check embedding.bedrock.region and endpointUrl and the network path to Bedrock"
+                );
+                health.hold(health::Fault::Embedding, &what);
+                tokio::time::sleep(retry::RetryPolicy::STARTUP.wait(attempt)).await;
+            }
+        }
+    }
 }
 
 /// Runs a laptop-mode command on a small runtime and reports its error.
@@ -403,6 +485,9 @@ fn main() -> ExitCode {
             namespace,
             metrics_address,
             drain_seconds,
+            stall_seconds,
+            max_in_flight_bytes,
+            memory_request_bytes,
             log_format,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -418,6 +503,8 @@ fn main() -> ExitCode {
                 namespace,
                 metrics_address,
                 drain_seconds,
+                stall_seconds,
+                (max_in_flight_bytes, memory_request_bytes),
                 log_format,
             )) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,13 @@ pub struct TopicPartition {
     pub partition: String,
 }
 
+/// A label set naming a fault that holds the records.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabel {
+    /// The fault (`opensearch`, `embedding`, `dead-letters`).
+    pub fault: String,
+}
+
 /// Every metric the worker exports.
 pub struct Metrics {
     /// Records read, by outcome (`indexed`, `deleted`, `skipped-*`, `dead-lettered-*`).
@@ -49,6 +56,8 @@ pub struct Metrics {
     pub bulk_items: Family<Outcome, Counter>,
     /// Records read but not yet committed.
     pub records_in_flight: Gauge,
+    /// Bytes of the in-flight budget that records in flight hold (estimated when read).
+    pub bytes_in_flight: Gauge,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub consumer_lag: Family<TopicPartition, Gauge>,
     /// Consumer lag summed over the worker's partitions.
@@ -64,6 +73,10 @@ pub struct Metrics {
     /// Documents not embedded or not written because a newer version (or a tombstone) of their
     /// record arrived first, by stage (`before-embedding` saves an embedding call).
     pub superseded: Family<Outcome, Counter>,
+    /// 1 while a fault holds the records (nothing after them is committed), by fault.
+    pub held: Family<FaultLabel, Gauge>,
+    /// Times a fault started to hold the records, by fault.
+    pub holds: Family<FaultLabel, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +98,7 @@ impl Metrics {
             bulk_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             bulk_items: Family::default(),
             records_in_flight: Gauge::default(),
+            bytes_in_flight: Gauge::default(),
             consumer_lag: Family::default(),
             consumer_lag_total: Gauge::default(),
             commits: Family::default(),
@@ -92,6 +106,8 @@ impl Metrics {
             consumer_pauses: Counter::default(),
             same_id_waits: Counter::default(),
             superseded: Family::default(),
+            held: Family::default(),
+            holds: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -170,6 +186,11 @@ impl Metrics {
             metrics.records_in_flight.clone(),
         );
         r.register(
+            "in_flight_bytes",
+            "Bytes of the in-flight budget held by records in flight (estimated when read)",
+            metrics.bytes_in_flight.clone(),
+        );
+        r.register(
             "consumer_lag",
             "Records behind the partition's end",
             metrics.consumer_lag.clone(),
@@ -184,7 +205,35 @@ impl Metrics {
             "Offset commits, by outcome",
             metrics.commits.clone(),
         );
+        r.register(
+            "held",
+            "1 while a fault holds the records and nothing after them is committed, by fault",
+            metrics.held.clone(),
+        );
+        r.register(
+            "holds",
+            "Times a fault started to hold the records, by fault",
+            metrics.holds.clone(),
+        );
         (metrics, registry)
+    }
+
+    /// The gauge that is 1 while `fault` holds the records.
+    pub fn held(&self, fault: &str) -> Gauge {
+        self.held
+            .get_or_create(&FaultLabel {
+                fault: fault.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The count of times `fault` started to hold the records.
+    pub fn holds(&self, fault: &str) -> Counter {
+        self.holds
+            .get_or_create(&FaultLabel {
+                fault: fault.to_owned(),
+            })
+            .clone()
     }
 
     /// Counts a record outcome.

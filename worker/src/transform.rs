@@ -64,6 +64,9 @@ pub enum RejectionKind {
     MissingField,
     /// The embedding model refused the text.
     EmbeddingRejected,
+    /// The embedding model failed on the text on every attempt (a model error, an answer that
+    /// cannot be read).
+    EmbeddingFailed,
     /// OpenSearch refused the document.
     IndexRejected,
     /// The record is too large to process.
@@ -74,10 +77,11 @@ pub enum RejectionKind {
 
 impl RejectionKind {
     /// Every kind.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Parse,
         Self::MissingField,
         Self::EmbeddingRejected,
+        Self::EmbeddingFailed,
         Self::IndexRejected,
         Self::TooLarge,
         Self::UnresolvableTombstone,
@@ -89,6 +93,7 @@ impl RejectionKind {
             Self::Parse => "parse",
             Self::MissingField => "missing-field",
             Self::EmbeddingRejected => "embedding-rejected",
+            Self::EmbeddingFailed => "embedding-failed",
             Self::IndexRejected => "index-rejected",
             Self::TooLarge => "too-large",
             Self::UnresolvableTombstone => "unresolvable-tombstone",

@@ -49,10 +49,134 @@ enum Bench {
     /// at a Bedrock latency, next to the same stop with nothing in flight (needs `up.sh kafka
     /// opensearch`).
     ScaleIn(ScaleInArgs),
+    /// Memory: a backlog of large records (1.5 MB of text each) embedded with Cohere batches of
+    /// 96 at a slow Bedrock, once with the in-flight byte budget and once with it out of reach;
+    /// peak RSS of each (needs `up.sh kafka opensearch`).
+    Memory(MemoryArgs),
     /// The chaos run of the worker tests, long: keyed updates and tombstones while workers are
     /// started, killed and stopped; fails when the index differs from the model (needs `up.sh
     /// kafka opensearch`).
     Chaos(ChaosArgs),
+}
+
+/// Memory bench settings.
+#[derive(clap::Args, Debug)]
+struct MemoryArgs {
+    /// Records in the backlog.
+    #[arg(long, default_value_t = 60)]
+    records: usize,
+    /// Bytes of text per record.
+    #[arg(long, default_value_t = 1_500_000)]
+    record_bytes: usize,
+    /// Bedrock latency per call.
+    #[arg(long, default_value_t = 2000)]
+    latency_ms: u64,
+    /// The pipeline's embedding.bedrock.maxInFlight.
+    #[arg(long, default_value_t = 16)]
+    max_in_flight: usize,
+    /// The in-flight byte budget of the bounded run, MiB.
+    #[arg(long, default_value_t = 128)]
+    budget_mib: usize,
+    /// The worker binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+}
+
+/// Peak RSS of a worker draining a backlog of large records with a given byte budget, and how
+/// long it took.
+async fn memory_run(
+    args: &MemoryArgs,
+    worker: &std::path::Path,
+    budget: usize,
+) -> Result<(f64, f64)> {
+    let topic = unique_name("bench-memory");
+    kafka::create_topic_with(&topic, 2, &[("max.message.bytes", "8388608")]).await?;
+    let (fake, address) = FakeBedrock::start().await?;
+    fake.set_latency(Duration::from_millis(args.latency_ms));
+    let dir = std::env::temp_dir().join(&topic);
+    std::fs::create_dir_all(&dir)?;
+    let pipeline = dir.join("pipeline.yaml");
+    let group = format!("{topic}-group");
+    std::fs::write(
+        &pipeline,
+        serde_yaml::to_string(&json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "EmbeddingPipeline",
+            "metadata": {"name": "bench-memory", "namespace": "bench"},
+            "spec": {
+                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": group}},
+                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+                "dedup": {"enabled": false},
+                "embedding": {"bedrock": {
+                    "modelId": "cohere.embed-english-v3", "region": "eu-west-1",
+                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
+                }},
+                "sink": {"opensearch": {
+                    "endpoints": [os::url()?], "index": topic.to_lowercase(),
+                    "method": {"engine": "lucene"},
+                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "30s"},
+                }},
+            }
+        }))?,
+    )?;
+    let producer: FutureProducer = kafka::config()?
+        .set("message.max.bytes", "8000000")
+        .create()?;
+    let sentence = "Large records test the byte budget of the worker, sentence after sentence. ";
+    for i in 0..args.records {
+        let text = sentence.repeat(args.record_bytes / sentence.len() + 1);
+        let payload = json!({"id": format!("big-{i}"), "text": text}).to_string();
+        send_keyed(&producer, &topic, &format!("big-{i}"), &payload).await?;
+    }
+    let mut worker = Worker::start_with_env_binary(
+        worker,
+        &pipeline,
+        &dir.join("worker.log"),
+        &[("VECTORPIPE_MAX_IN_FLIGHT_BYTES", &budget.to_string())],
+    )?;
+    let started = Instant::now();
+    let mut peak: f64 = 0.0;
+    loop {
+        worker.assert_running()?;
+        peak = peak.max(process_usage(worker.pid())?.1);
+        if kafka::commits_at_end(&topic, &group, 2)? {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    peak = peak.max(process_usage(worker.pid())?.1);
+    worker.stop()?;
+    Ok((peak, seconds))
+}
+
+async fn memory_bench(args: MemoryArgs) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    println!("worker binary: {}", worker.display());
+    println!(
+        "{} records of {} bytes, Cohere English v3 (batches of 96), maxInFlight {}, Bedrock latency {} ms",
+        args.records, args.record_bytes, args.max_in_flight, args.latency_ms
+    );
+    let budget = args.budget_mib << 20;
+    let (bounded, bounded_s) = memory_run(&args, &worker, budget).await?;
+    let (unbounded, unbounded_s) = memory_run(&args, &worker, 64 << 30).await?;
+    println!("\n{:<34} {:>12} {:>10}", "run", "peak RSS MiB", "seconds");
+    println!(
+        "{:<34} {:>12.0} {:>10.1}",
+        format!("budget {} MiB", args.budget_mib),
+        bounded,
+        bounded_s
+    );
+    println!(
+        "{:<34} {:>12.0} {:>10.1}",
+        "budget out of reach (64 GiB)", unbounded, unbounded_s
+    );
+    println!(
+        "peak RSS with the budget / without: {:.0}%; over the budget: {:.0} MiB",
+        100.0 * bounded / unbounded.max(1.0),
+        bounded - args.budget_mib as f64
+    );
+    Ok(())
 }
 
 /// Chaos run settings.
@@ -668,6 +792,7 @@ async fn main() -> Result<()> {
         Bench::Scaling(args) => scaling_bench(args).await,
         Bench::Chaos(args) => chaos_bench(args).await,
         Bench::ScaleIn(args) => scale_in_bench(args).await,
+        Bench::Memory(args) => memory_bench(args).await,
     }
 }
 

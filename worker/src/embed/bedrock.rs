@@ -163,6 +163,9 @@ enum Failure {
     Transient(String),
     /// The model refused the input.
     Rejected(String),
+    /// The model failed on the input (a model error, an unreadable answer): retried, and
+    /// dead-lettered if it keeps failing for one text.
+    Failed(String),
     /// Credentials, permissions, unknown model.
     Misconfigured(String),
 }
@@ -178,8 +181,8 @@ fn classify(err: SdkError<InvokeModelError>) -> Failure {
                 InvokeModelError::ModelNotReadyException(_)
                 | InvokeModelError::ServiceUnavailableException(_)
                 | InvokeModelError::InternalServerException(_)
-                | InvokeModelError::ModelTimeoutException(_)
-                | InvokeModelError::ModelErrorException(_) => Failure::Transient(message),
+                | InvokeModelError::ModelTimeoutException(_) => Failure::Transient(message),
+                InvokeModelError::ModelErrorException(_) => Failure::Failed(message),
                 InvokeModelError::ValidationException(_) => Failure::Rejected(message),
                 InvokeModelError::AccessDeniedException(_) => Failure::Misconfigured(format!(
                     "Bedrock denied access ({message}); grant the workers' role bedrock:InvokeModel on the model"
@@ -290,7 +293,7 @@ impl Embedder for BedrockEmbedder {
                         self.metrics.embed_call("ok");
                         return Ok(embedded);
                     }
-                    Err(e) => Failure::Transient(format!("unexpected response from Bedrock: {e}")),
+                    Err(e) => Failure::Failed(format!("unexpected response from Bedrock: {e}")),
                 },
                 Err(e) => classify(e),
             };
@@ -307,17 +310,29 @@ impl Embedder for BedrockEmbedder {
                     self.metrics.embed_call("throttled");
                     self.limit.on_throttle();
                     self.metrics.embed_limit.set(self.limit.current() as i64);
-                    m
+                    (m, false)
                 }
                 Failure::Transient(m) => {
                     self.metrics.embed_call("error");
-                    m
+                    (m, false)
+                }
+                Failure::Failed(m) => {
+                    self.metrics.embed_call("error");
+                    (m, true)
                 }
             };
+            let (message, failed) = message;
             if attempt >= max_attempts {
-                return Err(EmbedError::Unavailable {
-                    attempts: attempt,
-                    message,
+                return Err(if failed {
+                    EmbedError::Failed {
+                        attempts: attempt,
+                        message,
+                    }
+                } else {
+                    EmbedError::Unavailable {
+                        attempts: attempt,
+                        message,
+                    }
                 });
             }
             let wait = crate::retry::backoff(

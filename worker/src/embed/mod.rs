@@ -28,6 +28,16 @@ pub enum EmbedError {
         /// The last error.
         message: String,
     },
+    /// The model failed on these texts on every attempt with an error that may be theirs (a
+    /// model error, an answer that cannot be read): alone, a text that keeps failing goes to
+    /// the dead-letter topic.
+    #[error("the model failed on the input after {attempts} attempts: {message}")]
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        message: String,
+    },
     /// A configuration problem (credentials, permissions, unknown model): a person must act.
     #[error("{0}")]
     Misconfigured(String),

@@ -17,7 +17,7 @@ use std::cell::Cell;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::Timestamp;
 use rdkafka::message::OwnedMessage;
@@ -25,6 +25,7 @@ use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
 use crate::dead_letter::DeadLetters;
 use crate::dedup::Dedup;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Parts};
 use crate::sink::local::LocalStore;
@@ -115,6 +116,8 @@ pub async fn ingest(
         metrics: metrics.clone(),
         dedup,
         stop_on_misconfigured: true,
+        health: Arc::new(Health::new(metrics.clone(), Duration::MAX)),
+        max_in_flight_bytes: None,
     };
     let read = Cell::new(0u64);
     // Blank lines are not records; a read error ends the run with what could not be read.

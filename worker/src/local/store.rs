@@ -119,6 +119,39 @@ fn from_bytes(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Holds the store in `dir` for one writer (a `local` run) until dropped. A second writer waits
+/// for the first with a message that says so: two runs writing at once would each save a graph
+/// that lacks the other's documents, and those would vanish from search.
+pub fn lock_for_writing(dir: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join("writer.lock");
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "another `vectorpipe-worker local` run is writing to the store {}; waiting for it to finish (stop it, or give this run its own --store)",
+                dir.display()
+            );
+            file.lock().map_err(io)?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir` for vectors of `model` with `dimensions`.
     pub fn open(dir: &Path, model: &str, dimensions: usize) -> Result<Self, StoreError> {

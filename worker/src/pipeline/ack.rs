@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::message::OwnedMessage;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::dedup::{Dedup, Hash};
+use crate::sink::IndexRequest;
 use crate::source::assignment::{Assignment, Owner};
 
 /// Per record id with work in flight: its newest version read, and the version being written
@@ -136,6 +137,26 @@ pub struct AckHub {
     pub released: Notify,
 }
 
+static LAST_STAMP: AtomicU64 = AtomicU64::new(0);
+
+/// Microseconds since the epoch, strictly increasing within the process: when a record was read.
+/// Later versions of a record get larger stamps (also across restarts, as far as the clocks of
+/// the workers agree).
+pub fn stamp() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default();
+    let mut last = LAST_STAMP.load(Ordering::SeqCst);
+    loop {
+        let next = now.max(last + 1);
+        match LAST_STAMP.compare_exchange(last, next, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 const OPEN: u8 = 0;
 const WRITING: u8 = 1;
 const SUPERSEDED: u8 = 2;
@@ -146,14 +167,32 @@ pub struct RecordAck {
     pub owner: Owner,
     /// The record as read (its key, value and headers go to the dead-letter topic).
     pub message: OwnedMessage,
+    /// When it was read ([`stamp`]).
+    pub read_at: u64,
     /// The record id and its version, when versions of one id are ordered.
     version: Option<(String, u64)>,
     /// The content hash to remember once the record is written, when deduplicating.
     hash: Option<Hash>,
     remaining: AtomicUsize,
+    /// Its documents: none is written before all of them are embedded.
+    documents: usize,
+    /// Documents embedded, waiting for the rest of the record's (with their sizes).
+    stash: Mutex<Vec<(IndexRequest, usize)>>,
     state: AtomicU8,
     failed: AtomicBool,
+    /// Its share of the in-flight byte budget, given back when it completes.
+    bytes: Mutex<Option<OwnedSemaphorePermit>>,
     hub: Arc<AckHub>,
+}
+
+/// What became of an embedded document handed to [`RecordAck::stash`].
+pub enum Stashed {
+    /// Kept until the record's other documents are embedded.
+    Waiting,
+    /// The record's last document: all of them, to be written together.
+    Complete(Vec<(IndexRequest, usize)>),
+    /// The record failed (another of its documents was refused): not written; count it done.
+    Dropped,
 }
 
 impl std::fmt::Debug for RecordAck {
@@ -179,11 +218,15 @@ impl RecordAck {
         Arc::new(Self {
             owner,
             message,
+            read_at: stamp(),
             version,
             hash,
             remaining: AtomicUsize::new(units),
+            documents: units,
+            stash: Mutex::new(Vec::new()),
             state: AtomicU8::new(OPEN),
             failed: AtomicBool::new(false),
+            bytes: Mutex::new(None),
             hub,
         })
     }
@@ -235,9 +278,56 @@ impl RecordAck {
         }
     }
 
-    /// Some of its work failed for good (dead-lettered): it is not remembered as written.
-    pub fn fail(&self) {
-        self.failed.store(true, Ordering::SeqCst);
+    /// Some of its work failed for good (dead-lettered): it is not remembered as written, and
+    /// its documents embedded so far are dropped unwritten. Returns whether this was the first
+    /// failure (the record is dead-lettered then, once) and how many dropped documents to count
+    /// done.
+    pub fn fail(&self) -> (bool, usize) {
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !self.failed.swap(true, Ordering::SeqCst);
+        let dropped = stash.len();
+        stash.clear();
+        (first, dropped)
+    }
+
+    /// Drops the documents embedded so far (the record was superseded); returns how many, to
+    /// count done.
+    pub fn drop_stash(&self) -> usize {
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = stash.len();
+        stash.clear();
+        dropped
+    }
+
+    /// An embedded document of this record: written once all of its documents are embedded,
+    /// so a record whose other document the model refuses leaves nothing half written.
+    pub fn stash(&self, request: IndexRequest, bytes: usize) -> Stashed {
+        if self.documents <= 1 {
+            return if self.failed() {
+                Stashed::Dropped
+            } else {
+                Stashed::Complete(vec![(request, bytes)])
+            };
+        }
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failed() || self.superseded() {
+            return Stashed::Dropped;
+        }
+        stash.push((request, bytes));
+        if stash.len() < self.documents {
+            return Stashed::Waiting;
+        }
+        Stashed::Complete(std::mem::take(&mut *stash))
+    }
+
+    /// True once some of its work failed for good.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Holds `permit` (its share of the in-flight byte budget) until the record completes.
+    pub fn hold_bytes(&self, permit: OwnedSemaphorePermit) {
+        *self.bytes.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
     }
 
     /// Marks `units` pieces done; true when that completed the record.
@@ -252,6 +342,7 @@ impl RecordAck {
             return false;
         }
         self.hub.assignment.finish(&self.owner);
+        drop(self.bytes.lock().unwrap_or_else(|e| e.into_inner()).take());
         if let Some((id, version)) = &self.version
             && self.hub.versions.end_writer(id, *version)
         {
@@ -434,7 +525,7 @@ mod tests {
         let hub = hub();
         let ack = read(&hub, "x", 7, 1);
         assert!(ack.begin_writing());
-        ack.fail();
+        assert!(ack.fail().0);
         ack.done(1);
         let dedup = hub.dedup.as_ref().unwrap();
         assert!(!dedup.is_duplicate(&("t".to_owned(), 0), "x", &[7; 32]));

@@ -33,7 +33,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use vectorpipe_crds::v1alpha1::{EmbeddingPipelineSpec, IdSource};
@@ -42,6 +42,7 @@ use crate::chunk;
 use crate::dead_letter::DeadLetters;
 use crate::dedup::{Dedup, record_hash};
 use crate::embed::{EmbedError, Embedder};
+use crate::health::{Fault, Health};
 use crate::metrics::Metrics;
 use crate::retry::{RetryPolicy, until_done};
 use crate::sink::{IndexRequest, ItemResult, Sink, SinkError};
@@ -49,7 +50,7 @@ use crate::source::assignment::{Assignment, Owner};
 use crate::source::offsets::{Epoch, Partition};
 use crate::source::{self, Context};
 use crate::transform::{self, Document, Outcome, Rejection, RejectionKind, SourceRecord};
-use ack::{AckHub, RecordAck, Versions};
+use ack::{AckHub, RecordAck, Stashed, Versions};
 
 /// How long the next stage may stay full before the consumer pauses its partitions.
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
@@ -68,6 +69,9 @@ pub struct Options {
     pub commit_interval: Duration,
     /// Commit interval while working through a backlog.
     pub max_commit_interval: Duration,
+    /// The most bytes the records in flight may hold (their messages, texts, vectors and
+    /// encoded documents, estimated when they are read), next to the count bounds.
+    pub max_in_flight_bytes: usize,
 }
 
 struct EmbedJob {
@@ -126,6 +130,21 @@ struct Shared {
     stop_on_misconfigured: bool,
     /// Why the run must end, once one of its stages hit such an error.
     failure: Mutex<Option<String>>,
+    /// Readiness (faults that hold the records) and progress.
+    health: Arc<Health>,
+    /// Tells a model that refuses everything from records it refuses.
+    breaker: Breaker,
+    /// The in-flight byte budget (one permit per KiB) and its size in permits.
+    budget: Option<(Arc<Semaphore>, u32)>,
+}
+
+impl Shared {
+    /// Bytes of the budget that records in flight hold.
+    fn bytes_in_flight(&self) -> Option<u64> {
+        self.budget.as_ref().map(|(budget, total)| {
+            u64::from(total.saturating_sub(budget.available_permits() as u32)) * 1024
+        })
+    }
 }
 
 impl Shared {
@@ -143,10 +162,16 @@ impl Shared {
     }
 
     /// Dead-letters one unit of a record and marks it done.
+    /// A record is dead-lettered once, whichever of its documents was refused first.
     async fn reject(&self, ack: &RecordAck, rejection: Rejection) {
-        self.dead_letters.send(&ack.message, &rejection).await;
-        ack.fail();
-        ack.done(1);
+        let (first, dropped) = ack.fail();
+        if first {
+            self.dead_letters
+                .send(&ack.message, &rejection, &self.health)
+                .await;
+        }
+        self.health.progressed();
+        ack.done(1 + dropped);
     }
 
     /// True when this error ends the run (its work is dropped, never marked done, so nothing
@@ -158,6 +183,20 @@ impl Shared {
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         failure.get_or_insert_with(|| error.to_string());
         true
+    }
+
+    /// Holds the records while OpenSearch refuses a request for a reason of the index or the
+    /// cluster, and clears that hold once a request succeeds.
+    fn held_by_opensearch<T>(&self, result: Result<T, SinkError>) -> Result<T, SinkError> {
+        match &result {
+            Ok(_) => {
+                self.health.progressed();
+                self.health.clear(Fault::OpenSearch);
+            }
+            Err(SinkError::Held(reason)) => self.health.hold(Fault::OpenSearch, reason),
+            Err(_) => {}
+        }
+        result
     }
 
     fn failure(&self) -> Option<String> {
@@ -186,13 +225,48 @@ pub struct Parts<E, S> {
     pub stable_ids: bool,
     /// See [`Shared::stop_on_misconfigured`].
     pub stop_on_misconfigured: bool,
+    /// See [`Shared::health`].
+    pub health: Arc<Health>,
+    /// The in-flight byte budget, when records are bounded by bytes too (the Kafka path).
+    pub max_in_flight_bytes: Option<usize>,
 }
 
 /// Work a record turned into, for the stage that takes it.
 enum Work {
     Embed(EmbedJob),
     Write(SinkItem),
+    DeadLetter(Arc<RecordAck>, Rejection),
 }
+
+impl Work {
+    fn ack(&self) -> &Arc<RecordAck> {
+        match self {
+            Self::Embed(job) => &job.ack,
+            Self::Write(item) => item.ack(),
+            Self::DeadLetter(ack, _) => ack,
+        }
+    }
+
+    /// What the record will hold in memory while in flight, estimated: its message, its texts,
+    /// and per document the vector and the encoded document.
+    fn bytes(&self, dimensions: usize) -> usize {
+        let message = &self.ack().message;
+        let read = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        match self {
+            Self::Embed(job) => {
+                let texts: usize = job.docs.iter().map(|d| d.text.len()).sum();
+                // A vector as f32 values and again as JSON text, the text again in the document.
+                read + texts * 2 + job.docs.len() * (dimensions * 16 + 512)
+            }
+            Self::Write(_) | Self::DeadLetter(..) => read + 512,
+        }
+    }
+}
+
+/// Dead-letter sends of records refused before embedding, at once at most: with a dead-letter
+/// topic that takes nothing, these wait, the queue in front of them fills and the consumer
+/// pauses its partitions (memory stays bounded; nothing after them is committed).
+const DEAD_LETTER_SENDS: usize = 32;
 
 /// The running embed and sink stages, and the rules that let records into them: the same for
 /// the Kafka consumer and the laptop mode's file.
@@ -201,7 +275,8 @@ struct Stages<E> {
     embedder: Arc<E>,
     embed_tx: mpsc::Sender<EmbedJob>,
     sink_tx: mpsc::Sender<SinkItem>,
-    /// The two stages and the dead-letter sends of records refused before embedding.
+    dead_tx: mpsc::Sender<(Arc<RecordAck>, Rejection)>,
+    /// The embed, sink and dead-letter stages.
     tasks: JoinSet<()>,
 }
 
@@ -223,6 +298,12 @@ impl<E: Embedder> Stages<E> {
             stable_ids: parts.stable_ids,
             stop_on_misconfigured: parts.stop_on_misconfigured,
             failure: Mutex::new(None),
+            health: parts.health,
+            breaker: Breaker::default(),
+            budget: parts.max_in_flight_bytes.map(|bytes| {
+                let permits = u32::try_from(bytes / 1024).unwrap_or(u32::MAX).max(1);
+                (Arc::new(Semaphore::new(permits as usize)), permits)
+            }),
         });
         let in_flight = spec.embedding.bedrock.max_in_flight.max(1) as usize;
         let batch = parts.embedder.batch_size().max(1);
@@ -238,11 +319,14 @@ impl<E: Embedder> Stages<E> {
             shared.clone(),
         ));
         tasks.spawn(sink_stage(sink_rx, parts.sink, shared.clone()));
+        let (dead_tx, dead_rx) = mpsc::channel(DEAD_LETTER_SENDS * 2);
+        tasks.spawn(dead_letter_stage(dead_rx, shared.clone()));
         Self {
             shared,
             embedder: parts.embedder,
             embed_tx,
             sink_tx,
+            dead_tx,
             tasks,
         }
     }
@@ -251,7 +335,6 @@ impl<E: Embedder> Stages<E> {
     /// work for the next stage, or `None` when it is done already (skipped, a duplicate, sent to
     /// the dead-letter topic) or was read while its partition was not owned.
     fn admit(&mut self, message: OwnedMessage, owner: Owner) -> Option<Work> {
-        while self.tasks.try_join_next().is_some() {}
         let shared = &self.shared;
         let (spec, hub, metrics) = (&shared.spec, &shared.hub, &shared.metrics);
         let assignment = &hub.assignment;
@@ -278,10 +361,7 @@ impl<E: Embedder> Stages<E> {
                     return None;
                 }
                 let ack = RecordAck::new(hub.clone(), owner, message, None, None, 1);
-                let shared = shared.clone();
-                self.tasks
-                    .spawn(async move { shared.reject(&ack, rejection).await });
-                None
+                Some(Work::DeadLetter(ack, rejection))
             }
             Outcome::Delete(parent_id) => {
                 if let Some(dedup) = dedup {
@@ -344,10 +424,11 @@ pub async fn run<E: Embedder, S: Sink>(
     embedder: Arc<E>,
     sink: Arc<S>,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let kafka = &spec.source.kafka;
+    let dimensions = spec.embedding.bedrock.vector_dimensions().unwrap_or(1024) as usize;
     let assignment = Arc::new(Assignment::new());
     let dedup = Dedup::from_spec(&spec.dedup).map(Arc::new);
     let stopping = Arc::new(AtomicBool::new(false));
@@ -356,7 +437,7 @@ pub async fn run<E: Embedder, S: Sink>(
         dedup: dedup.clone(),
         metrics: metrics.clone(),
         msk_iam_region: source::msk_iam_region(kafka),
-        ready: ready.clone(),
+        health: health.clone(),
         stopping: stopping.clone(),
         revoke_wait: options.drain_timeout,
     };
@@ -382,6 +463,8 @@ pub async fn run<E: Embedder, S: Sink>(
         metrics: metrics.clone(),
         dedup,
         stop_on_misconfigured: false,
+        health: health.clone(),
+        max_in_flight_bytes: Some(options.max_in_flight_bytes),
     };
     let mut stages = Stages::start(parts, assignment.clone());
     let stop_committer = Arc::new(Notify::new());
@@ -429,7 +512,26 @@ pub async fn run<E: Embedder, S: Sink>(
             offset: message.offset(),
         };
         let (consumer, held, metrics) = (&consumer, &mut held, &metrics);
-        let handed = match stages.admit(message, owner) {
+        let work = stages.admit(message, owner);
+        if let (Some(work), Some((budget, total))) = (&work, &stages.shared.budget) {
+            let bytes = work.bytes(dimensions);
+            let budget = (budget, *total);
+            let taken = take_bytes(
+                budget,
+                bytes,
+                consumer,
+                &assignment,
+                held,
+                metrics,
+                &mut shutdown,
+            )
+            .await;
+            match taken {
+                Some(permit) => work.ack().hold_bytes(permit),
+                None => break,
+            }
+        }
+        let handed = match work {
             None => true,
             Some(Work::Embed(job)) => {
                 let to = &stages.embed_tx;
@@ -437,6 +539,20 @@ pub async fn run<E: Embedder, S: Sink>(
             }
             Some(Work::Write(item)) => {
                 let to = &stages.sink_tx;
+                hand_over(
+                    to,
+                    item,
+                    consumer,
+                    &assignment,
+                    held,
+                    metrics,
+                    &mut shutdown,
+                )
+                .await
+            }
+            Some(Work::DeadLetter(ack, rejection)) => {
+                let to = &stages.dead_tx;
+                let item = (ack, rejection);
                 hand_over(
                     to,
                     item,
@@ -458,7 +574,7 @@ pub async fn run<E: Embedder, S: Sink>(
     // complete and this member keeps a valid generation for its last commit) while in-flight
     // work finishes.
     tracing::info!("stopping: finishing in-flight work");
-    ready.store(false, Ordering::SeqCst);
+    health.joined.store(false, Ordering::SeqCst);
     stopping.store(true, Ordering::SeqCst);
     pause_all(&consumer);
     held.clear();
@@ -542,6 +658,9 @@ pub async fn run_records<E: Embedder, S: Sink>(
             None => true,
             Some(Work::Embed(job)) => stages.embed_tx.send(job).await.is_ok(),
             Some(Work::Write(item)) => stages.sink_tx.send(item).await.is_ok(),
+            Some(Work::DeadLetter(ack, rejection)) => {
+                stages.dead_tx.send((ack, rejection)).await.is_ok()
+            }
         };
         if !handed {
             break;
@@ -574,12 +693,7 @@ fn pause_all(consumer: &StreamConsumer<Context>) {
     }
 }
 
-/// Passes work to the next stage. When that stage stays full (a stall, not just a busy
-/// backlog), the consumer pauses its partitions and keeps polling until there is room: the group
-/// keeps the worker (no max.poll.interval.ms eviction however long Bedrock or OpenSearch stall),
-/// rebalances are served, and nothing more is fetched, so memory stays bounded at any lag.
-/// Messages that arrive anyway (fetched before the pause, or from partitions assigned meanwhile)
-/// are held in order, with the epoch they were read in, and handled next.
+/// Passes work to the next stage, waiting as [`wait_polling`] does while it is full.
 /// False when the stage is gone or the worker is stopping.
 async fn hand_over<T, F: std::future::Future<Output = ()>>(
     tx: &mpsc::Sender<T>,
@@ -595,29 +709,78 @@ async fn hand_over<T, F: std::future::Future<Output = ()>>(
         Err(TrySendError::Closed(_)) => return false,
         Err(TrySendError::Full(item)) => item,
     };
+    let room = async { tx.reserve().await.ok() };
+    match wait_polling(room, consumer, assignment, held, metrics, shutdown).await {
+        Some(permit) => {
+            permit.send(item);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Takes `bytes` of the in-flight byte budget (`total` permits of a KiB) for a record, waiting as [`wait_polling`] does
+/// while the records in flight hold it all. A record larger than the whole budget takes all of
+/// it (it runs alone). `None` when the worker is stopping.
+async fn take_bytes<F: std::future::Future<Output = ()>>(
+    (budget, total): (&Arc<Semaphore>, u32),
+    bytes: usize,
+    consumer: &StreamConsumer<Context>,
+    assignment: &Assignment,
+    held: &mut VecDeque<(OwnedMessage, Option<Epoch>)>,
+    metrics: &Metrics,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<OwnedSemaphorePermit> {
+    let permits = bytes_to_permits(bytes, total);
+    if let Ok(permit) = budget.clone().try_acquire_many_owned(permits) {
+        return Some(permit);
+    }
+    let room = async { budget.clone().acquire_many_owned(permits).await.ok() };
+    wait_polling(room, consumer, assignment, held, metrics, shutdown).await
+}
+
+/// Permits (KiB, at least one) for `bytes`, at most `total`.
+fn bytes_to_permits(bytes: usize, total: u32) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, total.max(1))
+}
+
+/// Waits until `room` resolves (a stage has room, the byte budget has enough). When that takes
+/// longer than a moment (a stall, not just a busy backlog), the consumer pauses its partitions
+/// and keeps polling until there is room: the group keeps the worker (no max.poll.interval.ms
+/// eviction however long Bedrock or OpenSearch stall), rebalances are served, and nothing more
+/// is fetched, so memory stays bounded at any lag. Messages that arrive anyway (fetched before
+/// the pause, or from partitions assigned meanwhile) are held in order, with the epoch they were
+/// read in, and handled next. `None` when `room` gave none or the worker is stopping.
+async fn wait_polling<T, R, F>(
+    room: R,
+    consumer: &StreamConsumer<Context>,
+    assignment: &Assignment,
+    held: &mut VecDeque<(OwnedMessage, Option<Epoch>)>,
+    metrics: &Metrics,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<T>
+where
+    R: std::future::Future<Output = Option<T>>,
+    F: std::future::Future<Output = ()>,
+{
+    tokio::pin!(room);
     // A full queue is the normal state while working through a backlog, and room comes back
     // within milliseconds. Pausing then would cost a refetch (librdkafka drops what it fetched
-    // for paused partitions), so only a stage that stays full for PAUSE_AFTER is a stall.
+    // for paused partitions), so only a wait that lasts PAUSE_AFTER is a stall.
     tokio::select! {
-        permit = tx.reserve() => {
-            return match permit {
-                Ok(permit) => {
-                    permit.send(item);
-                    true
-                }
-                Err(_) => false,
-            };
-        }
+        got = &mut room => return got,
         () = tokio::time::sleep(PAUSE_AFTER) => {}
-        () = shutdown.as_mut() => return false,
+        () = shutdown.as_mut() => return None,
     }
     pause_all(consumer);
     metrics.consumer_paused.set(1);
     metrics.consumer_pauses.inc();
     let started = std::time::Instant::now();
-    let permit = loop {
+    let got = loop {
         tokio::select! {
-            permit = tx.reserve() => break permit.ok(),
+            got = &mut room => break got,
             message = consumer.recv() => match message {
                 Ok(message) => {
                     let message = message.detach();
@@ -640,13 +803,7 @@ async fn hand_over<T, F: std::future::Future<Output = ()>>(
     }
     metrics.consumer_paused.set(0);
     tracing::debug!(paused = ?started.elapsed(), held = held.len(), "consumption resumed");
-    match permit {
-        Some(permit) => {
-            permit.send(item);
-            true
-        }
-        None => false,
-    }
+    got
 }
 
 /// Commits what is done, and marks it committed only once the broker took it (a failed commit
@@ -667,6 +824,10 @@ async fn commit_loop(
         }
         let (offsets, open) = shared.assignment().committable(None);
         shared.metrics.records_in_flight.set(open as i64);
+        shared.health.set_waiting(open as u64);
+        if let Some(bytes) = shared.bytes_in_flight() {
+            shared.metrics.bytes_in_flight.set(bytes as i64);
+        }
         if offsets.is_empty() {
             continue;
         }
@@ -684,6 +845,7 @@ async fn commit_loop(
             Ok(Ok(())) => {
                 shared.assignment().committed(&offsets);
                 shared.metrics.commit("ok");
+                shared.health.progressed();
                 tracing::debug!(?offsets, "committed");
             }
             Ok(Err(e)) => {
@@ -694,6 +856,27 @@ async fn commit_loop(
                 shared.metrics.commit("error");
                 tracing::warn!(error = %e, "the commit task failed; retrying at the next interval");
             }
+        }
+    }
+}
+
+/// Dead-letters the records refused before embedding, [`DEAD_LETTER_SENDS`] at once at most.
+async fn dead_letter_stage(
+    mut rx: mpsc::Receiver<(Arc<RecordAck>, Rejection)>,
+    shared: Arc<Shared>,
+) {
+    let mut sends = JoinSet::new();
+    let mut open = true;
+    while open || !sends.is_empty() {
+        tokio::select! {
+            item = rx.recv(), if open && sends.len() < DEAD_LETTER_SENDS => match item {
+                Some((ack, rejection)) => {
+                    let shared = shared.clone();
+                    sends.spawn(async move { shared.reject(&ack, rejection).await });
+                }
+                None => open = false,
+            },
+            Some(_) = sends.join_next(), if !sends.is_empty() => {}
         }
     }
 }
@@ -802,7 +985,7 @@ fn still_wanted(
             }
             if ack.superseded() {
                 superseded += 1;
-                ack.done(1);
+                ack.done(1 + ack.drop_stash());
                 return false;
             }
             true
@@ -833,35 +1016,70 @@ async fn embed_batch<E: Embedder, S: Sink>(
         let texts: Vec<String> = batch.iter().map(|(_, d)| d.text.clone()).collect();
         let mut pause = 0;
         loop {
+            if pause > 0 && !batch.iter().any(|(ack, _)| ack.owned()) {
+                // Held until its partition left: the next owner reads it again.
+                break;
+            }
             match embedder.embed(texts.clone()).await {
                 Ok(vectors) => {
+                    shared.breaker.succeeded();
+                    shared.health.clear(Fault::Embedding);
                     shared
                         .metrics
                         .tokens
                         .inc_by(vectors.iter().map(|e| e.tokens).sum());
                     for ((ack, doc), embedded) in batch.iter().zip(vectors) {
-                        let request = sink.encode(doc, &embedded.vector);
+                        let mut request = sink.encode(doc, &embedded.vector);
+                        request.stamp = ack.read_at;
                         let bytes = request.source.len() + request.id.len() + 32;
-                        let item = SinkItem::Index {
-                            ack: ack.clone(),
-                            request,
-                            bytes,
+                        let documents = match ack.stash(request, bytes) {
+                            Stashed::Waiting => continue,
+                            Stashed::Dropped => {
+                                ack.done(1 + ack.drop_stash());
+                                continue;
+                            }
+                            Stashed::Complete(documents) => documents,
                         };
-                        if sink_tx.send(item).await.is_err() {
-                            return;
+                        for (request, bytes) in documents {
+                            let item = SinkItem::Index {
+                                ack: ack.clone(),
+                                request,
+                                bytes,
+                            };
+                            if sink_tx.send(item).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     break;
                 }
-                Err(EmbedError::Rejected(message)) if batch.len() > 1 => {
+                Err(EmbedError::Rejected(message) | EmbedError::Failed { message, .. })
+                    if batch.len() > 1 =>
+                {
                     tracing::debug!(error = %message, size = batch.len(), "a batch was refused; retrying its texts one by one");
                     queue.extend(batch.iter().map(|item| vec![item.clone()]));
                     break;
                 }
-                Err(EmbedError::Rejected(message)) => {
+                Err(e @ (EmbedError::Rejected(_) | EmbedError::Failed { .. })) => {
                     let (ack, doc) = &batch[0];
+                    let (kind, message) = match e {
+                        EmbedError::Failed { attempts, message } => (
+                            RejectionKind::EmbeddingFailed,
+                            format!("failed on all {attempts} attempts: {message}"),
+                        ),
+                        other => (RejectionKind::EmbeddingRejected, other.to_string()),
+                    };
+                    if let Some(hold) = shared.breaker.refused(&doc.parent_id, &message) {
+                        // The same refusal for record after record: the model or its settings,
+                        // not the records. Held, not dead-lettered, until a call succeeds.
+                        shared.health.hold(Fault::Embedding, &hold);
+                        pause += 1;
+                        let wait = shared.spec.embedding.bedrock.retry.max_delay.get();
+                        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+                        continue;
+                    }
                     let rejection = Rejection {
-                        kind: RejectionKind::EmbeddingRejected,
+                        kind,
                         message: format!(
                             "chunk {} of record {}: {message}",
                             doc.chunk, doc.parent_id
@@ -874,6 +1092,7 @@ async fn embed_batch<E: Embedder, S: Sink>(
                     if shared.gives_up(matches!(e, EmbedError::Misconfigured(_)), &e) {
                         return;
                     }
+                    shared.health.hold(Fault::Embedding, &e.to_string());
                     pause += 1;
                     let wait = shared.spec.embedding.bedrock.retry.max_delay.get();
                     tracing::error!(error = %e, retry_in = ?wait, pause, "embedding is failing; holding these records until it recovers");
@@ -882,6 +1101,66 @@ async fn embed_batch<E: Embedder, S: Sink>(
             }
         }
     }
+}
+
+/// How many distinct records in a row refused with the same error trip the breaker.
+const BREAKER_RECORDS: usize = 5;
+
+/// Tells a model that refuses every record apart from records the model refuses: when
+/// [`BREAKER_RECORDS`] distinct records in a row are refused with the same error and nothing
+/// succeeded in between, the refusals are the model's or its settings' (a wrong model id, a
+/// request the model does not take), and the records are held instead of dead-lettered until a
+/// call succeeds.
+#[derive(Default)]
+struct Breaker {
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Default)]
+struct BreakerState {
+    message: String,
+    records: Vec<String>,
+    tripped: bool,
+}
+
+impl Breaker {
+    /// A record was refused with `message`: `None` to dead-letter it, or why it is held.
+    fn refused(&self, record: &str, message: &str) -> Option<String> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.message != message {
+            if state.tripped {
+                // Still failing, now differently: still held.
+                state.message = message.to_owned();
+                return Some(breaker_hold(message));
+            }
+            state.message = message.to_owned();
+            state.records.clear();
+        }
+        if !state.records.iter().any(|r| r == record) {
+            state.records.push(record.to_owned());
+        }
+        if state.records.len() >= BREAKER_RECORDS {
+            if !state.tripped {
+                tracing::error!(records = ?state.records, error = message, "the model refused several records in a row with the same error; holding the records instead of dead-lettering them");
+            }
+            state.tripped = true;
+        }
+        state.tripped.then(|| breaker_hold(message))
+    }
+
+    /// A call succeeded: refusals count from zero again.
+    fn succeeded(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.records.is_empty() || state.tripped {
+            *state = BreakerState::default();
+        }
+    }
+}
+
+fn breaker_hold(message: &str) -> String {
+    format!(
+        "the model refused {BREAKER_RECORDS} different records in a row with the same error, so the fault is the model or its settings, not the records: {message}; check embedding.bedrock.modelId (the exact id with its version, or an inference profile), dimensions, inputType and region (records are held, not dead-lettered, and go on once a call succeeds)"
+    )
 }
 
 /// Fills and sends `_bulk` requests and tombstone deletes. A document or delete whose record id
@@ -1105,7 +1384,10 @@ async fn delete<S: Sink>(sink: &S, shared: &Shared, ack: Arc<RecordAck>, parent_
             if allowed != [true] {
                 return Ok::<_, SinkError>(None);
             }
-            let deleted = sink.delete_record(parent_id, by_source_key).await?;
+            let deleted = shared.held_by_opensearch(
+                sink.delete_record(parent_id, by_source_key, ack.read_at)
+                    .await,
+            )?;
             drop(guard);
             Ok(Some(deleted))
         }
@@ -1121,6 +1403,35 @@ async fn delete<S: Sink>(sink: &S, shared: &Shared, ack: Arc<RecordAck>, parent_
         ack.done(1);
     }
     shared.end_writes([parent_id.as_str()]);
+}
+
+/// Deletes what was written of a record one of whose documents was refused, before it is
+/// dead-lettered (its ids are held by the caller's write). Retried until it succeeds; a record
+/// whose partition left is left to the next owner.
+async fn remove_record<S: Sink>(sink: &S, shared: &Shared, ack: &RecordAck, parent_id: &str) {
+    let deleted = until_done(
+        "deleting the written part of a refused record",
+        RetryPolicy::WRITES,
+        || async {
+            let (guard, allowed) = shared.assignment().begin_write([&ack.owner]);
+            if allowed != [true] {
+                return Ok::<_, SinkError>(0);
+            }
+            let deleted = shared
+                .held_by_opensearch(sink.delete_record(parent_id, false, ack.read_at + 1).await);
+            drop(guard);
+            deleted
+        },
+    )
+    .await;
+    if deleted > 0 {
+        shared.metrics.documents_deleted.inc_by(deleted);
+        tracing::info!(
+            record = parent_id,
+            deleted,
+            "deleted the written documents of a record that OpenSearch refused in part"
+        );
+    }
 }
 
 /// Deletes the chunks that records of this batch had before and no longer have (a record that
@@ -1146,7 +1457,7 @@ async fn remove_stale_chunks<S: Sink>(
                 .map(|((_, r), _)| (r.parent_id.as_str(), r.chunks))
                 .collect();
             let records: Vec<(&str, usize)> = records.into_iter().collect();
-            let deleted = sink.remove_stale_chunks(&records).await;
+            let deleted = shared.held_by_opensearch(sink.remove_stale_chunks(&records).await);
             drop(guard);
             deleted
         },
@@ -1163,7 +1474,10 @@ async fn remove_stale_chunks<S: Sink>(
 
 /// Sends documents until each is indexed or refused; refused ones go to the dead-letter topic.
 /// Every attempt runs under a write guard: documents whose partition was revoked are dropped
-/// unwritten (the next owner reads them again).
+/// unwritten (the next owner reads them again). A refusal of the index rather than the document
+/// (a write block, refused credentials) holds the documents, sent again with backoff, and holds
+/// the worker's readiness until a write gets through. A request too large for the cluster is
+/// split in halves until the document that is too large is alone; that one is dead-lettered.
 async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
     // The ids `take_ready` held: record ids and version ids.
     let ids: HashSet<String> = batch
@@ -1173,70 +1487,191 @@ async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
             std::iter::once(r.parent_id.clone()).chain(version)
         })
         .collect();
-    let mut batch = batch;
     if !batch.is_empty() && shared.stable_ids {
         remove_stale_chunks(sink, shared, &batch).await;
     }
-    let mut attempt = 0;
-    while !batch.is_empty() {
-        let (guard, allowed) = shared
-            .assignment()
-            .begin_write(batch.iter().map(|(a, _)| &a.owner));
-        if allowed.iter().any(|owned| !owned) {
-            let mut owned = allowed.into_iter();
-            batch.retain(|_| owned.next().unwrap_or(false));
+    let mut parts = vec![batch];
+    while let Some(mut batch) = parts.pop() {
+        let mut attempt = 0;
+        while !batch.is_empty() {
+            // A record refused in an earlier request (another of its documents): none of the
+            // rest is written.
+            batch.retain(|(ack, _)| {
+                if ack.failed() {
+                    ack.done(1);
+                }
+                !ack.failed()
+            });
             if batch.is_empty() {
                 break;
             }
-        }
-        let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();
-        let started = std::time::Instant::now();
-        let results = sink.write(&requests).await;
-        drop(guard);
-        shared
-            .metrics
-            .bulk_latency
-            .observe(started.elapsed().as_secs_f64());
-        match results {
-            Ok(results) => {
-                let mut retry = Vec::new();
-                for ((ack, request), result) in batch.into_iter().zip(results) {
-                    match result {
-                        ItemResult::Ok => {
-                            shared.metrics.documents_indexed.inc();
-                            shared.metrics.bulk_item("ok", 1);
-                            if ack.done(1) {
-                                shared.metrics.record("indexed");
-                            }
-                        }
-                        ItemResult::Retry(reason) => {
-                            shared.metrics.bulk_item("retried", 1);
-                            tracing::debug!(id = %request.id, %reason, "bulk item will be retried");
-                            retry.push((ack, request));
-                        }
-                        ItemResult::Rejected(reason) => {
-                            shared.metrics.bulk_item("rejected", 1);
-                            let rejection = Rejection {
-                                kind: RejectionKind::IndexRejected,
-                                message: format!("document {}: {reason}", request.id),
-                            };
-                            shared.reject(&ack, rejection).await;
-                        }
-                    }
-                }
-                batch = retry;
-            }
-            Err(e) => {
-                if shared.gives_up(matches!(e, SinkError::Misconfigured(_)), &e) {
+            let (guard, allowed) = shared
+                .assignment()
+                .begin_write(batch.iter().map(|(a, _)| &a.owner));
+            if allowed.iter().any(|owned| !owned) {
+                let mut owned = allowed.into_iter();
+                batch.retain(|_| owned.next().unwrap_or(false));
+                if batch.is_empty() {
                     break;
                 }
-                tracing::warn!(error = %e, docs = batch.len(), attempt, "bulk request failed; retrying");
             }
-        }
-        if !batch.is_empty() {
-            attempt += 1;
-            tokio::time::sleep(RetryPolicy::BULK.wait(attempt)).await;
+            let requests: Vec<&IndexRequest> = batch.iter().map(|(_, r)| r).collect();
+            let started = std::time::Instant::now();
+            let results = sink.write(&requests).await;
+            drop(guard);
+            shared
+                .metrics
+                .bulk_latency
+                .observe(started.elapsed().as_secs_f64());
+            match results {
+                Ok(results) => {
+                    // Records with several documents of which one was refused: what was written
+                    // of them is deleted before they count as done (all or nothing).
+                    let refused: Vec<Arc<RecordAck>> = batch
+                        .iter()
+                        .zip(&results)
+                        .filter(|((_, r), result)| {
+                            r.chunks > 1 && matches!(result, ItemResult::Rejected(_))
+                        })
+                        .map(|((ack, _), _)| ack.clone())
+                        .collect();
+                    let is_refused =
+                        |ack: &Arc<RecordAck>| refused.iter().any(|r| Arc::ptr_eq(r, ack));
+                    let mut deferred: Vec<Arc<RecordAck>> = Vec::new();
+                    let mut rejections = Vec::new();
+                    let mut retry = Vec::new();
+                    let mut held = None;
+                    for ((ack, request), result) in batch.into_iter().zip(results) {
+                        match result {
+                            ItemResult::Ok if is_refused(&ack) => {
+                                shared.metrics.bulk_item("ok", 1);
+                                deferred.push(ack);
+                            }
+                            ItemResult::Ok => {
+                                shared.metrics.documents_indexed.inc();
+                                shared.metrics.bulk_item("ok", 1);
+                                shared.health.progressed();
+                                if ack.done(1) {
+                                    shared.metrics.record("indexed");
+                                }
+                            }
+                            ItemResult::Retry(reason) => {
+                                shared.metrics.bulk_item("retried", 1);
+                                tracing::debug!(id = %request.id, %reason, "bulk item will be retried");
+                                retry.push((ack, request));
+                            }
+                            ItemResult::Held(reason) => {
+                                shared.metrics.bulk_item("held", 1);
+                                held.get_or_insert_with(|| {
+                                    format!("document {}: {reason}", request.id)
+                                });
+                                retry.push((ack, request));
+                            }
+                            ItemResult::Rejected(reason) => {
+                                shared.metrics.bulk_item("rejected", 1);
+                                let rejection = Rejection {
+                                    kind: RejectionKind::IndexRejected,
+                                    message: format!("document {}: {reason}", request.id),
+                                };
+                                if is_refused(&ack) {
+                                    rejections.push((ack, request.parent_id.clone(), rejection));
+                                } else {
+                                    shared.reject(&ack, rejection).await;
+                                }
+                            }
+                        }
+                    }
+                    for (ack, parent_id, rejection) in rejections {
+                        if !ack.failed() {
+                            remove_record(sink, shared, &ack, &parent_id).await;
+                        }
+                        shared.reject(&ack, rejection).await;
+                    }
+                    for ack in deferred {
+                        ack.done(1);
+                    }
+                    match held {
+                        Some(reason) => shared.health.hold(Fault::OpenSearch, &reason),
+                        None => shared.health.clear(Fault::OpenSearch),
+                    }
+                    batch = retry;
+                }
+                Err(SinkError::TooLarge(reason)) if batch.len() > 1 => {
+                    tracing::info!(docs = batch.len(), error = %reason, "the cluster refused a _bulk request as too large; sending it in halves");
+                    let second = batch.split_off(batch.len() / 2);
+                    parts.push(second);
+                    parts.push(std::mem::take(&mut batch));
+                    break;
+                }
+                Err(SinkError::TooLarge(reason)) => {
+                    shared.health.clear(Fault::OpenSearch);
+                    for (ack, request) in std::mem::take(&mut batch) {
+                        shared.metrics.bulk_item("rejected", 1);
+                        if request.chunks > 1 && !ack.failed() {
+                            remove_record(sink, shared, &ack, &request.parent_id).await;
+                        }
+                        let rejection = Rejection {
+                            kind: RejectionKind::TooLarge,
+                            message: format!(
+                                "document {} ({} bytes) alone is larger than the cluster accepts in one request: {reason}; lower chunking.maxChars, drop large metadata fields, or raise http.max_content_length",
+                                request.id,
+                                request.source.len()
+                            ),
+                        };
+                        shared.reject(&ack, rejection).await;
+                    }
+                }
+                Err(e) => {
+                    if shared.gives_up(matches!(e, SinkError::Misconfigured(_)), &e) {
+                        parts.clear();
+                        break;
+                    }
+                    if let SinkError::Held(reason) = &e {
+                        shared.health.hold(Fault::OpenSearch, reason);
+                    }
+                    tracing::warn!(error = %e, docs = batch.len(), attempt, "bulk request failed; retrying");
+                }
+            }
+            if !batch.is_empty() {
+                attempt += 1;
+                tokio::time::sleep(RetryPolicy::BULK.wait(attempt)).await;
+            }
         }
     }
     shared.end_writes(ids.iter().map(String::as_str));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_trips_on_distinct_records_refused_alike_and_resets_on_success() {
+        let breaker = Breaker::default();
+        for n in 0..BREAKER_RECORDS - 1 {
+            assert_eq!(breaker.refused(&format!("r{n}"), "bad model"), None);
+            // The same record again does not count twice.
+            assert_eq!(breaker.refused(&format!("r{n}"), "bad model"), None);
+        }
+        let held = breaker.refused("last", "bad model").expect("tripped");
+        assert!(
+            held.contains("bad model") && held.contains("modelId"),
+            "{held}"
+        );
+        assert!(
+            breaker.refused("other", "another error").is_some(),
+            "still held"
+        );
+        breaker.succeeded();
+        assert_eq!(breaker.refused("r0", "bad model"), None);
+    }
+
+    #[test]
+    fn refusals_that_differ_per_record_never_trip_the_breaker() {
+        let breaker = Breaker::default();
+        for n in 0..50 {
+            let message = format!("input too long: {n} tokens");
+            assert_eq!(breaker.refused(&format!("r{n}"), &message), None);
+        }
+    }
 }

@@ -61,6 +61,7 @@ impl Sink for LocalStore {
             chunks: doc.chunks,
             // Serialising a struct of strings, maps and floats cannot fail.
             source: serde_json::to_vec(&stored).unwrap_or_default(),
+            stamp: 0,
         }
     }
 
@@ -81,7 +82,7 @@ impl Sink for LocalStore {
     }
 
     /// Lines of a file have no keys: only the record id counts.
-    async fn delete_record(&self, parent_id: &str, _: bool) -> Result<u64, SinkError> {
+    async fn delete_record(&self, parent_id: &str, _: bool, _: u64) -> Result<u64, SinkError> {
         let deleted = self.lock().retain_chunks(parent_id, &[]).map_err(failed)?;
         Ok(deleted as u64)
     }

@@ -18,6 +18,11 @@ pub const TIMESTAMP_FIELD: &str = "@timestamp";
 /// The field holding the record's Kafka key, when ids come from `idPointer` and the key is not
 /// the id (its tombstone finds the document by it).
 pub const SOURCE_KEY_FIELD: &str = "sourceKey";
+/// The field holding a document's id where OpenSearch picks `_id` itself (Serverless).
+pub const DOC_ID_FIELD: &str = "docId";
+/// The field holding when a document's record was read (microseconds since the epoch), where
+/// OpenSearch picks `_id` itself: a version deletes the older documents of its record by it.
+pub const WRITTEN_AT_FIELD: &str = "writtenAt";
 
 /// The document ids of a record with `chunks` chunks: the record id itself when it has one,
 /// else `<id>#0` … `<id>#<chunks - 1>`.
@@ -41,6 +46,14 @@ pub enum SinkError {
     /// Configuration that a person must fix.
     #[error("{0}")]
     Misconfigured(String),
+    /// The cluster refuses the request for a reason the documents cannot fix (a write block,
+    /// refused credentials, a missing index): the records are held until it accepts them.
+    #[error("{0}")]
+    Held(String),
+    /// The request is larger than the cluster accepts (413): fewer documents per request, or
+    /// the one document alone, is what can go.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What happened to one document of a bulk request.
@@ -50,8 +63,12 @@ pub enum ItemResult {
     Ok,
     /// Rejected for now (429, 5xx): send again later.
     Retry(String),
-    /// Refused for good (a mapping conflict, a malformed document).
+    /// Refused for good because of the document itself (a mapping conflict, a malformed
+    /// field): its record goes to the dead-letter topic.
     Rejected(String),
+    /// Refused because of the index or the cluster (a write block, missing permissions, a
+    /// missing index): held and sent again until it is accepted; the string says what to fix.
+    Held(String),
 }
 
 /// A document with its vector, ready for `_bulk`.
@@ -65,6 +82,9 @@ pub struct IndexRequest {
     pub chunks: usize,
     /// The `_source`, serialised.
     pub source: Vec<u8>,
+    /// When its record was read ([`crate::pipeline::ack::stamp`]): later versions of a record
+    /// have larger stamps.
+    pub stamp: u64,
 }
 
 /// Where documents go.
@@ -79,13 +99,14 @@ pub trait Sink: Send + Sync + 'static {
         requests: &[&IndexRequest],
     ) -> impl Future<Output = Result<Vec<ItemResult>, SinkError>> + Send;
 
-    /// Deletes every document of the record `parent_id` (a tombstone of that key); with
-    /// `by_source_key`, also those whose record had this Kafka key (ids from `idPointer`).
-    /// Returns how many existed.
+    /// Deletes every document of the record `parent_id` (a tombstone of that key, read at
+    /// `stamp`); with `by_source_key`, also those whose record had this Kafka key (ids from
+    /// `idPointer`). Returns how many existed.
     fn delete_record(
         &self,
         parent_id: &str,
         by_source_key: bool,
+        stamp: u64,
     ) -> impl Future<Output = Result<u64, SinkError>> + Send;
 
     /// Deletes the documents that these records (parent id, new chunk count) had before and no

@@ -147,7 +147,7 @@ pub struct Context {
     pub msk_iam_region: Option<String>,
     /// `/readyz`: set once the consumer has joined its group (its first assignment, which may
     /// be empty when there are more workers than partitions), cleared when it stops.
-    pub ready: Arc<AtomicBool>,
+    pub health: Arc<crate::health::Health>,
     /// Set while the worker drains before exiting: new assignments are paused at once.
     pub stopping: Arc<AtomicBool>,
     /// The longest a revoke waits for writes in flight of the partitions leaving.
@@ -261,7 +261,7 @@ impl ConsumerContext for Context {
                     tracing::warn!(error = %e, "pausing newly assigned partitions failed");
                 }
             } else {
-                self.ready.store(true, Ordering::SeqCst);
+                self.health.joined.store(true, Ordering::SeqCst);
             }
             tracing::info!(?added, "partitions assigned");
         }

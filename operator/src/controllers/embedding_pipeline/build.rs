@@ -7,9 +7,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceFieldSelector, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -194,6 +194,19 @@ pub fn build(
         ),
         plain_env("VECTORPIPE_DRAIN_SECONDS", WORKER_DRAIN_SECONDS.to_string()),
         plain_env("VECTORPIPE_LOG_FORMAT", "json"),
+        // The worker bounds the bytes its records in flight hold by a quarter of this.
+        EnvVar {
+            name: "VECTORPIPE_MEMORY_REQUEST_BYTES".into(),
+            value_from: Some(EnvVarSource {
+                resource_field_ref: Some(ResourceFieldSelector {
+                    container_name: Some("worker".into()),
+                    resource: "requests.memory".into(),
+                    ..ResourceFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
     ];
     let mut mounts: Vec<SecretMount> = Vec::new();
     if let Some(auth) = &spec.source.kafka.auth {

@@ -21,11 +21,27 @@ pub fn compute(
     let mut status = pipeline.status.clone().unwrap_or_default();
     status.observed_generation = generation;
     status.selector = Some(selector_string(pipeline));
-    let dead_letter_note = if pipeline.spec.dead_letter.is_none() {
-        "; no deadLetter.topic is configured, so records that cannot be indexed are skipped and counted"
-    } else {
-        ""
-    };
+    let serverless = pipeline
+        .spec
+        .sink
+        .opensearch
+        .auth
+        .as_ref()
+        .and_then(|a| a.sigv4.as_ref())
+        .is_some_and(|s| s.service == vectorpipe_crds::v1alpha1::SigV4Service::Aoss);
+    let dead_letter_note = format!(
+        "{}{}",
+        if pipeline.spec.dead_letter.is_none() {
+            "; no deadLetter.topic is configured, so records that cannot be indexed are skipped and counted"
+        } else {
+            ""
+        },
+        if serverless {
+            "; OpenSearch Serverless picks document ids, so a new version replaces and a tombstone deletes by query: a search can see the older version next to the new one for up to about 20 s, and a worker crash in that time can leave it until the record's next write"
+        } else {
+            ""
+        }
+    );
     let mut set = |type_: &'static str, value: ConditionStatus, reason: &str, message: String| {
         set_condition(
             &mut status.conditions,
