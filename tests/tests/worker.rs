@@ -1529,6 +1529,91 @@ async fn a_record_larger_than_the_dead_letter_topic_takes_is_dead_lettered_cut_t
     Ok(())
 }
 
+/// The in-flight byte budget bounds what the worker holds, whatever the count bounds allow: with
+/// a budget of 16 MiB, records of 1.5 MB and queues that would take every record of the backlog,
+/// never more records are open (read, not yet committed) than the budget holds at twice a
+/// record's size (its message and its text), plus the one waiting for room; every record is
+/// still indexed. The count comes from the commit tracker, not from the budget's own gauge, so a
+/// budget that is not applied shows (without it, 14 of the 20 records were open at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_byte_budget_bounds_the_records_in_flight_and_every_record_is_indexed() -> Result<()> {
+    const RECORDS: usize = 20;
+    const RECORD_BYTES: usize = 1_500_000;
+    const BUDGET: usize = 16 << 20;
+    let setup = Setup::new("e2e-budget").await?;
+    let big_topic = format!("{}-big", setup.topic);
+    kafka::create_topic_with(&big_topic, PARTITIONS, &[("max.message.bytes", "8388608")]).await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["source"]["kafka"]["topics"] = json!([big_topic]);
+        pipeline["spec"]["chunking"] =
+            json!({"strategy": "recursive", "maxChars": 20000, "overlapChars": 0});
+    })?;
+    setup.fake.set_latency(Duration::from_millis(200));
+    let producer: FutureProducer = kafka::config()?
+        .set("message.max.bytes", "8000000")
+        .create()?;
+    let sentence = "Large records test the byte budget of the worker, sentence after sentence. ";
+    for n in 0..RECORDS {
+        let id = format!("big-{n}");
+        let text = sentence.repeat(RECORD_BYTES / sentence.len() + 1);
+        let payload = json!({"id": id, "text": text}).to_string();
+        producer
+            .send(
+                FutureRecord::to(&big_topic).key(&id).payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let worker = Worker::start_with_env(
+        &setup.pipeline,
+        &setup.dir.join("worker.log"),
+        &[("VECTORPIPE_MAX_IN_FLIGHT_BYTES", &BUDGET.to_string())],
+    )?;
+    let (mut most_open, mut most_bytes) = (0.0_f64, 0.0_f64);
+    let started = std::time::Instant::now();
+    while !kafka::commits_at_end(&big_topic, &setup.group, PARTITIONS)? {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(240),
+            "the backlog was not committed in 240 s; most records open at once: {most_open}"
+        );
+        if let Ok(page) = worker.metrics_text().await {
+            let open =
+                vectorpipe_tests::worker::metric_sum(&page, "vectorpipe_worker_records_in_flight");
+            let bytes =
+                vectorpipe_tests::worker::metric_sum(&page, "vectorpipe_worker_in_flight_bytes");
+            most_open = most_open.max(open);
+            most_bytes = most_bytes.max(bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Each record holds at least its message and the text taken from it; one more may be open
+    // while it waits for room.
+    let bound = (BUDGET / (2 * RECORD_BYTES) + 1) as f64;
+    assert!(
+        most_open <= bound,
+        "{most_open} records were open at once; a budget of {BUDGET} bytes holds at most {bound} records of {RECORD_BYTES} bytes"
+    );
+    assert!(most_open >= 1.0, "the records in flight were never seen");
+    // The budget was in use (its gauge is what `/metrics` shows an SRE).
+    assert!(
+        most_bytes > 0.0,
+        "vectorpipe_worker_in_flight_bytes stayed at 0"
+    );
+    let page = worker.metrics_text().await?;
+    assert_eq!(
+        labelled_sum(
+            &page,
+            "vectorpipe_worker_records_total",
+            r#"outcome="indexed""#
+        ),
+        RECORDS as f64,
+        "{page}"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
 /// A dead-letter topic that does not exist (auto-creation off) takes nothing: the refused
 /// record waits, nothing after it is committed, the worker is not ready and says why; once the
 /// topic exists, the record is dead-lettered and the commits reach the end.
