@@ -1,7 +1,12 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! `/metrics`, `/healthz` and `/readyz`, on a TCP address and, for the kubelet's probes, on a
+//! Unix socket in the pod's own scratch directory; and the client the probes run.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 
 use axum::Router;
 use axum::extract::State;
@@ -53,12 +58,14 @@ async fn live(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-/// Serves the endpoints on `address` in the background; returns the bound address.
+/// Serves the endpoints on `address` in the background, and on the Unix socket `socket` when
+/// given (a file left by an earlier run of the container is replaced); returns the bound address.
 pub async fn serve(
     address: SocketAddr,
+    socket: Option<&Path>,
     registry: Registry,
     health: Arc<Health>,
-) -> std::io::Result<SocketAddr> {
+) -> anyhow::Result<SocketAddr> {
     let state = AppState {
         registry: Arc::new(registry),
         health,
@@ -68,12 +75,104 @@ pub async fn serve(
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(address).await?;
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+        format!("cannot listen on {address} for /metrics; is another process using the port? Set VECTORPIPE_METRICS_ADDRESS (port 0 picks a free one)")
+    })?;
     let bound = listener.local_addr()?;
+    if let Some(path) = socket {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+            }
+        }
+        let unix = tokio::net::UnixListener::bind(path).with_context(|| {
+            format!(
+                "cannot create the admin socket {}; its directory must exist and be writable (VECTORPIPE_ADMIN_SOCKET)",
+                path.display()
+            )
+        })?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(unix, app).await {
+                tracing::error!(error = %e, "the admin socket stopped");
+            }
+        });
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics server stopped");
         }
     });
     Ok(bound)
+}
+
+/// `GET path` on the worker's admin socket: the status code and the body. What the kubelet's
+/// exec probes run, so a probe needs no TCP port (two pods on the host network never clash).
+pub async fn probe(socket: &Path, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let ask = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("the worker is not listening on {}", socket.display()))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::<hyper::body::Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .with_context(|| format!("no answer from {} in {timeout:?}", socket.display()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probes_reach_the_endpoints_over_the_socket_and_see_not_ready() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let socket = dir.path().join("worker.sock");
+        // A stale file from an earlier run of the container is replaced.
+        std::fs::write(&socket, b"stale").expect("a stale file");
+        let (metrics, registry) = crate::metrics::Metrics::new("probe-test");
+        let health = Arc::new(Health::new(Arc::new(metrics), Duration::from_secs(300)));
+        serve(
+            "127.0.0.1:0".parse().expect("an address"),
+            Some(&socket),
+            registry,
+            health.clone(),
+        )
+        .await
+        .expect("serving");
+        let timeout = Duration::from_secs(5);
+        let (status, body) = probe(&socket, "/readyz", timeout).await.expect("an answer");
+        assert_eq!(status, 503, "{body}");
+        health
+            .joined
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (status, _) = probe(&socket, "/readyz", timeout).await.expect("an answer");
+        assert_eq!(status, 200);
+        let (status, _) = probe(&socket, "/healthz", timeout)
+            .await
+            .expect("an answer");
+        assert_eq!(status, 200);
+        let (status, body) = probe(&socket, "/metrics", timeout)
+            .await
+            .expect("an answer");
+        assert_eq!(status, 200);
+        assert!(body.contains("vectorpipe_worker"), "{body}");
+        let missing = dir.path().join("missing.sock");
+        let error = probe(&missing, "/readyz", timeout)
+            .await
+            .expect_err("no worker");
+        assert!(format!("{error:#}").contains("not listening"), "{error:#}");
+    }
 }

@@ -58,6 +58,10 @@ enum Command {
         /// Address of /metrics, /healthz, /readyz. Default: 0.0.0.0:<spec.workers.metricsPort>.
         #[arg(long, env = "VECTORPIPE_METRICS_ADDRESS")]
         metrics_address: Option<SocketAddr>,
+        /// A Unix socket that serves the same endpoints, for `probe` (the operator puts it in
+        /// the pod's scratch directory).
+        #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
+        admin_socket: Option<PathBuf>,
         /// Seconds allowed to finish in-flight work after SIGTERM.
         #[arg(long, env = "VECTORPIPE_DRAIN_SECONDS", default_value_t = 25)]
         drain_seconds: u64,
@@ -77,6 +81,19 @@ enum Command {
         /// Log as JSON lines (the default in containers) or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
+    },
+    /// Ask the worker running in this pod for `/healthz` or `/readyz` over its admin socket:
+    /// exit 0 when it answers 200, else 1 with its answer (the kubelet's exec probes; they need
+    /// no TCP port, so worker pods on the host network never clash).
+    Probe {
+        /// The endpoint: /healthz or /readyz.
+        path: String,
+        /// The worker's admin socket.
+        #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
+        socket: PathBuf,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_seconds: u64,
     },
     /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
     Local {
@@ -289,7 +306,7 @@ async fn run(
     pipeline: PathBuf,
     name: Option<String>,
     namespace: Option<String>,
-    metrics_address: Option<SocketAddr>,
+    (metrics_address, admin_socket): (Option<SocketAddr>, Option<PathBuf>),
     drain_seconds: u64,
     stall_seconds: u64,
     (max_in_flight_bytes, memory_request_bytes): (Option<usize>, Option<u64>),
@@ -322,7 +339,7 @@ async fn run(
             spec.workers.metrics_port.clamp(1, 65535) as u16,
         ))
     });
-    let bound = http::serve(address, registry, health.clone()).await?;
+    let bound = http::serve(address, admin_socket.as_deref(), registry, health.clone()).await?;
     tracing::info!(pipeline = %name, %namespace, group_id, metrics = %bound, "starting");
 
     let sink = sink::opensearch::OpenSearchIndex::new(
@@ -464,6 +481,37 @@ fn main() -> ExitCode {
             k,
             laptop: args,
         } => laptop(local_search(query, k, args)),
+        Command::Probe {
+            path,
+            socket,
+            timeout_seconds,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let timeout = Duration::from_secs(timeout_seconds);
+            match runtime.block_on(http::probe(&socket, &path, timeout)) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok((status, body)) => {
+                    print!("{status}: {body}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    println!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {
                 println!(
@@ -484,6 +532,7 @@ fn main() -> ExitCode {
             name,
             namespace,
             metrics_address,
+            admin_socket,
             drain_seconds,
             stall_seconds,
             max_in_flight_bytes,
@@ -501,7 +550,7 @@ fn main() -> ExitCode {
                 pipeline,
                 name,
                 namespace,
-                metrics_address,
+                (metrics_address, admin_socket),
                 drain_seconds,
                 stall_seconds,
                 (max_in_flight_bytes, memory_request_bytes),

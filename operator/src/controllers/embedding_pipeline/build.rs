@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ExecAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceFieldSelector, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
     Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
@@ -22,6 +22,13 @@ use crate::labels::{
     CONFIG_HASH_ANNOTATION, PIPELINE_FILE, PIPELINE_LABEL, PIPELINE_MOUNT, WORKER_DRAIN_SECONDS,
     WORKER_NAME,
 };
+
+/// Where the worker image has its binary (worker/Dockerfile).
+const WORKER_BINARY: &str = "/usr/local/bin/vectorpipe-worker";
+
+/// The worker's admin socket, in the pod's scratch directory: the probes ask it, so they need no
+/// TCP port and worker pods on the host network never clash on one.
+const WORKER_SOCKET: &str = "/tmp/vectorpipe-worker.sock";
 
 /// Settings of the operator that shape the children.
 #[derive(Clone, Debug)]
@@ -192,6 +199,7 @@ pub fn build(
             "VECTORPIPE_METRICS_ADDRESS",
             format!("0.0.0.0:{}", spec.workers.metrics_port),
         ),
+        plain_env("VECTORPIPE_ADMIN_SOCKET", WORKER_SOCKET),
         plain_env("VECTORPIPE_DRAIN_SECONDS", WORKER_DRAIN_SECONDS.to_string()),
         plain_env("VECTORPIPE_LOG_FORMAT", "json"),
         // The worker bounds the bytes its records in flight hold by a quarter of this.
@@ -343,13 +351,20 @@ pub fn build(
         });
     }
 
+    // `vectorpipe-worker probe` asks the running worker over its admin socket and exits 0 on a
+    // 200 (its output, the worker's reasons, lands in the probe's event).
     let probe = |path: &str, period: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("metrics".into()),
-            ..HTTPGetAction::default()
+        exec: Some(ExecAction {
+            command: Some(vec![
+                WORKER_BINARY.into(),
+                "probe".into(),
+                path.into(),
+                "--timeout-seconds".into(),
+                "2".into(),
+            ]),
         }),
         period_seconds: Some(period),
+        timeout_seconds: Some(3),
         failure_threshold: Some(3),
         ..Probe::default()
     };
@@ -610,28 +625,28 @@ mod tests {
             sc.capabilities.as_ref().unwrap().drop.as_deref(),
             Some(&["ALL".to_owned()][..])
         );
+        // The probes ask the worker over its socket: no TCP port needed.
+        let command = |probe: &Option<Probe>| {
+            probe
+                .as_ref()
+                .and_then(|p| p.exec.as_ref())
+                .and_then(|e| e.command.clone())
+                .unwrap_or_default()
+        };
         assert_eq!(
-            c.readiness_probe
-                .as_ref()
-                .unwrap()
-                .http_get
-                .as_ref()
-                .unwrap()
-                .path
-                .as_deref(),
-            Some("/readyz")
+            command(&c.readiness_probe)[..3],
+            [WORKER_BINARY, "probe", "/readyz"]
         );
         assert_eq!(
-            c.liveness_probe
-                .as_ref()
-                .unwrap()
-                .http_get
-                .as_ref()
-                .unwrap()
-                .path
-                .as_deref(),
-            Some("/healthz")
+            command(&c.liveness_probe)[..3],
+            [WORKER_BINARY, "probe", "/healthz"]
         );
+        assert_eq!(
+            env(c, "VECTORPIPE_ADMIN_SOCKET").and_then(|e| e.value.as_deref()),
+            Some(WORKER_SOCKET)
+        );
+        let scratch = c.volume_mounts.as_ref().unwrap();
+        assert!(scratch.iter().any(|m| m.mount_path == "/tmp"));
         assert_eq!(
             env(c, "AWS_REGION").and_then(|e| e.value.as_deref()),
             Some("eu-west-1")
