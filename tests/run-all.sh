@@ -22,6 +22,10 @@ command -v lua5.1 >/dev/null || missing+=(lua5.1)
 # librdkafka's TLS and SCRAM link the system OpenSSL.
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# The real node (tests/harness/up.sh node): Debian's containerd and runc, and the CNI loopback plugin.
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/lib/cni/loopback ] || missing+=(containernetworking-plugins)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     step "installing Debian packages: ${missing[*]}"
@@ -51,7 +55,7 @@ cargo test --workspace --features vectorpipe-tests/harness --no-run -q
 
 step "starting the harness servers"
 trap 'step "stopping the harness servers"; tests/harness/down.sh' EXIT
-tests/harness/up.sh
+tests/harness/up.sh k8s kafka prometheus opensearch node
 . "$VP_RUN/env"
 
 step "running the tests"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes control plane used by the tests from the Go module proxy:
-# kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes), etcd
-# (go.etcd.io/etcd/server/v3) and kwok (sigs.k8s.io/kwok). Binaries land in
+# kube-apiserver, kube-controller-manager, kube-scheduler and the kubelet of the real node
+# (k8s.io/kubernetes), etcd (go.etcd.io/etcd/server/v3) and kwok (sigs.k8s.io/kwok). Binaries land in
 # $VP_CACHE/k8s/v$K8S_VERSION and are reused when already there.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -10,7 +10,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 K8S_VERSION="${K8S_VERSION:-1.37.2}"
 KWOK_VERSION="${KWOK_VERSION:-v0.7.0}"
 out="$VP_CACHE/k8s/v$K8S_VERSION"
-wanted=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok)
+wanted=(kube-apiserver kube-controller-manager kube-scheduler kubelet etcd kwok)
 
 all_built() {
   local b
@@ -57,11 +57,14 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $p.gitVersion=v$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
   ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=2026-01-01T00:00:00Z"
 done
-log "building kube-apiserver, kube-controller-manager, kube-scheduler (slow on a cold machine)"
+log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet (slow on a cold machine)"
+# The kubelet builds without cgo, like the rest: what the real node uses of it (containerd over
+# CRI, cgroupfs) needs none.
 go build -trimpath -ldflags "$ldflags" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler
+  k8s.io/kubernetes/cmd/kube-scheduler \
+  k8s.io/kubernetes/cmd/kubelet
 log "building etcd $etcd_version"
 go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
 

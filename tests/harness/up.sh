@@ -5,7 +5,8 @@
 #   kafka       one Apache Kafka broker (KRaft, combined broker + controller)
 #   prometheus  Debian's Prometheus, scraping the targets tests drop into a file_sd directory
 #   opensearch  one OpenSearch 2.19 node with the k-NN plugin (lucene engine; no native libraries)
-# usage: up.sh [component ...]   (no argument: all of them)
+#   node        a real kubelet with containerd, running the project's images (after k8s; opt-in)
+# usage: up.sh [component ...]   (no argument: all but node)
 # Writes $VP_RUN/env (source it) and logs to $VP_RUN/log. Stop everything with down.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -52,6 +53,17 @@ wait_for() {
   done
 }
 tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# sign_cert DIR NAME SUBJECT EXTENSION...: a key and a certificate signed by DIR's CA.
+sign_cert() {
+  local dir=$1 name=$2 subject=$3
+  shift 3
+  openssl req -newkey rsa:2048 -nodes -subj "$subject" \
+    -keyout "$dir/$name.key" -out "$dir/$name.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" "$@" \
+    >"$dir/$name.ext"
+  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 30 -extfile "$dir/$name.ext" -out "$dir/$name.crt" 2>/dev/null
+}
 
 up_k8s() {
   "$here/build-k8s.sh"
@@ -78,6 +90,13 @@ up_k8s() {
     "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc" >"$pki/apiserver.ext"
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+  # The real node's kubelet (user system:node:127.0.0.1 for the Node authorizer), its serving
+  # certificate, and the apiserver's identity towards it (logs, exec).
+  sign_cert "$pki" kubelet-client "/O=system:nodes/CN=system:node:127.0.0.1" "extendedKeyUsage=clientAuth"
+  sign_cert "$pki" kubelet-serving "/CN=127.0.0.1" "extendedKeyUsage=serverAuth" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost"
+  sign_cert "$pki" apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+    "extendedKeyUsage=clientAuth"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
   local token
@@ -117,7 +136,10 @@ KC
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
     --cert-dir="$dir/certs" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" \
-    --authorization-mode=RBAC \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$pki/ca.crt" --kubelet-preferred-address-types=InternalIP \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
@@ -280,6 +302,192 @@ up_opensearch() {
   log "opensearch: ready ($(curl -s "http://127.0.0.1:$port" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"]["number"])'), k-NN plugin loaded)"
 }
 
+# A real node next to kwok's fake one: Debian's containerd and runc, the kubelet built with the
+# control plane, the pause image built from the Kubernetes source, the project's images imported
+# from binaries cargo built (images.sh). Two settings are essential on these machines: containerd
+# must not lower a sandbox's oom_score_adj (root lacks CAP_SYS_RESOURCE), and the node is named
+# 127.0.0.1 (its InternalIP, so probes, host-network pod IPs and the apiserver's calls to the
+# kubelet stay on loopback). Pods reach it only when they ask: the node carries the taint
+# vectorpipe.io/real-node=true:NoSchedule, and pods labelled vectorpipe.io/real-node=true are
+# put on the host network by an admission policy (servers here may listen on 127.0.0.0/8 only).
+up_node() {
+  if [ -z "${VP_KUBECONFIG:-}" ]; then
+    log "node: needs the k8s component first (up.sh k8s ... node)"
+    return 1
+  fi
+  local tool
+  for tool in containerd containerd-shim-runc-v2 runc ctr; do
+    if ! command -v "$tool" >/dev/null || [ ! -x /usr/lib/cni/loopback ]; then
+      log "node: install Debian's containerd, runc and CNI plugins: apt-get install -y containerd runc containernetworking-plugins"
+      return 1
+    fi
+  done
+  "$here/build-k8s.sh"
+  local k8s_version="${K8S_VERSION:-1.37.2}"
+  local bins="$VP_CACHE/k8s/v$k8s_version" dir="$VP_RUN/node" pki="$VP_RUN/k8s/pki"
+  local kubectl="$VP_CACHE/bin/kubectl --kubeconfig=$VP_KUBECONFIG"
+  mkdir -p "$dir/cni" "$dir/images" "$dir/kubelet" "$dir/pod-logs"
+
+  # The sandbox image the kubelet of this version expects, built as upstream builds it.
+  local pause="$VP_CACHE/images/pause-3.10.2.tar"
+  if [ ! -f "$pause" ]; then
+    local src
+    src="$(go env GOMODCACHE)/k8s.io/kubernetes@v$k8s_version/build/pause/linux/pause.c"
+    [ -f "$src" ] || (cd "$VP_CACHE/k8s/src-v$k8s_version" && GOFLAGS=-mod=mod go mod download "k8s.io/kubernetes@v$k8s_version")
+    mkdir -p "$VP_CACHE/images" "$dir/pause-rootfs"
+    gcc -Os -Wall -Werror -static -DVERSION=v3.10.2-0 -o "$dir/pause-rootfs/pause" "$src"
+    strip "$dir/pause-rootfs/pause"
+    python3 "$here/mkimage.py" "$dir/pause-rootfs" "$pause.tmp" registry.k8s.io/pause:3.10.2 \
+      --entrypoint '["/pause"]' --user 65535:65535 >&2
+    mv "$pause.tmp" "$pause"
+  fi
+
+  printf '{"cniVersion": "1.0.0", "name": "host-network-only", "plugins": [{"type": "loopback"}]}\n' \
+    >"$dir/cni/10-loopback.conflist"
+  cat >"$dir/containerd.toml" <<TOML
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+oom_score = 0
+[grpc]
+  address = "$dir/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.10.2"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_tcp_service = true
+  disable_apparmor = true
+  # No CAP_SYS_RESOURCE here: runc cannot give a sandbox the -998 containerd asks for.
+  restrict_oom_score_adj = true
+  tolerate_missing_hugetlb_controller = true
+  disable_hugetlb_controller = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$dir/containerd/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$dir/cni"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/containerd/opt"
+TOML
+  log "node: starting containerd"
+  start containerd containerd --config "$dir/containerd.toml"
+  local ctr="ctr --address $dir/containerd.sock -n k8s.io"
+  wait_for containerd 30 $ctr version
+  $ctr images import "$pause" >/dev/null
+  CONTAINERD_ADDRESS="$dir/containerd.sock" "$here/images.sh" \
+    "${VP_IMAGE_BINARIES:-${CARGO_TARGET_DIR:-$VP_CACHE/target}/debug}" "$dir/images" --import
+
+  local port healthz api
+  port=$(free_port)
+  healthz=$(free_port)
+  api=$(sed -n 's/^ *server: *//p' "$VP_KUBECONFIG")
+  cat >"$dir/kubelet.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: harness
+  cluster: {server: "$api", certificate-authority: "$pki/ca.crt"}
+users:
+- name: kubelet
+  user: {client-certificate: "$pki/kubelet-client.crt", client-key: "$pki/kubelet-client.key"}
+contexts:
+- name: harness
+  context: {cluster: harness, user: kubelet}
+current-context: harness
+KC
+  cat >"$dir/kubelet.yaml" <<CFG
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: $port
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: $healthz
+tlsCertFile: $pki/kubelet-serving.crt
+tlsPrivateKeyFile: $pki/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $pki/ca.crt}
+authorization: {mode: Webhook}
+containerRuntimeEndpoint: unix://$dir/containerd.sock
+cgroupDriver: cgroupfs
+failCgroupV1: false
+failSwapOn: false
+podLogsDir: $dir/pod-logs
+maxPods: 30
+serializeImagePulls: false
+# The imported images are all there is: never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+rotateCertificates: false
+registerWithTaints:
+- {key: vectorpipe.io/real-node, value: "true", effect: NoSchedule}
+CFG
+  log "node: starting the kubelet on :$port"
+  start kubelet "$bins/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubelet.kubeconfig" \
+    --root-dir="$dir/kubelet" --hostname-override=127.0.0.1 --v=1
+  wait_for kubelet 120 curl -sf "http://127.0.0.1:$healthz/healthz"
+  wait_for kubelet 120 sh -c "$kubectl get node 127.0.0.1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+
+  local api_host=${api#https://} 
+  $kubectl apply -f - >/dev/null <<POLICY
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingAdmissionPolicy
+metadata: {name: vectorpipe-real-node}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  variables:
+  - name: worker
+    expression: >
+      has(object.metadata.labels) && object.metadata.labels[?"app.kubernetes.io/name"].orValue("") == "vectorpipe-worker"
+  mutations:
+  # Host network; servers bound to all addresses move to 127.0.0.1; the API is reached on
+  # 127.0.0.1 (no kube-proxy here for the kubernetes Service). Worker pods share the host's
+  # ports, so two of them (a scale-out, a rollout's surge pod) would collide on the metrics port:
+  # each serves its metrics on a port of its own (127.0.0.1:0) and the admin socket, which the
+  # exec probes use, and declares no container port (a hostNetwork pod's container ports become
+  # host ports, and the scheduler would keep the second pod Pending).
+  - patchType: ApplyConfiguration
+    applyConfiguration:
+      expression: >
+        Object{spec: Object.spec{hostNetwork: true, dnsPolicy: "ClusterFirstWithHostNet",
+          containers: object.spec.containers.map(c, Object.spec.containers{name: c.name,
+            env: (has(c.env) ? c.env : []).filter(e, e.name == "VECTORPIPE_METRICS_ADDRESS" && has(e.value)).map(e,
+              Object.spec.containers.env{name: e.name, value: variables.worker ? "127.0.0.1:0" : e.value.replace("0.0.0.0:", "127.0.0.1:")})
+              + [Object.spec.containers.env{name: "KUBERNETES_SERVICE_HOST", value: "${api_host%:*}"},
+                 Object.spec.containers.env{name: "KUBERNETES_SERVICE_PORT", value: "${api_host##*:}"}]})}}
+  - patchType: JSONPatch
+    jsonPatch:
+      expression: >
+        variables.worker ? object.spec.containers.filter(c, has(c.ports)).map(c,
+          JSONPatch{op: "remove", path: "/spec/containers/" + string(object.spec.containers.indexOf(c)) + "/ports"}) : []
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingAdmissionPolicyBinding
+metadata: {name: vectorpipe-real-node}
+spec:
+  policyName: vectorpipe-real-node
+  matchResources:
+    objectSelector:
+      matchLabels: {vectorpipe.io/real-node: "true"}
+POLICY
+  put_env VP_REAL_NODE 127.0.0.1
+  put_env VP_CONTAINERD_ADDRESS "$dir/containerd.sock"
+  log "node: ready ($("$bins/kubelet" --version | awk '{print $2}'), containerd $(containerd --version | awk '{print $3}'))"
+}
+
 put_env VP_RUN "$VP_RUN"
 for c in "${components[@]}"; do
   case "$c" in
@@ -287,7 +495,8 @@ for c in "${components[@]}"; do
     kafka) up_kafka ;;
     prometheus) up_prometheus ;;
     opensearch) up_opensearch ;;
-    *) log "unknown component $c (known: k8s kafka prometheus opensearch)"; exit 2 ;;
+    node) up_node ;;
+    *) log "unknown component $c (known: k8s kafka prometheus opensearch node)"; exit 2 ;;
   esac
 done
 log "harness up; environment in $envfile"
