@@ -106,6 +106,8 @@ pub struct ModelStats {
     pub texts: u64,
     /// Input tokens counted.
     pub input_tokens: u64,
+    /// Texts embedded per Cohere `input_type` (`search_document`, `search_query`, ...).
+    pub input_types: BTreeMap<String, u64>,
 }
 
 /// Everything the fake counted.
@@ -540,6 +542,11 @@ async fn invoke(
     match result {
         Ok((body, texts, tokens)) => {
             fake.record_success(&model_id, texts, tokens);
+            if let Some(input_type) = request["input_type"].as_str() {
+                let mut inner = fake.lock();
+                let model = inner.stats.models.entry(model_id.clone()).or_default();
+                *model.input_types.entry(input_type.to_owned()).or_default() += texts;
+            }
             ok_json(
                 &body,
                 &[("x-amzn-bedrock-input-token-count", tokens.to_string())],

@@ -359,6 +359,27 @@ pub mod opensearch {
         Ok(OpenSearch::new(Transport::single_node(&url()?)?))
     }
 
+    /// The documents in `index`, after a refresh (so every acknowledged write counts).
+    pub async fn count(index: &str) -> Result<u64> {
+        use ::opensearch::CountParts;
+        use ::opensearch::indices::IndicesRefreshParts;
+        let client = client()?;
+        client
+            .indices()
+            .refresh(IndicesRefreshParts::Index(&[index]))
+            .send()
+            .await?;
+        let answer: serde_json::Value = client
+            .count(CountParts::Index(&[index]))
+            .send()
+            .await?
+            .json()
+            .await?;
+        answer["count"]
+            .as_u64()
+            .with_context(|| format!("no count of {index}: {answer}"))
+    }
+
     /// Counts of a [`signing_proxy`]'s requests.
     #[derive(Default)]
     pub struct ProxyCounts {
@@ -808,17 +829,49 @@ pub mod worker {
             Self::spawn(worker, pipeline, log, &[])
         }
 
+        /// Starts `vectorpipe-worker serve` (the query server) on a pipeline file; its address
+        /// is [`Worker::metrics`].
+        pub fn serve(pipeline: &Path, log: &Path) -> Result<Self> {
+            let address = format!("127.0.0.1:{}", free_port()?);
+            let args = ["serve", "--address", &address, "--log-format", "text"];
+            Self::spawn_with(
+                &binary("vectorpipe-worker")?,
+                &args,
+                address.clone(),
+                pipeline,
+                log,
+                &[],
+            )
+        }
+
         fn spawn(worker: &Path, pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
-            let port = free_port()?;
-            let metrics = format!("127.0.0.1:{port}");
+            let metrics = format!("127.0.0.1:{}", free_port()?);
+            let args = [
+                "run",
+                "--metrics-address",
+                &metrics,
+                "--drain-seconds",
+                "20",
+            ];
+            Self::spawn_with(worker, &args, metrics.clone(), pipeline, log, env)
+        }
+
+        fn spawn_with(
+            worker: &Path,
+            args: &[&str],
+            metrics: String,
+            pipeline: &Path,
+            log: &Path,
+            env: &[(&str, &str)],
+        ) -> Result<Self> {
             let out = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(log)?;
             let child = Command::new(worker)
-                .args(["run", "--pipeline"])
+                .args(args)
+                .arg("--pipeline")
                 .arg(pipeline)
-                .args(["--metrics-address", &metrics, "--drain-seconds", "20"])
                 .env("AWS_ACCESS_KEY_ID", crate::bedrock::ACCESS_KEY_ID)
                 .env("AWS_SECRET_ACCESS_KEY", crate::bedrock::SECRET_ACCESS_KEY)
                 .env("AWS_REGION", "eu-west-1")

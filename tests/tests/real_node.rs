@@ -13,8 +13,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use opensearch::indices::IndicesRefreshParts;
-use opensearch::{CountParts, SearchParts};
+use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::{self, FakeBedrock};
@@ -131,22 +130,6 @@ async fn produce(topic: &str, ids: std::ops::Range<usize>) -> Result<()> {
     Ok(())
 }
 
-async fn count(index: &str) -> Result<u64> {
-    let client = os::client()?;
-    client
-        .indices()
-        .refresh(IndicesRefreshParts::Index(&[index]))
-        .send()
-        .await?;
-    let body: Value = client
-        .count(CountParts::Index(&[index]))
-        .send()
-        .await?
-        .json()
-        .await?;
-    body["count"].as_u64().context("no count")
-}
-
 /// Waits until the index holds exactly the documents of `ids` (ids are the record ids, so a lost
 /// record shows as a missing id, and no other document may be there).
 async fn wait_indexed(index: &str, ids: std::ops::Range<usize>) -> Result<()> {
@@ -154,7 +137,7 @@ async fn wait_indexed(index: &str, ids: std::ops::Range<usize>) -> Result<()> {
     eventually(
         &format!("{want} documents in {index}"),
         Duration::from_secs(180),
-        || async { Ok((count(index).await? == want).then_some(())) },
+        || async { Ok((os::count(index).await? == want).then_some(())) },
     )
     .await?;
     let body: Value = os::client()?
@@ -177,6 +160,19 @@ async fn wait_indexed(index: &str, ids: std::ops::Range<usize>) -> Result<()> {
         expected.difference(&found).collect::<Vec<_>>(),
         found.difference(&expected).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// `kubectl scale` of a pipeline (its scale subresource), as a user or an HPA would.
+fn scale(namespace: &str, pipeline: &str, replicas: u32) -> Result<()> {
+    kubectl(&[
+        "scale",
+        "embeddingpipeline",
+        pipeline,
+        "-n",
+        namespace,
+        &format!("--replicas={replicas}"),
+    ])?;
     Ok(())
 }
 
@@ -387,15 +383,9 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
     wait_indexed(&index, 0..800).await?;
 
     // Scale 1 → 2 → 1: both pods run on the one node (no port of theirs clashes), both hold
-    // partitions, and the first survives the scale-in or the scale-out untouched.
-    kubectl(&[
-        "scale",
-        "embeddingpipeline",
-        "posts",
-        "-n",
-        &ns.name,
-        "--replicas=2",
-    ])?;
+    // partitions, the first survives the scale-out, and the one left after the scale-in is one
+    // of the two (neither restarted).
+    scale(&ns.name, "posts", 2)?;
     let two = wait_ready_pods(&ns.name, "posts", 2).await?;
     ensure!(
         two.contains(&rolled),
@@ -414,14 +404,7 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
             "{pod} indexed nothing of the last 200 records (its partitions?)"
         );
     }
-    kubectl(&[
-        "scale",
-        "embeddingpipeline",
-        "posts",
-        "-n",
-        &ns.name,
-        "--replicas=1",
-    ])?;
+    scale(&ns.name, "posts", 1)?;
     let one = wait_ready_pods(&ns.name, "posts", 1).await?;
     produce(&topic, 1000..1100).await?;
     wait_indexed(&index, 0..1100).await?;

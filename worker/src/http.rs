@@ -24,8 +24,13 @@ struct AppState {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    metrics_page(&state.registry)
+}
+
+/// The OpenMetrics page of `registry`.
+pub fn metrics_page(registry: &Registry) -> impl IntoResponse + use<> {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -75,8 +80,20 @@ pub async fn serve(
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(state);
+    serve_app(app, address, socket, "VECTORPIPE_METRICS_ADDRESS").await
+}
+
+/// Serves `app` on `address` in the background, and on the Unix socket `socket` when given (a
+/// file left by an earlier run of the container is replaced); returns the bound address.
+/// `setting` names where the address comes from, for the error when the port is taken.
+pub async fn serve_app(
+    app: Router,
+    address: SocketAddr,
+    socket: Option<&Path>,
+    setting: &str,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
-        format!("cannot listen on {address} for /metrics; is another process using the port? Set VECTORPIPE_METRICS_ADDRESS (port 0 picks a free one)")
+        format!("cannot listen on {address}; is another process using the port? Set {setting} (port 0 picks a free one)")
     })?;
     let bound = listener.local_addr()?;
     if let Some(path) = socket {

@@ -14,6 +14,7 @@ mod http;
 mod local;
 mod metrics;
 mod pipeline;
+mod query;
 mod retry;
 mod sink;
 mod source;
@@ -94,6 +95,23 @@ enum Command {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 3)]
         timeout_seconds: u64,
+    },
+    /// Answer searches over the pipeline's index: `POST /v1/search` embeds the query with the
+    /// pipeline's model and searches by vector, by full text, or both; plus /metrics, /healthz
+    /// and /readyz.
+    Serve {
+        /// The pipeline file.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
+        pipeline: PathBuf,
+        /// Where to listen.
+        #[arg(long, env = "VECTORPIPE_QUERY_ADDRESS", default_value = "0.0.0.0:8080")]
+        address: SocketAddr,
+        /// A Unix socket that serves the same endpoints, for `probe`.
+        #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
+        admin_socket: Option<PathBuf>,
+        /// Log as JSON lines (the default in containers) or as text.
+        #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
+        log_format: LogFormat,
     },
     /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
     Local {
@@ -446,14 +464,73 @@ async fn check_embedder(
     }
 }
 
+/// The query server of a pipeline, until SIGTERM/SIGINT.
+async fn serve(
+    pipeline: PathBuf,
+    address: SocketAddr,
+    admin_socket: Option<PathBuf>,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let spec = config::load(&pipeline)?;
+    init_logging(&spec, log_format);
+    let name = config::identity(&pipeline)
+        .name
+        .unwrap_or_else(|| "pipeline".to_owned());
+    let dimensions = spec.embedding.bedrock.vector_dimensions()?;
+    let (metrics, mut registry) = metrics::Metrics::new(&name);
+    let query_metrics = query::server::QueryMetrics::new(&mut registry);
+    let index = sink::opensearch::OpenSearchIndex::new(
+        spec.sink.opensearch.clone(),
+        dimensions,
+        Duration::from_secs(30),
+    )
+    .await?;
+    // The query is embedded as a query: models that tell the two apart (Cohere) want it so.
+    let mut model = spec.embedding.bedrock.clone();
+    model.input_type = Some(vectorpipe_crds::v1alpha1::CohereInputType::SearchQuery);
+    let embedder = embed::bedrock::BedrockEmbedder::new(model, Arc::new(metrics)).await;
+    let searcher = Arc::new(query::server::Searcher::new(
+        spec.sink.opensearch.clone(),
+        index,
+        embedder,
+        query_metrics,
+    ));
+    let bound =
+        query::server::serve(searcher.clone(), registry, address, admin_socket.as_deref()).await?;
+    tracing::info!(pipeline = %name, address = %bound, index = %spec.sink.opensearch.index, "serving searches");
+    tokio::select! {
+        started = searcher.start() => started?,
+        () = shutdown_signal() => return Ok(()),
+    }
+    shutdown_signal().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs a long-lived command (`run`, `serve`) on the full runtime; its error is logged and
+/// printed.
+fn service(what: &str, command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    execute(tokio::runtime::Runtime::new(), command, Some(what))
+}
+
 /// Runs a laptop-mode command on a small runtime and reports its error.
 fn laptop(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     laptop_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-    {
+        .build();
+    execute(runtime, command, None)
+}
+
+/// Runs `command` to its end on `runtime`: exit 0, or 1 with the error printed (and logged as
+/// what stopped, when `logged` names it).
+fn execute(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+    logged: Option<&str>,
+) -> ExitCode {
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -463,6 +540,9 @@ fn laptop(command: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(what) = logged {
+                tracing::error!(error = %format!("{e:#}"), "{what} stopped on an error");
+            }
             eprintln!("vectorpipe-worker: {e:#}");
             ExitCode::FAILURE
         }
@@ -512,6 +592,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Serve {
+            pipeline,
+            address,
+            admin_socket,
+            log_format,
+        } => service(
+            "the query server",
+            serve(pipeline, address, admin_socket, log_format),
+        ),
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {
                 println!(
@@ -538,15 +627,9 @@ fn main() -> ExitCode {
             max_in_flight_bytes,
             memory_request_bytes,
             log_format,
-        } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(run(
+        } => service(
+            "the worker",
+            run(
                 pipeline,
                 name,
                 namespace,
@@ -555,14 +638,7 @@ fn main() -> ExitCode {
                 stall_seconds,
                 (max_in_flight_bytes, memory_request_bytes),
                 log_format,
-            )) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "the worker stopped on an error");
-                    eprintln!("vectorpipe-worker: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+            ),
+        ),
     }
 }

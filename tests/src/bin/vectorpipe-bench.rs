@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use opensearch::indices::IndicesRefreshParts;
-use opensearch::{CountParts, SearchParts};
+use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::FakeBedrock;
@@ -355,7 +354,7 @@ async fn remove_one_of_three(
             ) > 0.0;
         }
         let (state, members) = group_state(&group)?;
-        let settled = !idle || count(&index).await? >= backlog as u64;
+        let settled = !idle || os::count(&index).await? >= backlog as u64;
         if state == "Stable" && members == 3 && each_indexed && settled {
             break;
         }
@@ -407,7 +406,7 @@ async fn remove_one_of_three(
     let code = status?.code();
     // Nothing lost: every record indexed and committed by the two that stayed.
     let deadline = Instant::now() + Duration::from_secs(600);
-    while count(&index).await? < backlog as u64
+    while os::count(&index).await? < backlog as u64
         || !kafka::commits_at_end(&topic, &group, args.partitions)?
     {
         anyhow::ensure!(Instant::now() < deadline, "the backlog was not finished");
@@ -604,22 +603,6 @@ async fn collect_searchable(
     Ok(())
 }
 
-async fn count(index: &str) -> Result<u64> {
-    let client = os::client()?;
-    client
-        .indices()
-        .refresh(IndicesRefreshParts::Index(&[index]))
-        .send()
-        .await?;
-    let response: Value = client
-        .count(CountParts::Index(&[index]))
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(response["count"].as_u64().unwrap_or(0))
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -700,7 +683,7 @@ async fn scenario(
     let mut at_first = 0;
     loop {
         worker.assert_running()?;
-        let n = count(&index).await?;
+        let n = os::count(&index).await?;
         if first.is_none() && n > 0 {
             first = Some(Instant::now());
             at_first = n;

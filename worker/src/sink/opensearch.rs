@@ -7,7 +7,7 @@ use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::indices::{
     IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesRefreshParts,
 };
-use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch};
+use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch, SearchParts};
 use serde_json::{Map, Value, json};
 use vectorpipe_crds::index::{check_mapping, space_type_name};
 use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink, SigV4Service};
@@ -272,17 +272,26 @@ async fn answer(
     what: &str,
     sent: Result<opensearch::http::response::Response, opensearch::Error>,
 ) -> Result<Value, SinkError> {
+    let (status, text) = status_and_text(what, sent).await?;
+    if !(200..300).contains(&status) {
+        return Err(refused(what, status, &text));
+    }
+    serde_json::from_str(&text)
+        .map_err(|e| SinkError::Transient(format!("unreadable {what} response: {e}")))
+}
+
+/// The status and the body text of an answer to `what`; only a failure to get one is an error.
+async fn status_and_text(
+    what: &str,
+    sent: Result<opensearch::http::response::Response, opensearch::Error>,
+) -> Result<(u16, String), SinkError> {
     let response = sent.map_err(|e| SinkError::Transient(e.to_string()))?;
     let status = response.status_code().as_u16();
     let text = response
         .text()
         .await
         .map_err(|e| SinkError::Transient(format!("unreadable {what} response: {e}")))?;
-    if !(200..300).contains(&status) {
-        return Err(refused(what, status, &text));
-    }
-    serde_json::from_str(&text)
-        .map_err(|e| SinkError::Transient(format!("unreadable {what} response: {e}")))
+    Ok((status, text))
 }
 
 /// Error types of a `_bulk` item that the document itself caused: sending it again cannot help,
@@ -522,6 +531,37 @@ impl OpenSearchIndex {
         sent
     }
 
+    /// Runs a `_search` of the pipeline's index, for the query server: the status and the body
+    /// of the answer (only a failure to reach any endpoint is an error).
+    pub async fn search(&self, body: Value) -> Result<(u16, String), SinkError> {
+        let indices = [self.spec.index.as_str()];
+        let sent = self
+            .send(|client| {
+                client
+                    .search(SearchParts::Index(&indices))
+                    .body(body)
+                    .send()
+            })
+            .await;
+        status_and_text("search", sent).await
+    }
+
+    /// The index's mapping (`GET /<index>/_mapping`): the status and the body of the answer.
+    pub async fn mapping(&self) -> Result<(u16, String), SinkError> {
+        let indices = [self.spec.index.as_str()];
+        let indices = &indices;
+        let sent = self
+            .send(|client| async move {
+                client
+                    .indices()
+                    .get_mapping(IndicesGetMappingParts::Index(indices))
+                    .send()
+                    .await
+            })
+            .await;
+        status_and_text("mapping", sent).await
+    }
+
     /// Creates the index when missing (and allowed), or checks that the existing one fits.
     pub async fn ensure_index(&self) -> Result<(), SinkError> {
         let index = self.spec.index.as_str();
@@ -572,20 +612,9 @@ impl OpenSearchIndex {
                 )));
             }
         }
-        let mapping: Value = {
-            let (node, client) = self.nodes.pick();
-            let sent = client
-                .indices()
-                .get_mapping(IndicesGetMappingParts::Index(&indices))
-                .send()
-                .await;
-            self.nodes.note(node, &sent);
-            sent
-        }
-        .map_err(|e| SinkError::Transient(e.to_string()))?
-        .json()
-        .await
-        .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let (_, text) = self.mapping().await?;
+        let mapping: Value = serde_json::from_str(&text)
+            .map_err(|e| SinkError::Transient(format!("unreadable mapping response: {e}")))?;
         check_mapping(&self.spec, self.dimensions, &mapping)
             .map_err(|e| SinkError::IndexMismatch(e.to_string()))
     }
@@ -620,15 +649,10 @@ impl OpenSearchIndex {
             body.push(lines.1);
         }
         let started = Instant::now();
-        let response = self
+        let sent = self
             .send(|c| c.bulk(BulkParts::Index(&self.spec.index)).body(body).send())
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
-        let status = response.status_code().as_u16();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| SinkError::Transient(format!("unreadable _bulk response: {e}")))?;
+            .await;
+        let (status, text) = status_and_text("_bulk", sent).await?;
         tracing::debug!(docs = requests.len(), elapsed = ?started.elapsed(), "bulk request");
         if !(200..300).contains(&status) {
             return Err(refused("_bulk", status, &text));

@@ -1,0 +1,385 @@
+//! `vectorpipe-worker serve`: the query server of one pipeline. `POST /v1/search`, and
+//! `/metrics`, `/healthz`, `/readyz` (ready once the index's mapping was read and one query was
+//! embedded, so a wrong model id or a missing index shows before the first user does).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::sync::RwLock;
+use vectorpipe_crds::v1alpha1::OpenSearchSink;
+
+use super::opensearch::{Fields, filter_clauses, hits_of, knn_body, lexical_body};
+use super::{Hit, Mode, QueryError, SearchRequest, SearchResponse, fuse};
+use crate::embed::{EmbedError, Embedder};
+use crate::sink::SinkError;
+use crate::sink::opensearch::OpenSearchIndex;
+
+/// Labels of a query request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Request {
+    /// The endpoint (`search`).
+    pub endpoint: String,
+    /// `ok`, `invalid` (400) or `unavailable` (503).
+    pub outcome: String,
+}
+
+/// Labels naming an endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Endpoint {
+    /// The endpoint (`search`).
+    pub endpoint: String,
+}
+
+/// The query server's metrics (`vectorpipe_worker_query_*`).
+pub struct QueryMetrics {
+    requests: Family<Request, Counter>,
+    seconds: Family<Endpoint, Histogram>,
+}
+
+impl QueryMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.002, 2.0, 14))
+            }),
+        };
+        let r = registry.sub_registry_with_prefix("query");
+        r.register(
+            "requests",
+            "Query requests, by endpoint and outcome",
+            metrics.requests.clone(),
+        );
+        r.register(
+            "duration_seconds",
+            "Seconds per query request, embedding included",
+            metrics.seconds.clone(),
+        );
+        metrics
+    }
+
+    fn observe(&self, endpoint: &str, outcome: &str, took: Duration) {
+        self.requests
+            .get_or_create(&Request {
+                endpoint: endpoint.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.seconds
+            .get_or_create(&Endpoint {
+                endpoint: endpoint.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Searches one pipeline's index with the pipeline's model.
+pub struct Searcher<E> {
+    spec: OpenSearchSink,
+    index: OpenSearchIndex,
+    embedder: E,
+    /// The index's fields, read when the server starts and again when a filter names a field
+    /// they lack (documents with a new metadata field add it to the mapping).
+    fields: RwLock<Option<Fields>>,
+    /// Why the server is not ready yet; `None` once it is.
+    not_ready: std::sync::Mutex<Option<String>>,
+    metrics: QueryMetrics,
+}
+
+impl<E: Embedder> Searcher<E> {
+    /// A searcher that is not ready until [`Searcher::start`] succeeded.
+    pub fn new(
+        spec: OpenSearchSink,
+        index: OpenSearchIndex,
+        embedder: E,
+        metrics: QueryMetrics,
+    ) -> Self {
+        Self {
+            spec,
+            index,
+            embedder,
+            fields: RwLock::new(None),
+            not_ready: std::sync::Mutex::new(Some(
+                "starting: reading the index's mapping and checking the model".into(),
+            )),
+            metrics,
+        }
+    }
+
+    fn set_not_ready(&self, why: Option<String>) {
+        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the server is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the mapping and embeds one query, waiting out a missing index or an unreachable
+    /// cluster or model (not ready meanwhile, with the reason); a model that refuses the
+    /// pipeline's settings is an error, the message says what to fix.
+    pub async fn start(&self) -> Result<(), QueryError> {
+        let mut attempt = 0u32;
+        loop {
+            let step = async {
+                self.reload_fields().await?;
+                self.embed("vectorpipe start-up check").await.map(|_| ())
+            };
+            match step.await {
+                Ok(()) => {
+                    self.set_not_ready(None);
+                    tracing::info!(index = %self.spec.index, "ready to answer searches");
+                    return Ok(());
+                }
+                Err(QueryError::Unavailable(why)) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(reason = %why, attempt, "not ready yet; trying again");
+                    }
+                    self.set_not_ready(Some(why));
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    self.set_not_ready(Some(e.to_string()));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn reload_fields(&self) -> Result<Fields, QueryError> {
+        let (status, text) = self.index.mapping().await.map_err(unreachable)?;
+        match status {
+            200..=299 => {}
+            404 => {
+                return Err(QueryError::Unavailable(format!(
+                    "the index {:?} does not exist yet; the pipeline's workers create it with their first documents",
+                    self.spec.index
+                )));
+            }
+            status => return Err(refused("reading the mapping", status, &text)),
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            QueryError::Unavailable(format!("OpenSearch answered an unreadable mapping: {e}"))
+        })?;
+        let fields = Fields::from_mapping(&answer, &self.spec.index);
+        *self.fields.write().await = Some(fields.clone());
+        Ok(fields)
+    }
+
+    /// The fields, read again when the filter names one they lack.
+    async fn fields_for(&self, request: &SearchRequest) -> Result<Fields, QueryError> {
+        let names = || {
+            request
+                .filter
+                .term
+                .keys()
+                .chain(request.filter.range.keys())
+        };
+        if let Some(fields) = self.fields.read().await.as_ref()
+            && names().all(|name| fields.knows(name))
+        {
+            return Ok(fields.clone());
+        }
+        self.reload_fields().await
+    }
+
+    async fn embed(&self, query: &str) -> Result<Vec<f32>, QueryError> {
+        match self.embedder.embed(vec![query.to_owned()]).await {
+            Ok(mut embedded) => embedded.pop().map(|e| e.vector).ok_or_else(|| {
+                QueryError::Unavailable("the model answered no vector for the query".into())
+            }),
+            Err(EmbedError::Misconfigured(why)) => Err(QueryError::Misconfigured(format!(
+                "the model refuses the pipeline's settings: {why}"
+            ))),
+            Err(EmbedError::Rejected(why)) => Err(QueryError::Invalid(format!(
+                "the model refused the query: {why}"
+            ))),
+            Err(e) => Err(QueryError::Unavailable(format!(
+                "the model cannot embed the query now: {e}"
+            ))),
+        }
+    }
+
+    async fn run(&self, body: Value) -> Result<Vec<Hit>, QueryError> {
+        let (status, text) = self.index.search(body).await.map_err(unreachable)?;
+        if !(200..300).contains(&status) {
+            return Err(refused("the search", status, &text));
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            QueryError::Unavailable(format!("OpenSearch answered an unreadable search: {e}"))
+        })?;
+        Ok(hits_of(&self.spec, &answer))
+    }
+
+    /// Runs one search.
+    pub async fn search(&self, request: &SearchRequest) -> Result<Vec<Hit>, QueryError> {
+        request.check()?;
+        if let Some(why) = self.not_ready() {
+            return Err(QueryError::Unavailable(format!("not ready: {why}")));
+        }
+        let fields = self.fields_for(request).await?;
+        let filters = filter_clauses(&request.filter, &fields)?;
+        let k = request.k;
+        match request.mode {
+            Mode::Vector => {
+                let vector = self.embed(&request.query).await?;
+                self.run(knn_body(&self.spec, &vector, k, filters)).await
+            }
+            Mode::Lexical => {
+                self.run(lexical_body(&self.spec, &request.query, k, filters))
+                    .await
+            }
+            Mode::Hybrid => {
+                let vector = self.embed(&request.query).await?;
+                let (near, lexical) = tokio::try_join!(
+                    self.run(knn_body(&self.spec, &vector, k, filters.clone())),
+                    self.run(lexical_body(&self.spec, &request.query, k, filters)),
+                )?;
+                Ok(fuse(near, lexical, request.vector_weight(), k))
+            }
+        }
+    }
+}
+
+fn unreachable(e: SinkError) -> QueryError {
+    QueryError::Unavailable(format!("OpenSearch cannot be reached: {e}"))
+}
+
+/// An OpenSearch answer other than 2xx: the request's fault for a 400, else the cluster's.
+fn refused(what: &str, status: u16, text: &str) -> QueryError {
+    let reason = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| {
+            let root = &v["error"]["root_cause"][0];
+            let cause = if root.is_object() { root } else { &v["error"] };
+            cause["reason"].as_str().map(str::to_owned)
+        })
+        .unwrap_or_else(|| text.chars().take(300).collect());
+    match status {
+        400 => QueryError::Invalid(format!("OpenSearch refused {what}: {reason}")),
+        401 | 403 => QueryError::Misconfigured(format!(
+            "OpenSearch refused {what} ({status}: {reason}): give the query server's credentials read access to the index"
+        )),
+        _ => QueryError::Unavailable(format!(
+            "OpenSearch answered {what} with {status}: {reason}"
+        )),
+    }
+}
+
+struct App<E> {
+    searcher: Arc<Searcher<E>>,
+    registry: Arc<Registry>,
+}
+
+impl<E> Clone for App<E> {
+    fn clone(&self) -> Self {
+        Self {
+            searcher: self.searcher.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+fn error_response(e: &QueryError) -> Response {
+    let status = match e {
+        QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
+        QueryError::Unavailable(_) | QueryError::Misconfigured(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    (status, Json(json!({"error": e.to_string()}))).into_response()
+}
+
+async fn search<E: Embedder>(
+    State(app): State<App<E>>,
+    body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let outcome = match body {
+        Err(e) => Err(QueryError::Invalid(format!(
+            "the body is not a search: {}; send JSON like {{\"query\": \"...\", \"k\": 10}}",
+            e.body_text()
+        ))),
+        Ok(Json(request)) => app
+            .searcher
+            .search(&request)
+            .await
+            .map(|hits| (request.mode, hits)),
+    };
+    let took = started.elapsed();
+    match outcome {
+        Ok((mode, hits)) => {
+            app.searcher.metrics.observe("search", "ok", took);
+            Json(SearchResponse {
+                mode,
+                hits,
+                took_ms: took.as_millis() as u64,
+            })
+            .into_response()
+        }
+        Err(e) => {
+            let label = match e {
+                QueryError::Invalid(_) => "invalid",
+                _ => "unavailable",
+            };
+            app.searcher.metrics.observe("search", label, took);
+            error_response(&e)
+        }
+    }
+}
+
+async fn ready<E: Embedder>(State(app): State<App<E>>) -> (StatusCode, String) {
+    match app.searcher.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn metrics<E: Embedder>(State(app): State<App<E>>) -> impl IntoResponse {
+    crate::http::metrics_page(&app.registry)
+}
+
+/// Serves the searcher on `address` (and the admin socket); returns the bound address.
+pub async fn serve<E: Embedder>(
+    searcher: Arc<Searcher<E>>,
+    registry: Registry,
+    address: SocketAddr,
+    socket: Option<&Path>,
+) -> anyhow::Result<SocketAddr> {
+    let app = App {
+        searcher,
+        registry: Arc::new(registry),
+    };
+    let router = Router::new()
+        .route("/v1/search", post(search::<E>))
+        .route("/metrics", get(metrics::<E>))
+        .route("/healthz", get(|| async { "live\n" }))
+        .route("/readyz", get(ready::<E>))
+        .with_state(app);
+    crate::http::serve_app(
+        router,
+        address,
+        socket,
+        "--address (VECTORPIPE_QUERY_ADDRESS)",
+    )
+    .await
+}
