@@ -720,9 +720,69 @@ fn cohere(request: &Value) -> Result<(Value, u64, u64), String> {
     Ok((body, texts.len() as u64, count))
 }
 
-/// The answer every Converse call gets.
+/// The answer a Converse call gets when its prompt carries no numbered sources.
 pub const CANNED_ANSWER: &str =
     "This is the fake Bedrock server's canned answer; it cites no records.";
+
+/// What the fake answers, as it was told to, when no source answers the question.
+pub const NOT_FOUND: &str = "NOT_FOUND";
+
+/// Words that say nothing about a topic, left out when the fake compares a question with sources.
+const STOP_WORDS: [&str; 12] = [
+    "what", "which", "when", "where", "does", "with", "that", "this", "from", "about", "have",
+    "post",
+];
+
+fn content_words(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.chars().count() >= 4)
+        .map(str::to_lowercase)
+        .filter(|w| !STOP_WORDS.contains(&w.as_str()))
+        .collect()
+}
+
+/// The fake model's reading of a retrieval prompt: the user text holds sources on lines that
+/// start with `[n]` and the question after a last line starting with `Question:`. Like a model
+/// told to answer from the sources and cite them, it cites (best first, at most three) the
+/// sources that share a content word with the question and quotes their start; when none does
+/// it answers [`NOT_FOUND`]. `None` when the prompt has no numbered sources.
+pub fn answer_from_sources(user_text: &str) -> Option<String> {
+    let question = user_text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("Question:"))?;
+    let question_words = content_words(question);
+    let mut sources: Vec<(usize, usize, String)> = Vec::new();
+    for line in user_text.lines() {
+        let line = line.trim();
+        let Some((number, text)) = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(n, text)| Some((n.parse::<usize>().ok()?, text.trim())))
+        else {
+            continue;
+        };
+        let shared = content_words(text).intersection(&question_words).count();
+        sources.push((number, shared, text.to_owned()));
+    }
+    if sources.is_empty() {
+        return None;
+    }
+    sources.retain(|(_, shared, _)| *shared > 0);
+    if sources.is_empty() {
+        return Some(NOT_FOUND.to_owned());
+    }
+    sources.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let sentences: Vec<String> = sources
+        .iter()
+        .take(3)
+        .map(|(number, _, text)| {
+            let quote: Vec<&str> = text.split_whitespace().take(12).collect();
+            format!("{} [{number}].", quote.join(" "))
+        })
+        .collect();
+    Some(format!("From the records: {}", sentences.join(" ")))
+}
 
 async fn converse(
     State(fake): State<FakeBedrock>,
@@ -736,22 +796,60 @@ async fn converse(
         Ok(latency) => latency,
         Err(refusal) => return refusal,
     };
+    // Converse takes chat models: an embedding model, or an id of no known provider, is refused
+    // as Bedrock refuses them.
+    if family(&model_id).is_some() {
+        fake.record_error(&model_id, "ValidationException");
+        return validation(
+            "This action doesn't support the model that you provided. Try again with a supported text or chat model.",
+        );
+    }
+    let chat = [
+        "anthropic.",
+        "amazon.nova",
+        "meta.",
+        "mistral.",
+        "cohere.command",
+    ];
+    let unprefixed = model_id
+        .split_once('.')
+        .filter(|(geo, _)| ["us", "eu", "apac", "global"].contains(geo))
+        .map_or(model_id.as_str(), |(_, rest)| rest);
+    if !chat.iter().any(|p| unprefixed.starts_with(p)) {
+        fake.record_error(&model_id, "ValidationException");
+        return validation("The provided model identifier is invalid.");
+    }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let Some(messages) = request["messages"].as_array().filter(|m| !m.is_empty()) else {
         fake.record_error(&model_id, "ValidationException");
         return validation("A conversation must start with a user message.");
     };
-    let input: u64 = messages
+    let texts = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["text"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let system: u64 = texts(&request["system"]).iter().map(|t| tokens(t)).sum();
+    let input: u64 = system
+        + messages
+            .iter()
+            .flat_map(|m| texts(&m["content"]))
+            .map(|t| tokens(&t))
+            .sum::<u64>();
+    let last_user = messages
         .iter()
-        .flat_map(|m| m["content"].as_array().into_iter().flatten())
-        .filter_map(|c| c["text"].as_str())
-        .map(tokens)
-        .sum();
-    let output = tokens(CANNED_ANSWER);
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| texts(&m["content"]).join("\n"))
+        .unwrap_or_default();
+    let answer = answer_from_sources(&last_user).unwrap_or_else(|| CANNED_ANSWER.to_owned());
+    let output = tokens(&answer);
     fake.record_success(&model_id, messages.len() as u64, input);
     ok_json(
         &json!({
-            "output": {"message": {"role": "assistant", "content": [{"text": CANNED_ANSWER}]}},
+            "output": {"message": {"role": "assistant", "content": [{"text": answer}]}},
             "stopReason": "end_turn",
             "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
             "metrics": {"latencyMs": latency.as_millis() as u64},

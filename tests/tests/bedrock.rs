@@ -9,7 +9,7 @@ use aws_config::retry::RetryConfig;
 use aws_credential_types::Credentials;
 use aws_sdk_bedrockruntime::Client;
 use aws_sdk_bedrockruntime::primitives::Blob;
-use aws_sdk_bedrockruntime::types::{ContentBlock, ConversationRole, Message};
+use aws_sdk_bedrockruntime::types::{ContentBlock, ConversationRole, Message, SystemContentBlock};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
 
@@ -213,5 +213,73 @@ async fn converse_returns_the_canned_answer() -> Result<()> {
         .cloned();
     assert_eq!(text.as_deref(), Some(bedrock::CANNED_ANSWER));
     assert!(out.usage().is_some_and(|u| u.input_tokens() > 0));
+    Ok(())
+}
+
+/// The fake answers a retrieval prompt as a model told to answer from numbered sources would:
+/// it cites the sources that share words with the question, says NOT_FOUND when none does, and
+/// refuses models that do not chat.
+#[tokio::test]
+async fn converse_answers_from_numbered_sources_and_refuses_embedding_models() -> Result<()> {
+    let (_fake, address) = FakeBedrock::start().await?;
+    let client = client(address, bedrock::SECRET_ACCESS_KEY).await;
+    let ask = |model: &'static str, prompt: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .converse()
+                .model_id(model)
+                .system(SystemContentBlock::Text("Answer from the sources.".into()))
+                .messages(
+                    Message::builder()
+                        .role(ConversationRole::User)
+                        .content(ContentBlock::Text(prompt.into()))
+                        .build()?,
+                )
+                .send()
+                .await
+                .map_err(anyhow::Error::from)
+                .map(|out| {
+                    let text = out
+                        .output()
+                        .and_then(|o| o.as_message().ok())
+                        .and_then(|m| m.content().first())
+                        .and_then(|c| c.as_text().ok())
+                        .cloned()
+                        .unwrap_or_default();
+                    (text, out.usage().map(|u| u.input_tokens()).unwrap_or(0))
+                })
+        }
+    };
+    let claude = "anthropic.claude-3-haiku-20240307-v1:0";
+    let (text, input) = ask(
+        claude,
+        "Sources:\n[1] brokers store partitions\n[2] the weather was sunny\n[3] a consumer group rebalances partitions\n\nQuestion: how are partitions rebalanced in a consumer group?\n",
+    )
+    .await?;
+    assert!(
+        text.contains("[3]") && text.contains("[1]") && !text.contains("[2]"),
+        "{text}"
+    );
+    assert!(
+        text.find("[3]") < text.find("[1]"),
+        "the best source first: {text}"
+    );
+    assert!(input > 10, "input tokens {input}");
+    let (text, _) = ask(
+        claude,
+        "Sources:\n[1] brokers store partitions\n\nQuestion: will it rain tomorrow?\n",
+    )
+    .await?;
+    assert_eq!(text, bedrock::NOT_FOUND);
+    let refused = ask(
+        "amazon.titan-embed-text-v2:0",
+        "Sources:\n[1] x\n\nQuestion: y\n",
+    )
+    .await;
+    let error = format!("{:?}", refused.unwrap_err());
+    assert!(error.contains("doesn't support the model"), "{error}");
+    let refused = ask("anthropic-claude", "hello").await;
+    assert!(format!("{:?}", refused.unwrap_err()).contains("model identifier is invalid"));
     Ok(())
 }

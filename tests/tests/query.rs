@@ -323,3 +323,123 @@ async fn hybrid_search_weighs_a_rare_keyword_that_vector_search_misses() -> Resu
     let _ = std::fs::remove_dir_all(&served.dir);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ask_answers_from_the_retrieved_posts_and_cites_only_them() -> Result<()> {
+    let served = indexed_and_served(
+        "query-ask",
+        json!({"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256}),
+    )
+    .await?;
+    let ask = |body: Value| {
+        let url = format!("{}/v1/ask", served.url);
+        async move {
+            let response = reqwest::Client::new().post(url).json(&body).send().await?;
+            let status = response.status().as_u16();
+            anyhow::Ok((status, response.json::<Value>().await?))
+        }
+    };
+
+    // An answer that cites retrieved posts, by their numbers in the prompt.
+    let (status, answer) =
+        ask(json!({"question": "how does a consumer group rebalance its partitions?", "k": 5}))
+            .await?;
+    ensure!(status == 200, "{status} {answer}");
+    ensure!(answer["found"] == true, "{answer}");
+    let sources = ids(answer["sources"].as_array().context("no sources")?);
+    ensure!(sources.len() == 5, "{sources:?}");
+    let citations = answer["citations"].as_array().context("no citations")?;
+    ensure!(!citations.is_empty(), "no citation: {answer}");
+    for citation in citations {
+        let n = citation["n"].as_u64().context("no n")? as usize;
+        let id = citation["id"].as_str().context("no id")?;
+        ensure!(
+            sources.get(n - 1).map(String::as_str) == Some(id),
+            "citation [{n}] {id} is not source {n} of {sources:?}"
+        );
+        ensure!(
+            answer["answer"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("[{n}]")),
+            "the answer does not cite [{n}]: {answer}"
+        );
+        ensure!(citation["metadata"]["topic"] == "kafka", "{citation}");
+    }
+    ensure!(
+        answer["usage"]["inputTokens"].as_u64() > Some(20)
+            && answer["usage"]["outputTokens"].as_u64() > Some(0),
+        "{answer}"
+    );
+    ensure!(
+        answer["model"] == "anthropic.claude-3-haiku-20240307-v1:0",
+        "{answer}"
+    );
+
+    // Nothing retrieved (a filter no post matches): a clear "not found", and no model call.
+    let calls = served
+        .fake
+        .stats()
+        .models
+        .get("anthropic.claude-3-haiku-20240307-v1:0")
+        .map_or(0, |m| m.succeeded);
+    let (status, answer) = ask(json!({"question": "consumer groups",
+        "filter": {"term": {"topic": "gardening"}}}))
+    .await?;
+    ensure!(
+        status == 200 && answer["found"] == false,
+        "{status} {answer}"
+    );
+    ensure!(
+        answer["answer"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Not found in the indexed records"),
+        "{answer}"
+    );
+    ensure!(
+        answer["citations"].as_array().is_some_and(Vec::is_empty),
+        "{answer}"
+    );
+    let after = served
+        .fake
+        .stats()
+        .models
+        .get("anthropic.claude-3-haiku-20240307-v1:0")
+        .map_or(0, |m| m.succeeded);
+    ensure!(after == calls, "the model was asked with no source");
+
+    // Retrieved posts that do not answer the question: the model says so, and so does the answer.
+    let (status, answer) =
+        ask(json!({"question": "will it rain tomorrow in the mountains?", "k": 3})).await?;
+    ensure!(
+        status == 200 && answer["found"] == false,
+        "{status} {answer}"
+    );
+    ensure!(
+        answer["answer"]
+            .as_str()
+            .unwrap_or("")
+            .contains("do not answer it")
+            && answer["sources"].as_array().is_some_and(|s| s.len() == 3),
+        "{answer}"
+    );
+
+    // The tokens are in /metrics.
+    let page = reqwest::get(format!("{}/metrics", served.url))
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metric_sum(&page, "vectorpipe_worker_query_llm_tokens_total") > 20.0,
+        "{page}"
+    );
+    let (status, answer) = ask(json!({"query": "wrong field"})).await?;
+    ensure!(
+        status == 400 && answer["error"].as_str().unwrap_or("").contains("question"),
+        "{status} {answer}"
+    );
+    drop(served.server);
+    let _ = std::fs::remove_dir_all(&served.dir);
+    Ok(())
+}

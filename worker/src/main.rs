@@ -97,8 +97,9 @@ enum Command {
         timeout_seconds: u64,
     },
     /// Answer searches over the pipeline's index: `POST /v1/search` embeds the query with the
-    /// pipeline's model and searches by vector, by full text, or both; plus /metrics, /healthz
-    /// and /readyz.
+    /// pipeline's model and searches by vector, by full text, or both; `POST /v1/ask` answers a
+    /// question from the retrieved records with an LLM on Bedrock, citing them; plus /metrics,
+    /// /healthz and /readyz.
     Serve {
         /// The pipeline file.
         #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
@@ -109,6 +110,9 @@ enum Command {
         /// A Unix socket that serves the same endpoints, for `probe`.
         #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
         admin_socket: Option<PathBuf>,
+        /// The Bedrock model that answers `/v1/ask` (Converse), in the embedding model's region.
+        #[arg(long, env = "VECTORPIPE_LLM_MODEL_ID", default_value = query::ask::DEFAULT_LLM_MODEL_ID)]
+        llm_model_id: String,
         /// Log as JSON lines (the default in containers) or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
@@ -467,8 +471,8 @@ async fn check_embedder(
 /// The query server of a pipeline, until SIGTERM/SIGINT.
 async fn serve(
     pipeline: PathBuf,
-    address: SocketAddr,
-    admin_socket: Option<PathBuf>,
+    (address, admin_socket): (SocketAddr, Option<PathBuf>),
+    llm_model_id: String,
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
     let spec = config::load(&pipeline)?;
@@ -489,10 +493,12 @@ async fn serve(
     let mut model = spec.embedding.bedrock.clone();
     model.input_type = Some(vectorpipe_crds::v1alpha1::CohereInputType::SearchQuery);
     let embedder = embed::bedrock::BedrockEmbedder::new(model, Arc::new(metrics)).await;
+    let llm = query::ask::Llm::new(embedder.client(), llm_model_id);
     let searcher = Arc::new(query::server::Searcher::new(
         spec.sink.opensearch.clone(),
         index,
         embedder,
+        llm,
         query_metrics,
     ));
     let bound =
@@ -596,10 +602,11 @@ fn main() -> ExitCode {
             pipeline,
             address,
             admin_socket,
+            llm_model_id,
             log_format,
         } => service(
             "the query server",
-            serve(pipeline, address, admin_socket, log_format),
+            serve(pipeline, (address, admin_socket), llm_model_id, log_format),
         ),
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {

@@ -238,6 +238,11 @@ impl BedrockEmbedder {
         }
     }
 
+    /// The Bedrock client (its region, endpoint and credentials), for other calls to Bedrock.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// One InvokeModel call: the response body and the input tokens Bedrock reported.
     async fn call(&self, body: &Value) -> Result<(Vec<u8>, u64), SdkError<InvokeModelError>> {
         let tokens = TokenCountHeader::default();

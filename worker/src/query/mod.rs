@@ -8,6 +8,7 @@
 //! the fusion of two ranked lists. `opensearch` builds and reads OpenSearch queries, `server`
 //! serves them over HTTP.
 
+pub mod ask;
 pub mod opensearch;
 pub mod server;
 

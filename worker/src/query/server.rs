@@ -1,6 +1,7 @@
-//! `vectorpipe-worker serve`: the query server of one pipeline. `POST /v1/search`, and
-//! `/metrics`, `/healthz`, `/readyz` (ready once the index's mapping was read and one query was
-//! embedded, so a wrong model id or a missing index shows before the first user does).
+//! `vectorpipe-worker serve`: the query server of one pipeline. `POST /v1/search`,
+//! `POST /v1/ask`, and `/metrics`, `/healthz`, `/readyz` (ready once the index's mapping was read
+//! and one query was embedded, so a wrong model id or a missing index shows before the first user
+//! does).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::RwLock;
 use vectorpipe_crds::v1alpha1::OpenSearchSink;
 
+use super::ask::{self, AskRequest, AskResponse, Llm};
 use super::opensearch::{Fields, filter_clauses, hits_of, knn_body, lexical_body};
 use super::{Hit, Mode, QueryError, SearchRequest, SearchResponse, fuse};
 use crate::embed::{EmbedError, Embedder};
@@ -31,7 +33,7 @@ use crate::sink::opensearch::OpenSearchIndex;
 /// Labels of a query request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Request {
-    /// The endpoint (`search`).
+    /// The endpoint (`search`, `ask`).
     pub endpoint: String,
     /// `ok`, `invalid` (400) or `unavailable` (503).
     pub outcome: String,
@@ -44,10 +46,18 @@ pub struct Endpoint {
     pub endpoint: String,
 }
 
+/// Labels of LLM tokens.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenKind {
+    /// `input` or `output`.
+    pub kind: String,
+}
+
 /// The query server's metrics (`vectorpipe_worker_query_*`).
 pub struct QueryMetrics {
     requests: Family<Request, Counter>,
     seconds: Family<Endpoint, Histogram>,
+    llm_tokens: Family<TokenKind, Counter>,
 }
 
 impl QueryMetrics {
@@ -58,6 +68,7 @@ impl QueryMetrics {
             seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.002, 2.0, 14))
             }),
+            llm_tokens: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("query");
         r.register(
@@ -70,7 +81,23 @@ impl QueryMetrics {
             "Seconds per query request, embedding included",
             metrics.seconds.clone(),
         );
+        r.register(
+            "llm_tokens",
+            "Tokens the answering model counted for /v1/ask, by kind (input, output)",
+            metrics.llm_tokens.clone(),
+        );
         metrics
+    }
+
+    fn tokens(&self, usage: ask::Usage) {
+        for (kind, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            self.llm_tokens
+                .get_or_create(&TokenKind { kind: kind.into() })
+                .inc_by(n);
+        }
     }
 
     fn observe(&self, endpoint: &str, outcome: &str, took: Duration) {
@@ -93,6 +120,7 @@ pub struct Searcher<E> {
     spec: OpenSearchSink,
     index: OpenSearchIndex,
     embedder: E,
+    llm: Llm,
     /// The index's fields, read when the server starts and again when a filter names a field
     /// they lack (documents with a new metadata field add it to the mapping).
     fields: RwLock<Option<Fields>>,
@@ -107,12 +135,14 @@ impl<E: Embedder> Searcher<E> {
         spec: OpenSearchSink,
         index: OpenSearchIndex,
         embedder: E,
+        llm: Llm,
         metrics: QueryMetrics,
     ) -> Self {
         Self {
             spec,
             index,
             embedder,
+            llm,
             fields: RwLock::new(None),
             not_ready: std::sync::Mutex::new(Some(
                 "starting: reading the index's mapping and checking the model".into(),
@@ -260,6 +290,40 @@ impl<E: Embedder> Searcher<E> {
     }
 }
 
+impl<E: Embedder> Searcher<E> {
+    /// Answers one question from the retrieved records.
+    pub async fn ask(&self, request: &AskRequest) -> Result<AskResponse, QueryError> {
+        ask::check(request)?;
+        let started = Instant::now();
+        let sources = ask::above(self.search(&request.retrieval()).await?, request.min_score);
+        let mut response = AskResponse {
+            answer: ask::nothing_retrieved(),
+            found: false,
+            citations: Vec::new(),
+            sources,
+            model: String::new(),
+            usage: ask::Usage::default(),
+            took_ms: 0,
+        };
+        if !response.sources.is_empty() {
+            let prompt = ask::user_prompt(&request.question, &response.sources);
+            let (text, usage) = self.llm.answer(ask::SYSTEM_PROMPT, prompt).await?;
+            self.metrics.tokens(usage);
+            response.model = self.llm.model_id().to_owned();
+            response.usage = usage;
+            if ask::says_not_found(&text) {
+                response.answer = ask::not_answered();
+            } else {
+                response.citations = ask::citations(&text, &response.sources);
+                response.found = true;
+                response.answer = text;
+            }
+        }
+        response.took_ms = started.elapsed().as_millis() as u64;
+        Ok(response)
+    }
+}
+
 fn unreachable(e: SinkError) -> QueryError {
     QueryError::Unavailable(format!("OpenSearch cannot be reached: {e}"))
 }
@@ -309,42 +373,68 @@ fn error_response(e: &QueryError) -> Response {
     (status, Json(json!({"error": e.to_string()}))).into_response()
 }
 
-async fn search<E: Embedder>(
-    State(app): State<App<E>>,
-    body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
+/// The answer to a request, counted by endpoint and outcome.
+fn respond<T: serde::Serialize>(
+    metrics: &QueryMetrics,
+    endpoint: &str,
+    started: Instant,
+    outcome: Result<T, QueryError>,
 ) -> Response {
-    let started = Instant::now();
-    let outcome = match body {
-        Err(e) => Err(QueryError::Invalid(format!(
-            "the body is not a search: {}; send JSON like {{\"query\": \"...\", \"k\": 10}}",
-            e.body_text()
-        ))),
-        Ok(Json(request)) => app
-            .searcher
-            .search(&request)
-            .await
-            .map(|hits| (request.mode, hits)),
-    };
     let took = started.elapsed();
     match outcome {
-        Ok((mode, hits)) => {
-            app.searcher.metrics.observe("search", "ok", took);
-            Json(SearchResponse {
-                mode,
-                hits,
-                took_ms: took.as_millis() as u64,
-            })
-            .into_response()
+        Ok(answer) => {
+            metrics.observe(endpoint, "ok", took);
+            Json(answer).into_response()
         }
         Err(e) => {
             let label = match e {
                 QueryError::Invalid(_) => "invalid",
                 _ => "unavailable",
             };
-            app.searcher.metrics.observe("search", label, took);
+            metrics.observe(endpoint, label, took);
             error_response(&e)
         }
     }
+}
+
+/// A body that is not the request: what to send instead.
+fn not_a_request(e: &axum::extract::rejection::JsonRejection, example: &str) -> QueryError {
+    QueryError::Invalid(format!(
+        "the body is not a request of this endpoint: {}; send JSON like {example}",
+        e.body_text()
+    ))
+}
+
+async fn search<E: Embedder>(
+    State(app): State<App<E>>,
+    body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let outcome = match body {
+        Err(e) => Err(not_a_request(&e, r#"{"query": "...", "k": 10}"#)),
+        Ok(Json(request)) => app
+            .searcher
+            .search(&request)
+            .await
+            .map(|hits| SearchResponse {
+                mode: request.mode,
+                hits,
+                took_ms: started.elapsed().as_millis() as u64,
+            }),
+    };
+    respond(&app.searcher.metrics, "search", started, outcome)
+}
+
+async fn answer<E: Embedder>(
+    State(app): State<App<E>>,
+    body: Result<Json<AskRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let outcome = match body {
+        Err(e) => Err(not_a_request(&e, r#"{"question": "...", "k": 8}"#)),
+        Ok(Json(request)) => app.searcher.ask(&request).await,
+    };
+    respond(&app.searcher.metrics, "ask", started, outcome)
 }
 
 async fn ready<E: Embedder>(State(app): State<App<E>>) -> (StatusCode, String) {
@@ -371,6 +461,7 @@ pub async fn serve<E: Embedder>(
     };
     let router = Router::new()
         .route("/v1/search", post(search::<E>))
+        .route("/v1/ask", post(answer::<E>))
         .route("/metrics", get(metrics::<E>))
         .route("/healthz", get(|| async { "live\n" }))
         .route("/readyz", get(ready::<E>))
