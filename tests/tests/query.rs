@@ -443,3 +443,133 @@ async fn ask_answers_from_the_retrieved_posts_and_cites_only_them() -> Result<()
     let _ = std::fs::remove_dir_all(&served.dir);
     Ok(())
 }
+
+/// Renders `url` in headless Chromium (Debian's `chromium`) once its scripts are done: the DOM,
+/// and a screenshot at `screenshot`.
+fn render(url: &str, screenshot: &std::path::Path) -> Result<String> {
+    let chromium = which_chromium()?;
+    let profile = tempfile::tempdir()?;
+    let run = |extra: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1200,1400",
+                // Virtual time waits for the page's requests to the server, then runs on.
+                "--virtual-time-budget=20000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .context("running chromium")?;
+        ensure!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let dom = run(&["--dump-dom"])?;
+    run(&[&format!("--screenshot={}", screenshot.display())])?;
+    Ok(dom)
+}
+
+fn which_chromium() -> Result<std::path::PathBuf> {
+    let path = std::path::PathBuf::from("/usr/bin/chromium");
+    ensure!(
+        path.exists(),
+        "the page test needs Debian's chromium: apt-get install -y chromium (tests/run-all.sh installs it)"
+    );
+    Ok(path)
+}
+
+/// Where screenshots go: the harness's log directory, kept after the run ($VP_RUN.logs).
+fn artifact(name: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::var("VP_RUN")
+        .map(|run| std::path::PathBuf::from(run).join("log/artifacts"))
+        .unwrap_or_else(|_| std::env::temp_dir().join("vectorpipe-artifacts"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_shows_the_answer_with_its_cited_sources_in_a_browser() -> Result<()> {
+    let served = indexed_and_served(
+        "query-page",
+        json!({"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256}),
+    )
+    .await?;
+    // One file, nothing from elsewhere.
+    let response = reqwest::get(format!("{}/", served.url)).await?;
+    ensure!(
+        response
+            .headers()
+            .get("content-security-policy")
+            .is_some_and(|v| v.to_str().unwrap_or("").contains("default-src 'self'")),
+        "no content security policy"
+    );
+    let html = response.text().await?;
+    for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        ensure!(!html.contains(external), "the page loads {external}…");
+    }
+
+    // A shared link runs its question: the answer, its citations marked among the sources.
+    let shot = artifact("query-page-answer.png")?;
+    let dom = render(
+        &format!(
+            "{}/?q=how+does+a+consumer+group+rebalance+its+partitions&k=5",
+            served.url
+        ),
+        &shot,
+    )?;
+    ensure!(
+        dom.contains(r#"data-state="done""#),
+        "the page did not finish:\n{dom}"
+    );
+    ensure!(dom.contains("From the records:"), "no answer shown:\n{dom}");
+    let cited = dom.matches(r#"<li class="cited""#).count();
+    let sources = dom.matches("<li ").count();
+    ensure!(
+        sources == 5 && (1..=3).contains(&cited),
+        "{sources} sources, {cited} cited:\n{dom}"
+    );
+    ensure!(dom.contains("topic: kafka"), "no metadata shown:\n{dom}");
+    ensure!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot at {}",
+        shot.display()
+    );
+
+    // Search only, with a filter: the hits of that topic alone, and no answer.
+    let shot = artifact("query-page-search.png")?;
+    let dom = render(
+        &format!(
+            "{}/?q=consumer+group+partitions&mode=search&k=6&field=topic&value=bedrock",
+            served.url
+        ),
+        &shot,
+    )?;
+    ensure!(
+        dom.contains(r#"data-state="done""#),
+        "the page did not finish:\n{dom}"
+    );
+    ensure!(
+        dom.matches("<li ").count() == 6 && dom.matches("topic: bedrock").count() == 6,
+        "the filter did not hold in the page:\n{dom}"
+    );
+    ensure!(
+        !dom.contains("From the records:"),
+        "search-only asked the model"
+    );
+    drop(served.server);
+    let _ = std::fs::remove_dir_all(&served.dir);
+    Ok(())
+}

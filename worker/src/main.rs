@@ -493,6 +493,12 @@ async fn serve(
     let mut model = spec.embedding.bedrock.clone();
     model.input_type = Some(vectorpipe_crds::v1alpha1::CohereInputType::SearchQuery);
     let embedder = embed::bedrock::BedrockEmbedder::new(model, Arc::new(metrics)).await;
+    let info = serde_json::json!({
+        "pipeline": name,
+        "index": spec.sink.opensearch.index,
+        "model": spec.embedding.bedrock.model_id,
+        "llmModel": llm_model_id,
+    });
     let llm = query::ask::Llm::new(embedder.client(), llm_model_id);
     let searcher = Arc::new(query::server::Searcher::new(
         spec.sink.opensearch.clone(),
@@ -501,8 +507,13 @@ async fn serve(
         llm,
         query_metrics,
     ));
-    let bound =
-        query::server::serve(searcher.clone(), registry, address, admin_socket.as_deref()).await?;
+    let bound = query::server::serve(
+        searcher.clone(),
+        registry,
+        info,
+        (address, admin_socket.as_deref()),
+    )
+    .await?;
     tracing::info!(pipeline = %name, address = %bound, index = %spec.sink.opensearch.index, "serving searches");
     tokio::select! {
         started = searcher.start() => started?,

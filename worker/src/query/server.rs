@@ -352,6 +352,7 @@ fn refused(what: &str, status: u16, text: &str) -> QueryError {
 struct App<E> {
     searcher: Arc<Searcher<E>>,
     registry: Arc<Registry>,
+    info: Arc<Value>,
 }
 
 impl<E> Clone for App<E> {
@@ -359,8 +360,32 @@ impl<E> Clone for App<E> {
         Self {
             searcher: self.searcher.clone(),
             registry: self.registry.clone(),
+            info: self.info.clone(),
         }
     }
+}
+
+/// The page at `/`: a question box, the answer with its cited sources, filters, and a
+/// search-only mode. One file, no external assets.
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Everything the page uses comes from this server.
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'",
+            ),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn about<E: Embedder>(State(app): State<App<E>>) -> Json<Value> {
+    Json(app.info.as_ref().clone())
 }
 
 fn error_response(e: &QueryError) -> Response {
@@ -448,18 +473,22 @@ async fn metrics<E: Embedder>(State(app): State<App<E>>) -> impl IntoResponse {
     crate::http::metrics_page(&app.registry)
 }
 
-/// Serves the searcher on `address` (and the admin socket); returns the bound address.
+/// Serves the searcher on `address` (and the admin socket); returns the bound address. `info`
+/// is what `GET /v1/info` answers (the pipeline, its index and models).
 pub async fn serve<E: Embedder>(
     searcher: Arc<Searcher<E>>,
     registry: Registry,
-    address: SocketAddr,
-    socket: Option<&Path>,
+    info: Value,
+    (address, socket): (SocketAddr, Option<&Path>),
 ) -> anyhow::Result<SocketAddr> {
     let app = App {
         searcher,
         registry: Arc::new(registry),
+        info: Arc::new(info),
     };
     let router = Router::new()
+        .route("/", get(page))
+        .route("/v1/info", get(about::<E>))
         .route("/v1/search", post(search::<E>))
         .route("/v1/ask", post(answer::<E>))
         .route("/metrics", get(metrics::<E>))
