@@ -7,6 +7,8 @@ pub const FIELD_MANAGER: &str = "vectorpipe-operator";
 pub const SCALING_FIELD_MANAGER: &str = "vectorpipe-operator-scaling";
 /// The `app.kubernetes.io/name` of worker pods.
 pub const WORKER_NAME: &str = "vectorpipe-worker";
+/// The `app.kubernetes.io/name` of query server pods.
+pub const QUERY_NAME: &str = "vectorpipe-query";
 /// The pipeline a worker object belongs to.
 pub const PIPELINE_LABEL: &str = "vectorpipe.io/pipeline";
 /// The hash of the rendered worker config; a change rolls the pods.

@@ -831,7 +831,7 @@ pub mod worker {
 
         /// Starts `vectorpipe-worker serve` (the query server) on a pipeline file; its address
         /// is [`Worker::metrics`].
-        pub fn serve(pipeline: &Path, log: &Path) -> Result<Self> {
+        pub fn serve(pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
             let address = format!("127.0.0.1:{}", free_port()?);
             let args = ["serve", "--address", &address, "--log-format", "text"];
             Self::spawn_with(
@@ -840,7 +840,7 @@ pub mod worker {
                 address.clone(),
                 pipeline,
                 log,
-                &[],
+                env,
             )
         }
 

@@ -345,7 +345,66 @@ async fn the_operator_runs_a_pipeline_through_its_whole_life() -> Result<()> {
         "an invalid pipeline gets no workers"
     );
 
-    // 7. Deleting the pipeline removes its children (garbage collection through owner references).
+    // 7. spec.query.enabled runs the query server next to the workers: its Deployment and
+    //    Service appear, QueryReady turns True, and the workers' template stays as it was (a
+    //    query change restarts no worker). Disabling it removes both and the condition.
+    let workers_before = deployments.get("posts-worker").await?.spec.template;
+    pipelines
+        .patch(
+            "posts",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"query": {"enabled": true, "port": 8081}}})),
+        )
+        .await?;
+    let query = eventually("the query server Deployment", LIMIT, || async {
+        Ok(deployments.get_opt("posts-query").await?)
+    })
+    .await?;
+    let container = &query
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .context("no pod spec")?
+        .containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["serve".to_owned()][..]));
+    assert!(owned_by(query.metadata.owner_references.clone()));
+    let query_service = eventually("the query server Service", LIMIT, || async {
+        Ok(services.get_opt("posts-query").await?)
+    })
+    .await?;
+    assert_eq!(
+        query_service.spec.and_then(|s| s.ports).unwrap_or_default()[0].port,
+        8081
+    );
+    let ep = wait_condition(&pipelines, "posts", "QueryReady", "True", "Serving").await?;
+    // The workers are still suspended (step 4): the query server answers from the index anyway.
+    assert_eq!(
+        condition(&ep, "Ready"),
+        Some(("False".to_owned(), "Suspended".to_owned())),
+        "the query server changed the workers' state"
+    );
+    assert_eq!(
+        deployments.get("posts-worker").await?.spec.template,
+        workers_before,
+        "enabling the query server changed the workers' pod template"
+    );
+    pipelines
+        .patch(
+            "posts",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"query": {"enabled": false}}})),
+        )
+        .await?;
+    eventually("the query server removed", LIMIT, || async {
+        let gone = deployments.get_opt("posts-query").await?.is_none()
+            && services.get_opt("posts-query").await?.is_none();
+        let ep = pipelines.get("posts").await?;
+        Ok((gone && condition(&ep, "QueryReady").is_none()).then_some(()))
+    })
+    .await?;
+
+    // 8. Deleting the pipeline removes its children (garbage collection through owner references).
     pipelines.delete("posts", &Default::default()).await?;
     eventually("the children collected", LIMIT, || async {
         Ok(deployments

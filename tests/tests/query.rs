@@ -78,6 +78,15 @@ impl Served {
 /// Indexes 60 posts with the pipeline's worker (with the model of `embedding`), stops it, and
 /// starts the query server.
 async fn indexed_and_served(name: &str, embedding: Value) -> Result<Served> {
+    indexed_and_served_with(name, embedding, &[]).await
+}
+
+/// Like [`indexed_and_served`], with environment variables for the query server.
+async fn indexed_and_served_with(
+    name: &str,
+    embedding: Value,
+    env: &[(&str, &str)],
+) -> Result<Served> {
     let topic = unique_name(name);
     kafka::create_topic(&topic, 3).await?;
     let (fake, address) = FakeBedrock::start().await?;
@@ -134,7 +143,7 @@ async fn indexed_and_served(name: &str, embedding: Value) -> Result<Served> {
     .await?;
     worker.stop()?;
 
-    let server = Worker::serve(&pipeline, &dir.join("serve.log"))?;
+    let server = Worker::serve(&pipeline, &dir.join("serve.log"), env)?;
     let url = format!("http://{}", server.metrics);
     eventually(
         "the query server ready",
@@ -569,6 +578,61 @@ async fn the_page_shows_the_answer_with_its_cited_sources_in_a_browser() -> Resu
         !dom.contains("From the records:"),
         "search-only asked the model"
     );
+    drop(served.server);
+    let _ = std::fs::remove_dir_all(&served.dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_token_the_api_wants_it_and_the_page_and_probes_do_not() -> Result<()> {
+    let served = indexed_and_served_with(
+        "query-token",
+        json!({"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256}),
+        &[("VECTORPIPE_QUERY_TOKEN", "tok-3f9a")],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let search = |token: Option<&'static str>| {
+        let mut request = client
+            .post(format!("{}/v1/search", served.url))
+            .json(&json!({"query": "consumer group", "k": 3}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let refused = search(None).await?;
+    ensure!(refused.status() == 401, "no token: {}", refused.status());
+    let body: Value = refused.json().await?;
+    ensure!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Authorization: Bearer"),
+        "{body}"
+    );
+    ensure!(
+        search(Some("tok-3f9")).await?.status() == 401,
+        "a wrong token was let in"
+    );
+    let allowed = search(Some("tok-3f9a")).await?;
+    ensure!(
+        allowed.status() == 200,
+        "the right token: {}",
+        allowed.status()
+    );
+    let info = client
+        .get(format!("{}/v1/info", served.url))
+        .send()
+        .await?
+        .status();
+    ensure!(info == 401, "/v1/info without a token: {info}");
+    for open in ["/", "/readyz", "/healthz", "/metrics"] {
+        let status = reqwest::get(format!("{}{open}", served.url))
+            .await?
+            .status();
+        ensure!(status == 200, "{open} answered {status}");
+    }
     drop(served.server);
     let _ = std::fs::remove_dir_all(&served.dir);
     Ok(())

@@ -110,6 +110,10 @@ enum Command {
         /// A Unix socket that serves the same endpoints, for `probe`.
         #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
         admin_socket: Option<PathBuf>,
+        /// A bearer token every `/v1` request must carry (the operator fills it from the Secret
+        /// named by spec.query.authSecretRef). Unset: no token needed.
+        #[arg(long, env = "VECTORPIPE_QUERY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// The Bedrock model that answers `/v1/ask` (Converse), in the embedding model's region.
         #[arg(long, env = "VECTORPIPE_LLM_MODEL_ID", default_value = query::ask::DEFAULT_LLM_MODEL_ID)]
         llm_model_id: String,
@@ -472,7 +476,7 @@ async fn check_embedder(
 async fn serve(
     pipeline: PathBuf,
     (address, admin_socket): (SocketAddr, Option<PathBuf>),
-    llm_model_id: String,
+    (llm_model_id, token): (String, Option<String>),
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
     let spec = config::load(&pipeline)?;
@@ -511,6 +515,7 @@ async fn serve(
         searcher.clone(),
         registry,
         info,
+        token,
         (address, admin_socket.as_deref()),
     )
     .await?;
@@ -613,11 +618,17 @@ fn main() -> ExitCode {
             pipeline,
             address,
             admin_socket,
+            token,
             llm_model_id,
             log_format,
         } => service(
             "the query server",
-            serve(pipeline, (address, admin_socket), llm_model_id, log_format),
+            serve(
+                pipeline,
+                (address, admin_socket),
+                (llm_model_id, token),
+                log_format,
+            ),
         ),
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {

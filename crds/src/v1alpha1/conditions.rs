@@ -12,6 +12,8 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Something needs a person: an invalid reference, a failed rollout, an unusable sink.
 pub const DEGRADED: &str = "Degraded";
+/// An EmbeddingPipeline with `spec.query.enabled`: its query server answers.
+pub const QUERY_READY: &str = "QueryReady";
 /// The policy is being evaluated against its target.
 pub const ACTIVE: &str = "Active";
 /// The policy can read its metrics and change its target.

@@ -159,6 +159,72 @@ pub struct EmbeddingPipelineSpec {
     /// Stops all workers (replicas 0) without deleting anything; offsets stay committed.
     #[serde(default)]
     pub suspend: bool,
+    /// A query server over the pipeline's index (`vectorpipe-worker serve`: search, answers
+    /// that cite the records, a web page), run next to the workers.
+    #[serde(default, skip_serializing_if = "Query::is_default")]
+    pub query: Query,
+}
+
+/// The query server of a pipeline: a Deployment and a Service `<name>-query`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Query {
+    /// Run the query server.
+    pub enabled: bool,
+    /// Query server pods.
+    #[schemars(range(min = 0, max = 64))]
+    pub replicas: i32,
+    /// The Bedrock model that answers questions (Converse), e.g.
+    /// `anthropic.claude-3-haiku-20240307-v1:0` (the default) or an inference profile id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub llm_model_id: Option<String>,
+    /// A Secret key holding a bearer token: when set, every `/v1` request must carry
+    /// `Authorization: Bearer <token>` (the page asks for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_secret_ref: Option<TokenSecretRef>,
+    /// CPU and memory of each query server container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// The port serving the page, `/v1/search`, `/v1/ask`, `/metrics`, `/healthz`, `/readyz`.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            replicas: 1,
+            llm_model_id: None,
+            auth_secret_ref: None,
+            resources: None,
+            port: 8080,
+        }
+    }
+}
+
+impl Query {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// A Secret key holding a token.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key inside the Secret.
+    #[serde(default = "default_token_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".into()
 }
 
 /// The record source. Kafka is the only kind today.

@@ -473,12 +473,29 @@ async fn metrics<E: Embedder>(State(app): State<App<E>>) -> impl IntoResponse {
     crate::http::metrics_page(&app.registry)
 }
 
+/// True when the request carries `Authorization: Bearer <token>`; compared in constant time.
+fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
 /// Serves the searcher on `address` (and the admin socket); returns the bound address. `info`
-/// is what `GET /v1/info` answers (the pipeline, its index and models).
+/// is what `GET /v1/info` answers (the pipeline, its index and models). With a `token`, every
+/// `/v1` request must carry it as a bearer token (the page, the probes and /metrics need none).
 pub async fn serve<E: Embedder>(
     searcher: Arc<Searcher<E>>,
     registry: Registry,
     info: Value,
+    token: Option<String>,
     (address, socket): (SocketAddr, Option<&Path>),
 ) -> anyhow::Result<SocketAddr> {
     let app = App {
@@ -486,11 +503,33 @@ pub async fn serve<E: Embedder>(
         registry: Arc::new(registry),
         info: Arc::new(info),
     };
-    let router = Router::new()
-        .route("/", get(page))
+    let mut api = Router::new()
         .route("/v1/info", get(about::<E>))
         .route("/v1/search", post(search::<E>))
-        .route("/v1/ask", post(answer::<E>))
+        .route("/v1/ask", post(answer::<E>));
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        let token = Arc::new(token);
+        api = api.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let token = token.clone();
+                async move {
+                    if authorized(request.headers(), &token) {
+                        next.run(request).await
+                    } else {
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                            Json(json!({"error": "this query server needs a bearer token: send Authorization: Bearer <token> (the token is in the Secret named by spec.query.authSecretRef)"})),
+                        )
+                            .into_response()
+                    }
+                }
+            },
+        ));
+    }
+    let router = Router::new()
+        .route("/", get(page))
+        .merge(api)
         .route("/metrics", get(metrics::<E>))
         .route("/healthz", get(|| async { "live\n" }))
         .route("/readyz", get(ready::<E>))
@@ -502,4 +541,21 @@ pub async fn serve<E: Embedder>(
         "--address (VECTORPIPE_QUERY_ADDRESS)",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_is_authorized() {
+        let mut headers = axum::http::HeaderMap::new();
+        assert!(!authorized(&headers, "s3cret"));
+        headers.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(authorized(&headers, "s3cret"));
+        headers.insert("authorization", "Bearer s3cre".parse().unwrap());
+        assert!(!authorized(&headers, "s3cret"));
+        headers.insert("authorization", "Basic s3cret".parse().unwrap());
+        assert!(!authorized(&headers, "s3cret"));
+    }
 }

@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ImagePullPolicy, SecretKeyRef};
 
 use crate::labels::{
-    CONFIG_HASH_ANNOTATION, PIPELINE_FILE, PIPELINE_LABEL, PIPELINE_MOUNT, WORKER_DRAIN_SECONDS,
-    WORKER_NAME,
+    CONFIG_HASH_ANNOTATION, PIPELINE_FILE, PIPELINE_LABEL, PIPELINE_MOUNT, QUERY_NAME,
+    WORKER_DRAIN_SECONDS, WORKER_NAME,
 };
 
 /// Where the worker image has its binary (worker/Dockerfile).
@@ -48,7 +48,36 @@ pub struct Children {
     pub service: Service,
     /// Present when more than one worker runs.
     pub pdb: Option<PodDisruptionBudget>,
+    /// The query server (`spec.query.enabled`): its Deployment and Service.
+    pub query: Option<(Deployment, Service)>,
+    /// Their name (deleted under it when the query server is disabled).
+    pub query_name: String,
 }
+
+/// The name of the query server's Deployment and Service.
+pub fn query_name(pipeline: &EmbeddingPipeline) -> String {
+    format!(
+        "{}-query",
+        pipeline.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The labels that select a pipeline's query server pods.
+pub fn query_selector_labels(pipeline: &EmbeddingPipeline) -> BTreeMap<String, String> {
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), QUERY_NAME.to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.clone()),
+        (PIPELINE_LABEL.to_owned(), name),
+    ])
+}
+
+/// Environment variables only the worker reads.
+const WORKER_ONLY_ENV: [&str; 3] = [
+    "VECTORPIPE_METRICS_ADDRESS",
+    "VECTORPIPE_DRAIN_SECONDS",
+    "VECTORPIPE_MEMORY_REQUEST_BYTES",
+];
 
 /// The name of every child object.
 pub fn child_name(pipeline: &EmbeddingPipeline) -> String {
@@ -111,7 +140,7 @@ fn meta(pipeline: &EmbeddingPipeline) -> ObjectMeta {
 
 /// The pipeline file the worker reads: the manifest with its spec, without status, server-managed
 /// metadata, or the parts only the operator uses. `suspend` and `workers` (replicas, image, pod
-/// settings, the user's environment) stay out, so a scale never changes the file or the pod
+/// settings, the user's environment) and `query` stay out, so a scale never changes the file or the pod
 /// template's hash (pods are added or removed, never replaced), and literal environment values
 /// never land in the ConfigMap. Of `workers` the worker reads its log level and metrics port.
 /// Secrets are never in it, only references.
@@ -120,6 +149,9 @@ pub fn render_config(pipeline: &EmbeddingPipeline) -> Result<String, serde_yaml:
     let mut rendered = serde_yaml::to_value(spec)?;
     if let serde_yaml::Value::Mapping(fields) = &mut rendered {
         fields.remove("suspend");
+        // The query server's settings are the operator's: a change of them must not roll the
+        // workers.
+        fields.remove("query");
         let mut workers = serde_yaml::Mapping::new();
         workers.insert("logLevel".into(), spec.workers.log_level.clone().into());
         workers.insert("metricsPort".into(), spec.workers.metrics_port.into());
@@ -294,6 +326,7 @@ pub fn build(
         env.push(plain_env("AWS_REGION", region.clone()));
     }
     // The user's own variables come last so they can override ours on purpose.
+    let operator_env = env.clone();
     env.extend(spec.workers.env.iter().cloned());
 
     let mut volumes = vec![
@@ -507,12 +540,113 @@ pub fn build(
         status: None,
     });
 
+    let query = spec
+        .query
+        .enabled
+        .then(|| build_query(pipeline, &deployment, &operator_env));
+
     Ok(Children {
         config_map,
         deployment,
         service,
         pdb,
+        query,
+        query_name: query_name(pipeline),
     })
+}
+
+/// The query server: the workers' pod (the same image, pipeline file, credentials, security
+/// context and ServiceAccount) running `serve` on `spec.query.port`, and a Service for it.
+/// `own_env` is the operator's part of the workers' environment (the user's comes after).
+fn build_query(
+    pipeline: &EmbeddingPipeline,
+    workers: &Deployment,
+    own_env: &[EnvVar],
+) -> (Deployment, Service) {
+    let spec = &pipeline.spec;
+    let query = &spec.query;
+    let mut env: Vec<EnvVar> = own_env
+        .iter()
+        .filter(|e| !WORKER_ONLY_ENV.contains(&e.name.as_str()))
+        .cloned()
+        .collect();
+    env.push(plain_env(
+        "VECTORPIPE_QUERY_ADDRESS",
+        format!("0.0.0.0:{}", query.port),
+    ));
+    if let Some(model) = &query.llm_model_id {
+        env.push(plain_env("VECTORPIPE_LLM_MODEL_ID", model.clone()));
+    }
+    if let Some(token) = &query.auth_secret_ref {
+        env.push(secret_env(
+            "VECTORPIPE_QUERY_TOKEN",
+            &token.name,
+            &token.key,
+        ));
+    }
+    env.extend(spec.workers.env.iter().cloned());
+
+    let mut labels = query_selector_labels(pipeline);
+    labels.insert("app.kubernetes.io/component".into(), "query".into());
+    labels.insert("app.kubernetes.io/part-of".into(), "vectorpipe".into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "vectorpipe-operator".into(),
+    );
+    let meta = ObjectMeta {
+        name: Some(query_name(pipeline)),
+        namespace: pipeline.metadata.namespace.clone(),
+        labels: Some(labels.clone()),
+        owner_references: Some(vec![owner(pipeline)]),
+        ..ObjectMeta::default()
+    };
+
+    let mut deployment = workers.clone();
+    deployment.metadata = meta.clone();
+    let deployment_spec = &mut deployment.spec;
+    deployment_spec.replicas = Some(query.replicas);
+    deployment_spec.selector = LabelSelector {
+        match_labels: Some(query_selector_labels(pipeline)),
+        ..LabelSelector::default()
+    };
+    let template = &mut deployment_spec.template;
+    if let Some(metadata) = template.metadata.as_mut() {
+        let mut pod_labels = spec.workers.pod_labels.clone();
+        pod_labels.extend(labels);
+        metadata.labels = Some(pod_labels);
+    }
+    if let Some(pod) = template.spec.as_mut() {
+        pod.termination_grace_period_seconds = Some(30);
+        if let Some(container) = pod.containers.first_mut() {
+            container.name = "query".into();
+            container.args = Some(vec!["serve".into()]);
+            container.env = Some(env);
+            container.resources = query.resources.clone();
+            container.ports = Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: query.port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]);
+        }
+    }
+
+    let service = Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            selector: Some(query_selector_labels(pipeline)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: query.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    (deployment, service)
 }
 
 /// The Secrets a pipeline references, with the keys it reads from each.
@@ -547,6 +681,14 @@ pub fn referenced_secrets(pipeline: &EmbeddingPipeline) -> Vec<(String, Vec<Stri
     }
     if let Some(ca) = sink.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
         add(&ca.name, &[ca.key.as_str()]);
+    }
+    if let Some(token) = spec
+        .query
+        .auth_secret_ref
+        .as_ref()
+        .filter(|_| spec.query.enabled)
+    {
+        add(&token.name, &[token.key.as_str()]);
     }
     out
 }
@@ -705,6 +847,111 @@ mod tests {
         }
         assert_eq!(three.deployment.spec.replicas, Some(3));
         assert_eq!(suspended.deployment.spec.replicas, Some(0));
+    }
+
+    #[test]
+    fn the_query_server_runs_serve_beside_the_workers_without_touching_them() {
+        let plain = build(&pipeline(json!({})), &defaults()).unwrap();
+        assert!(plain.query.is_none());
+        assert_eq!(plain.query_name, "posts-query");
+        let p = pipeline(json!({
+            "sink": {"opensearch": {"endpoints": ["https://os:9200"], "index": "posts",
+                "auth": {"basic": {"secretRef": {"name": "os-basic"}}}}},
+            "workers": {"env": [{"name": "EXTRA", "value": "1"}]},
+            "query": {"enabled": true, "replicas": 2, "port": 8081,
+                "llmModelId": "anthropic.claude-3-5-haiku-20241022-v1:0",
+                "authSecretRef": {"name": "query-token"}}
+        }));
+        let children = build(&p, &defaults()).unwrap();
+        // Enabling the query server leaves the workers' template and file as they were.
+        let without = build(
+            &pipeline(json!({
+                "sink": {"opensearch": {"endpoints": ["https://os:9200"], "index": "posts",
+                    "auth": {"basic": {"secretRef": {"name": "os-basic"}}}}},
+                "workers": {"env": [{"name": "EXTRA", "value": "1"}]}
+            })),
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(
+            children.deployment.spec.template,
+            without.deployment.spec.template
+        );
+        assert_eq!(children.config_map.data, without.config_map.data);
+
+        let (deployment, service) = children.query.as_ref().unwrap();
+        assert_eq!(deployment.metadata.name.as_deref(), Some("posts-query"));
+        assert_eq!(deployment.spec.replicas, Some(2));
+        let selector = deployment.spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(selector["app.kubernetes.io/name"], QUERY_NAME);
+        let pod = deployment.spec.template.spec.as_ref().unwrap();
+        let labels = deployment
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+        assert_ne!(
+            labels["app.kubernetes.io/name"], WORKER_NAME,
+            "worker selectors must not match it"
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["serve".to_owned()][..]));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8081);
+        assert_eq!(c.security_context, container(&children).security_context);
+        assert_eq!(
+            env(c, "VECTORPIPE_QUERY_ADDRESS").and_then(|e| e.value.as_deref()),
+            Some("0.0.0.0:8081")
+        );
+        assert_eq!(
+            env(c, "VECTORPIPE_LLM_MODEL_ID").and_then(|e| e.value.as_deref()),
+            Some("anthropic.claude-3-5-haiku-20241022-v1:0")
+        );
+        let token = env(c, "VECTORPIPE_QUERY_TOKEN").unwrap();
+        let from = token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (from.name.as_str(), from.key.as_str()),
+            ("query-token", "token")
+        );
+        assert!(
+            env(c, "VECTORPIPE_OPENSEARCH_PASSWORD").is_some(),
+            "the sink's credentials"
+        );
+        assert!(
+            env(c, "VECTORPIPE_METRICS_ADDRESS").is_none(),
+            "a worker-only variable"
+        );
+        let names: Vec<&str> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(
+            names.last(),
+            Some(&"EXTRA"),
+            "the user's variables come last: {names:?}"
+        );
+        assert!(c.readiness_probe.as_ref().unwrap().exec.is_some());
+        let port = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!((port.port, port.name.as_deref()), (8081, Some("http")));
+        assert!(
+            referenced_secrets(&p)
+                .iter()
+                .any(|(name, keys)| name == "query-token" && keys == &["token"]),
+            "the token Secret is checked like the others"
+        );
     }
 
     #[test]

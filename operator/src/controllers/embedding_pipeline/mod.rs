@@ -104,13 +104,14 @@ fn validate(pipeline: &EmbeddingPipeline, world: &World) -> Option<Blocked> {
     }
 }
 
-/// Step 4: server-side applies every child and removes the PDB when it is no longer wanted.
-/// Returns the Deployment as the apiserver holds it after the apply.
+/// Step 4: server-side applies every child and removes the PDB and the query server when they
+/// are no longer wanted. Returns the workers' and the query server's Deployments as the
+/// apiserver holds them after the apply.
 async fn apply(
     client: &kube::Client,
     namespace: &str,
     children: &build::Children,
-) -> Result<Deployment, Error> {
+) -> Result<(Deployment, Option<Deployment>), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let name = children
         .deployment
@@ -130,6 +131,43 @@ async fn apply(
         .patch(&name, &params, &Patch::Apply(&children.service))
         .await
         .map_err(kerr(Step::Apply, "applying the Service"))?;
+    let query_name = &children.query_name;
+    let query_deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
+    let query_services = Api::<Service>::namespaced(client.clone(), namespace);
+    let query = match &children.query {
+        Some((deployment, service)) => {
+            let applied = query_deployments
+                .patch(query_name, &params, &Patch::Apply(deployment))
+                .await
+                .map_err(kerr(Step::Apply, "applying the query server's Deployment"))?;
+            query_services
+                .patch(query_name, &params, &Patch::Apply(service))
+                .await
+                .map_err(kerr(Step::Apply, "applying the query server's Service"))?;
+            Some(applied)
+        }
+        None => {
+            for deleted in [
+                query_deployments
+                    .delete(query_name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+                query_services
+                    .delete(query_name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+            ] {
+                match deleted {
+                    Ok(()) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(e) => {
+                        return Err(kerr(Step::Apply, "deleting the query server")(e));
+                    }
+                }
+            }
+            None
+        }
+    };
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace);
     match &children.pdb {
         Some(pdb) => {
@@ -143,7 +181,7 @@ async fn apply(
             Err(e) => return Err(kerr(Step::Apply, "deleting the PodDisruptionBudget")(e)),
         },
     }
-    Ok(deployment)
+    Ok((deployment, query))
 }
 
 /// Step 5: writes `status` when it differs from the cached one, by server-side apply as the
@@ -215,15 +253,19 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
     }
     let world = dereference(ctx, &namespace, pipeline).await?;
     let blocked = validate(pipeline, &world);
-    let deployment = match &blocked {
+    let (deployment, query) = match &blocked {
         None => {
             let children = build::build(pipeline, &ctx.defaults)?;
-            Some(apply(&ctx.client, &namespace, &children).await?)
+            let (workers, query) = apply(&ctx.client, &namespace, &children).await?;
+            (Some(workers), query)
         }
-        Some(_) => world.deployment,
+        Some(_) => (world.deployment, None),
     };
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = status::compute(pipeline, blocked.as_ref(), deployment.as_ref(), &now);
+    let mut status = status::compute(pipeline, blocked.as_ref(), deployment.as_ref(), &now);
+    if blocked.is_none() {
+        status::query_condition(pipeline, query.as_ref(), &mut status, &now);
+    }
     write_status(ctx, pipeline, &name, &namespace, &status).await?;
     ctx.reset_backoff(&format!("{namespace}/{name}"));
     Ok(match blocked {

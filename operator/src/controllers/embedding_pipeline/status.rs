@@ -3,12 +3,70 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use vectorpipe_crds::v1alpha1::conditions::{
-    ConditionStatus, ConditionUpdate, DEGRADED, PROGRESSING, READY, set_condition,
+    ConditionStatus, ConditionUpdate, DEGRADED, PROGRESSING, QUERY_READY, READY, set_condition,
 };
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
 
-use super::build::selector_string;
+use super::build::{query_name, selector_string};
 use crate::blocked::Blocked;
+
+/// Sets `QueryReady` from the query server's Deployment (`query`, as applied), or removes it
+/// when the query server is disabled.
+pub fn query_condition(
+    pipeline: &EmbeddingPipeline,
+    query: Option<&Deployment>,
+    status: &mut EmbeddingPipelineStatus,
+    now: &Time,
+) {
+    if !pipeline.spec.query.enabled {
+        status.conditions.retain(|c| c.type_ != QUERY_READY);
+        return;
+    }
+    use ConditionStatus::{False, True, Unknown};
+    let name = query_name(pipeline);
+    let desired = pipeline.spec.query.replicas;
+    let (value, reason, message) = match query {
+        None => (
+            Unknown,
+            "Creating",
+            format!("creating the query server Deployment {name}"),
+        ),
+        Some(_) if desired == 0 => (
+            False,
+            "ScaledToZero",
+            "spec.query.replicas is 0; no query server runs".to_owned(),
+        ),
+        Some(d) => {
+            let st = d.status.clone().unwrap_or_default();
+            let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+            let available = st.available_replicas.unwrap_or(0);
+            if current && available >= 1 {
+                (
+                    True,
+                    "Serving",
+                    format!(
+                        "{available} of {desired} query server pods answer on Service {name} port {} (the page at /, POST /v1/search, POST /v1/ask)",
+                        pipeline.spec.query.port
+                    ),
+                )
+            } else {
+                (
+                    False,
+                    "Starting",
+                    format!(
+                        "no query server pod is ready yet ({available} of {desired}); a pod is ready once it read the index's mapping and embedded a test question: see kubectl logs deploy/{name}"
+                    ),
+                )
+            }
+        }
+    };
+    set_condition(
+        &mut status.conditions,
+        ConditionUpdate::new(QUERY_READY, value, reason, message),
+        pipeline.metadata.generation,
+        now,
+    );
+}
 
 /// The status the pipeline should have.
 pub fn compute(
