@@ -359,7 +359,8 @@ pub mod opensearch {
         Ok(OpenSearch::new(Transport::single_node(&url()?)?))
     }
 
-    /// The documents in `index`, after a refresh (so every acknowledged write counts).
+    /// The documents in `index`, after a refresh (so every acknowledged write counts); 0 while
+    /// the index does not exist yet.
     pub async fn count(index: &str) -> Result<u64> {
         use ::opensearch::CountParts;
         use ::opensearch::indices::IndicesRefreshParts;
@@ -375,6 +376,9 @@ pub mod opensearch {
             .await?
             .json()
             .await?;
+        if answer["status"] == 404 {
+            return Ok(0);
+        }
         answer["count"]
             .as_u64()
             .with_context(|| format!("no count of {index}: {answer}"))
@@ -832,16 +836,19 @@ pub mod worker {
         /// Starts `vectorpipe-worker serve` (the query server) on a pipeline file; its address
         /// is [`Worker::metrics`].
         pub fn serve(pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
+            Self::serve_binary(&binary("vectorpipe-worker")?, pipeline, log, env)
+        }
+
+        /// Like [`Worker::serve`], with a given worker binary (e.g. a release build).
+        pub fn serve_binary(
+            worker: &Path,
+            pipeline: &Path,
+            log: &Path,
+            env: &[(&str, &str)],
+        ) -> Result<Self> {
             let address = format!("127.0.0.1:{}", free_port()?);
             let args = ["serve", "--address", &address, "--log-format", "text"];
-            Self::spawn_with(
-                &binary("vectorpipe-worker")?,
-                &args,
-                address.clone(),
-                pipeline,
-                log,
-                env,
-            )
+            Self::spawn_with(worker, &args, address.clone(), pipeline, log, env)
         }
 
         fn spawn(worker: &Path, pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {

@@ -637,3 +637,81 @@ async fn with_a_token_the_api_wants_it_and_the_page_and_probes_do_not() -> Resul
     let _ = std::fs::remove_dir_all(&served.dir);
     Ok(())
 }
+
+/// `vectorpipe-worker search --pipeline` and `ask`: the same retrieval and answers from the
+/// command line, against the cluster pipeline's index.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_searches_and_asks_a_cluster_pipelines_index() -> Result<()> {
+    let served = indexed_and_served(
+        "query-cli",
+        json!({"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256}),
+    )
+    .await?;
+    let pipeline = served.dir.join("pipeline.yaml");
+    let cli = |args: &[&str]| -> Result<Value> {
+        let out =
+            std::process::Command::new(vectorpipe_tests::worker::binary("vectorpipe-worker")?)
+                .args(args)
+                .arg("--pipeline")
+                .arg(&pipeline)
+                .env(
+                    "AWS_ACCESS_KEY_ID",
+                    vectorpipe_tests::bedrock::ACCESS_KEY_ID,
+                )
+                .env(
+                    "AWS_SECRET_ACCESS_KEY",
+                    vectorpipe_tests::bedrock::SECRET_ACCESS_KEY,
+                )
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .output()?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let hits = cli(&[
+        "search",
+        "consumer group partitions",
+        "-k",
+        "4",
+        "--term",
+        "topic=bedrock",
+        "--json",
+    ])?;
+    let hits = hits.as_array().context("not a list of hits")?;
+    ensure!(
+        hits.len() == 4 && hits.iter().all(|h| h["metadata"]["topic"] == "bedrock"),
+        "{hits:?}"
+    );
+    let answer = cli(&[
+        "ask",
+        "how does a consumer group rebalance its partitions?",
+        "-k",
+        "4",
+        "--json",
+    ])?;
+    ensure!(answer["found"] == true, "{answer}");
+    let sources = ids(answer["sources"].as_array().context("no sources")?);
+    let cited = answer["citations"].as_array().context("no citations")?;
+    ensure!(
+        !cited.is_empty()
+            && cited
+                .iter()
+                .all(|c| sources.contains(&c["id"].as_str().unwrap_or("").to_owned())),
+        "{answer}"
+    );
+    // The laptop store takes no filters: said, not ignored.
+    let out = std::process::Command::new(vectorpipe_tests::worker::binary("vectorpipe-worker")?)
+        .args(["search", "q", "--term", "topic=x"])
+        .output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("add --pipeline"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(served.server);
+    let _ = std::fs::remove_dir_all(&served.dir);
+    Ok(())
+}

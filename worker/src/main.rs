@@ -133,16 +133,56 @@ enum Command {
         #[command(flatten)]
         laptop: LaptopArgs,
     },
-    /// Search the laptop mode's store: prints the nearest documents with their scores.
+    /// Search the laptop mode's store, or with --pipeline a cluster pipeline's OpenSearch index:
+    /// prints the nearest documents with their scores.
     Search {
         /// The question or text to search for.
         query: String,
-        /// How many documents to print.
-        #[arg(short, long, default_value_t = 5)]
-        k: usize,
+        /// A cluster pipeline file: search its index with its model instead of the laptop store.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        options: QueryOptions,
         #[command(flatten)]
         laptop: LaptopArgs,
     },
+    /// Answer a question from a cluster pipeline's index with an LLM on Bedrock, citing the
+    /// records (what `POST /v1/ask` of `serve` answers).
+    Ask {
+        /// The question.
+        question: String,
+        /// The pipeline file.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
+        pipeline: PathBuf,
+        /// The Bedrock model that answers.
+        #[arg(long, env = "VECTORPIPE_LLM_MODEL_ID", default_value = query::ask::DEFAULT_LLM_MODEL_ID)]
+        llm_model_id: String,
+        #[command(flatten)]
+        options: QueryOptions,
+        /// Print the whole answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `search` and `ask` retrieve.
+#[derive(clap::Args, Debug)]
+struct QueryOptions {
+    /// How many documents (hits, or sources of an answer).
+    #[arg(short, long, default_value_t = 5)]
+    k: usize,
+    /// vector, lexical or hybrid (cluster pipelines).
+    #[arg(long, value_enum, default_value = "vector")]
+    mode: query::Mode,
+    /// Only documents whose FIELD is VALUE (repeatable; cluster pipelines).
+    #[arg(long, value_name = "FIELD=VALUE")]
+    term: Vec<String>,
+    /// Only documents from this time on (`@timestamp`, e.g. 2026-11-01 or now-7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only documents up to this time.
+    #[arg(long)]
+    until: Option<String>,
 }
 
 /// Settings of the laptop mode.
@@ -472,20 +512,19 @@ async fn check_embedder(
     }
 }
 
-/// The query server of a pipeline, until SIGTERM/SIGINT.
-async fn serve(
-    pipeline: PathBuf,
-    (address, admin_socket): (SocketAddr, Option<PathBuf>),
-    (llm_model_id, token): (String, Option<String>),
-    log_format: LogFormat,
-) -> anyhow::Result<()> {
-    let spec = config::load(&pipeline)?;
-    init_logging(&spec, log_format);
-    let name = config::identity(&pipeline)
-        .name
-        .unwrap_or_else(|| "pipeline".to_owned());
+/// The searcher of a cluster pipeline: its OpenSearch index, its model (queries embedded as
+/// queries) and the answering model; the metrics registry, and what `/v1/info` says.
+async fn cluster_searcher(
+    spec: &EmbeddingPipelineSpec,
+    name: &str,
+    llm_model_id: String,
+) -> anyhow::Result<(
+    Arc<query::server::Searcher<embed::bedrock::BedrockEmbedder>>,
+    prometheus_client::registry::Registry,
+    serde_json::Value,
+)> {
     let dimensions = spec.embedding.bedrock.vector_dimensions()?;
-    let (metrics, mut registry) = metrics::Metrics::new(&name);
+    let (metrics, mut registry) = metrics::Metrics::new(name);
     let query_metrics = query::server::QueryMetrics::new(&mut registry);
     let index = sink::opensearch::OpenSearchIndex::new(
         spec.sink.opensearch.clone(),
@@ -511,6 +550,22 @@ async fn serve(
         llm,
         query_metrics,
     ));
+    Ok((searcher, registry, info))
+}
+
+/// The query server of a pipeline, until SIGTERM/SIGINT.
+async fn serve(
+    pipeline: PathBuf,
+    (address, admin_socket): (SocketAddr, Option<PathBuf>),
+    (llm_model_id, token): (String, Option<String>),
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let spec = config::load(&pipeline)?;
+    init_logging(&spec, log_format);
+    let name = config::identity(&pipeline)
+        .name
+        .unwrap_or_else(|| "pipeline".to_owned());
+    let (searcher, registry, info) = cluster_searcher(&spec, &name, llm_model_id).await?;
     let bound = query::server::serve(
         searcher.clone(),
         registry,
@@ -526,6 +581,137 @@ async fn serve(
     }
     shutdown_signal().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Filters from the command line: `--term FIELD=VALUE` (repeated: every one must match) and
+/// `--since` / `--until` on `@timestamp`.
+fn cli_filter(
+    terms: &[String],
+    since: Option<String>,
+    until: Option<String>,
+) -> anyhow::Result<query::Filter> {
+    let mut filter = query::Filter::default();
+    for term in terms {
+        let (field, value) = term
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--term {term:?} is not FIELD=VALUE"))?;
+        filter.term.insert(
+            field.to_owned(),
+            serde_json::Value::String(value.to_owned()),
+        );
+    }
+    if since.is_some() || until.is_some() {
+        filter.range.insert(
+            "@timestamp".to_owned(),
+            query::Range {
+                gte: since.map(serde_json::Value::String),
+                lte: until.map(serde_json::Value::String),
+                ..query::Range::default()
+            },
+        );
+    }
+    Ok(filter)
+}
+
+fn print_hits(hits: &[query::Hit]) {
+    for (rank, hit) in hits.iter().enumerate() {
+        let fields: Vec<String> = hit
+            .metadata
+            .iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => format!("{name}={s}"),
+                other => format!("{name}={other}"),
+            })
+            .collect();
+        let text: String = hit.text.chars().take(160).collect();
+        let ellipsis = if hit.text.chars().count() > 160 {
+            "…"
+        } else {
+            ""
+        };
+        println!(
+            "{:>2}. {:.3}  {}  [{}]\n    {text}{ellipsis}",
+            rank + 1,
+            hit.score,
+            hit.id,
+            fields.join(", ")
+        );
+    }
+}
+
+/// `search --pipeline` and `ask`: one search or one question against a cluster pipeline's
+/// index, printed.
+async fn cluster_query(
+    pipeline: PathBuf,
+    question: String,
+    (options, json): (QueryOptions, bool),
+    ask: Option<String>,
+) -> anyhow::Result<()> {
+    let spec = config::load(&pipeline)?;
+    let name = config::identity(&pipeline)
+        .name
+        .unwrap_or_else(|| "pipeline".to_owned());
+    let llm_model_id = ask
+        .clone()
+        .unwrap_or_else(|| query::ask::DEFAULT_LLM_MODEL_ID.to_owned());
+    let (searcher, _, _) = cluster_searcher(&spec, &name, llm_model_id).await?;
+    tokio::time::timeout(Duration::from_secs(60), searcher.start())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "not ready after 60 s: {}",
+                searcher.not_ready().unwrap_or_default()
+            )
+        })??;
+    let filter = cli_filter(&options.term, options.since, options.until)?;
+    if ask.is_some() {
+        let request = query::ask::AskRequest {
+            question,
+            k: options.k,
+            filter,
+            mode: options.mode,
+            weight: None,
+            min_score: None,
+        };
+        let answer = searcher.ask(&request).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(());
+        }
+        println!("{}\n", answer.answer);
+        if answer.found {
+            println!("Cited:");
+            for citation in &answer.citations {
+                println!("  [{}] {}", citation.n, citation.hit.id);
+            }
+        }
+        println!(
+            "\n{} sources; {} ({} input, {} output tokens)",
+            answer.sources.len(),
+            if answer.model.is_empty() {
+                "no model asked"
+            } else {
+                &answer.model
+            },
+            answer.usage.input_tokens,
+            answer.usage.output_tokens
+        );
+        return Ok(());
+    }
+    let request = query::SearchRequest {
+        query: question,
+        k: options.k,
+        filter,
+        mode: options.mode,
+        weight: None,
+    };
+    let hits = searcher.search(&request).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+    } else {
+        print_hits(&hits);
+    }
     Ok(())
 }
 
@@ -580,9 +766,40 @@ fn main() -> ExitCode {
         } => laptop(local_ingest(pipeline, input, args)),
         Command::Search {
             query,
-            k,
+            pipeline: Some(pipeline),
+            options,
             laptop: args,
-        } => laptop(local_search(query, k, args)),
+        } => laptop(cluster_query(pipeline, query, (options, args.json), None)),
+        Command::Search {
+            query,
+            pipeline: None,
+            options,
+            laptop: args,
+        } => {
+            if !options.term.is_empty()
+                || options.mode != query::Mode::Vector
+                || options.since.is_some()
+                || options.until.is_some()
+            {
+                eprintln!(
+                    "vectorpipe-worker: --mode, --term, --since and --until search a cluster pipeline's index; add --pipeline FILE (the laptop store takes a question and -k only)"
+                );
+                return ExitCode::FAILURE;
+            }
+            laptop(local_search(query, options.k, args))
+        }
+        Command::Ask {
+            question,
+            pipeline,
+            llm_model_id,
+            options,
+            json,
+        } => laptop(cluster_query(
+            pipeline,
+            question,
+            (options, json),
+            Some(llm_model_id),
+        )),
         Command::Probe {
             path,
             socket,

@@ -56,6 +56,273 @@ enum Bench {
     /// started, killed and stopped; fails when the index differs from the model (needs `up.sh
     /// kafka opensearch`).
     Chaos(ChaosArgs),
+    /// The query server: `/v1/search` latency (p50, p99) and requests/s at 1, 8 and 32
+    /// concurrent clients, next to the same k-NN query sent to OpenSearch directly (needs
+    /// `up.sh kafka opensearch`).
+    Query(QueryArgs),
+}
+
+/// Query bench settings.
+#[derive(clap::Args, Debug)]
+struct QueryArgs {
+    /// Documents in the index.
+    #[arg(long, default_value_t = 5000)]
+    documents: usize,
+    /// Requests per concurrency level (and per target).
+    #[arg(long, default_value_t = 800)]
+    requests: usize,
+    /// Hits per search.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Concurrent clients, comma-separated.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// The worker binary (default: the release build next to this one, else the debug build).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+}
+
+/// Words the bench's posts and questions are made of.
+const QUERY_WORDS: [&str; 24] = [
+    "kafka",
+    "consumer",
+    "group",
+    "partition",
+    "offset",
+    "rebalance",
+    "broker",
+    "index",
+    "shard",
+    "replica",
+    "mapping",
+    "cluster",
+    "model",
+    "embedding",
+    "token",
+    "throttle",
+    "region",
+    "vector",
+    "search",
+    "filter",
+    "latency",
+    "memory",
+    "schedule",
+    "scale",
+];
+
+/// `count` requests from `clients` concurrent loops; the latencies (ms, sorted) and the seconds
+/// it took. `send(i)` sends request `i`.
+async fn load<F, Fut>(clients: usize, count: usize, send: F) -> Result<(Vec<f64>, f64)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let send = Arc::new(send);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..clients {
+        let (send, next) = (send.clone(), next.clone());
+        loops.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let at = Instant::now();
+                send(i).await?;
+                latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for l in loops {
+        latencies.extend(l.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, seconds))
+}
+
+async fn query_bench(args: QueryArgs) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    println!("worker binary: {}", worker.display());
+    let topic = unique_name("bench-query");
+    kafka::create_topic(&topic, 3).await?;
+    let (fake, address) = FakeBedrock::start().await?;
+    let dir = std::env::temp_dir().join(&topic);
+    std::fs::create_dir_all(&dir)?;
+    let index = topic.to_lowercase();
+    let pipeline = dir.join("pipeline.yaml");
+    let spec = json!({
+        "apiVersion": "vectorpipe.io/v1alpha1",
+        "kind": "EmbeddingPipeline",
+        "metadata": {"name": "bench-query", "namespace": "bench"},
+        "spec": {
+            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic],
+                "groupId": format!("{topic}-group")}},
+            "transform": {"idPointer": "/id", "textPointers": ["/text"],
+                "metadata": {"topic": "/topic"}},
+            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256,
+                "region": "eu-west-1", "endpointUrl": format!("http://{address}"), "maxInFlight": 32}},
+            "sink": {"opensearch": {"endpoints": [os::url()?], "index": index,
+                "method": {"engine": "lucene"},
+                "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
+                "bulk": {"flushInterval": "200ms"}}},
+        }
+    });
+    std::fs::write(&pipeline, serde_yaml::to_string(&spec)?)?;
+    let words = |n: usize, len: usize| -> String {
+        (0..len)
+            .map(|i| QUERY_WORDS[(n * 7 + i * 13 + n / 5) % QUERY_WORDS.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let producer: FutureProducer = kafka::config()?.set("linger.ms", "20").create()?;
+    let mut sends = Vec::new();
+    for n in 0..args.documents {
+        let record =
+            json!({"id": format!("doc-{n}"), "text": format!("document {n}: {}", words(n, 40)),
+            "topic": QUERY_WORDS[n % 6]})
+            .to_string();
+        sends.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .key(&format!("doc-{n}"))
+                        .payload(&record),
+                )
+                .map_err(|(e, _)| e)?,
+        );
+    }
+    for send in sends {
+        send.await?.map_err(|(e, _)| e)?;
+    }
+    let indexing = Worker::start_binary(&worker, &pipeline, &dir.join("worker.log"))?;
+    let want = args.documents as u64;
+    while os::count(&index).await? < want {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    indexing.stop()?;
+    println!(
+        "{} documents indexed (Titan v2 256 dimensions, lucene HNSW, 1 shard)",
+        args.documents
+    );
+
+    let server = Worker::serve_binary(&worker, &pipeline, &dir.join("serve.log"), &[])?;
+    let url = format!("http://{}", server.metrics);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while !client
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the query server never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let questions: Arc<Vec<String>> =
+        Arc::new((0..args.requests).map(|n| words(n * 31 + 3, 6)).collect());
+    // The baseline: the same k-NN query with the vector computed beforehand, straight to
+    // OpenSearch (no embedding call, no query server).
+    let vectors: Arc<Vec<Vec<f32>>> = Arc::new(
+        questions
+            .iter()
+            .map(|q| vectorpipe_tests::bedrock::embed(q, 256, true))
+            .collect(),
+    );
+    println!(
+        "\n{:<10} {:>8} {:>10} {:>9} {:>9} {:>12} {:>9} {:>9} {:>12}",
+        "clients",
+        "requests",
+        "server r/s",
+        "p50 ms",
+        "p99 ms",
+        "direct r/s",
+        "p50 ms",
+        "p99 ms",
+        "server/direct"
+    );
+    for &clients in &args.clients {
+        let (server_latencies, server_seconds) = {
+            let (client, url, questions, k) =
+                (client.clone(), url.clone(), questions.clone(), args.k);
+            load(clients, args.requests, move |i| {
+                let (client, url, questions) = (client.clone(), url.clone(), questions.clone());
+                async move {
+                    let response = client
+                        .post(format!("{url}/v1/search"))
+                        .json(&json!({"query": questions[i], "k": k}))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        response.status() == 200,
+                        "search answered {}",
+                        response.status()
+                    );
+                    response.bytes().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let (direct_latencies, direct_seconds) = {
+            let (client, base, index, vectors, k) = (
+                client.clone(),
+                os::url()?,
+                index.clone(),
+                vectors.clone(),
+                args.k,
+            );
+            load(clients, args.requests, move |i| {
+                let (client, base, index, vectors) =
+                    (client.clone(), base.clone(), index.clone(), vectors.clone());
+                async move {
+                    let response = client
+                        .post(format!("{base}/{index}/_search"))
+                        .json(&json!({"size": k, "_source": {"excludes": ["embedding"]},
+                            "query": {"knn": {"embedding": {"vector": vectors[i], "k": k}}}}))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        response.status() == 200,
+                        "OpenSearch answered {}",
+                        response.status()
+                    );
+                    response.bytes().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let server_rate = args.requests as f64 / server_seconds;
+        let direct_rate = args.requests as f64 / direct_seconds;
+        println!(
+            "{:<10} {:>8} {:>10.0} {:>9.1} {:>9.1} {:>12.0} {:>9.1} {:>9.1} {:>11.0}%",
+            clients,
+            args.requests,
+            server_rate,
+            percentile(&server_latencies, 50.0),
+            percentile(&server_latencies, 99.0),
+            direct_rate,
+            percentile(&direct_latencies, 50.0),
+            percentile(&direct_latencies, 99.0),
+            100.0 * server_rate / direct_rate,
+        );
+    }
+    let calls = fake.stats().calls;
+    println!(
+        "embedding calls the server made: {calls} (one per search, plus the start-up check and the indexing)"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// Memory bench settings.
@@ -776,6 +1043,7 @@ async fn main() -> Result<()> {
         Bench::Chaos(args) => chaos_bench(args).await,
         Bench::ScaleIn(args) => scale_in_bench(args).await,
         Bench::Memory(args) => memory_bench(args).await,
+        Bench::Query(args) => query_bench(args).await,
     }
 }
 

@@ -45,7 +45,7 @@ fn default_k() -> usize {
 }
 
 /// How a search ranks documents.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Nearest vectors of the embedded query.
