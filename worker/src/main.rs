@@ -300,30 +300,17 @@ async fn local_search(query: String, k: usize, laptop: LaptopArgs) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&hits)?);
         return Ok(());
     }
-    for (rank, hit) in hits.iter().enumerate() {
-        let fields: Vec<String> = hit
-            .metadata
-            .iter()
-            .filter(|(name, _)| name.as_str() != "title")
-            .map(|(name, value)| match value {
-                serde_json::Value::String(s) => format!("{name}={s}"),
-                other => format!("{name}={other}"),
-            })
-            .collect();
-        let text: String = hit.text.chars().take(160).collect();
-        let ellipsis = if hit.text.chars().count() > 160 {
-            "…"
-        } else {
-            ""
-        };
-        println!(
-            "{:>2}. {:.3}  {}  [{}]\n    {text}{ellipsis}",
-            rank + 1,
-            hit.score,
-            hit.id,
-            fields.join(", ")
-        );
-    }
+    print_ranked(
+        hits.iter().map(|h| {
+            (
+                f64::from(h.score),
+                h.id.as_str(),
+                &h.metadata,
+                h.text.as_str(),
+            )
+        }),
+        &["title"],
+    );
     Ok(())
 }
 
@@ -614,27 +601,36 @@ fn cli_filter(
     Ok(filter)
 }
 
-fn print_hits(hits: &[query::Hit]) {
-    for (rank, hit) in hits.iter().enumerate() {
-        let fields: Vec<String> = hit
-            .metadata
+/// Prints ranked hits: rank, score, id, the metadata fields but `hide`, and the text's start.
+fn print_ranked<'a>(
+    hits: impl Iterator<
+        Item = (
+            f64,
+            &'a str,
+            &'a serde_json::Map<String, serde_json::Value>,
+            &'a str,
+        ),
+    >,
+    hide: &[&str],
+) {
+    for (rank, (score, id, metadata, text)) in hits.enumerate() {
+        let fields: Vec<String> = metadata
             .iter()
+            .filter(|(name, _)| !hide.contains(&name.as_str()))
             .map(|(name, value)| match value {
                 serde_json::Value::String(s) => format!("{name}={s}"),
                 other => format!("{name}={other}"),
             })
             .collect();
-        let text: String = hit.text.chars().take(160).collect();
-        let ellipsis = if hit.text.chars().count() > 160 {
+        let start: String = text.chars().take(160).collect();
+        let ellipsis = if text.chars().count() > 160 {
             "…"
         } else {
             ""
         };
         println!(
-            "{:>2}. {:.3}  {}  [{}]\n    {text}{ellipsis}",
+            "{:>2}. {score:.3}  {id}  [{}]\n    {start}{ellipsis}",
             rank + 1,
-            hit.score,
-            hit.id,
             fields.join(", ")
         );
     }
@@ -710,7 +706,11 @@ async fn cluster_query(
     if json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
     } else {
-        print_hits(&hits);
+        print_ranked(
+            hits.iter()
+                .map(|h| (h.score, h.id.as_str(), &h.metadata, h.text.as_str())),
+            &[],
+        );
     }
     Ok(())
 }
