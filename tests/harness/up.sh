@@ -453,7 +453,8 @@ spec:
     expression: >
       has(object.metadata.labels) && object.metadata.labels[?"app.kubernetes.io/name"].orValue("") == "vectorpipe-worker"
   mutations:
-  # Host network; servers bound to all addresses move to 127.0.0.1; the API is reached on
+  # Host network; servers bound to all addresses (the operator's metrics, a query server) move
+  # to 127.0.0.1; the API is reached on
   # 127.0.0.1 (no kube-proxy here for the kubernetes Service). Worker pods share the host's
   # ports, so two of them (a scale-out, a rollout's surge pod) would collide on the metrics port:
   # each serves its metrics on a port of its own (127.0.0.1:0) and the admin socket, which the
@@ -464,8 +465,8 @@ spec:
       expression: >
         Object{spec: Object.spec{hostNetwork: true, dnsPolicy: "ClusterFirstWithHostNet",
           containers: object.spec.containers.map(c, Object.spec.containers{name: c.name,
-            env: (has(c.env) ? c.env : []).filter(e, e.name == "VECTORPIPE_METRICS_ADDRESS" && has(e.value)).map(e,
-              Object.spec.containers.env{name: e.name, value: variables.worker ? "127.0.0.1:0" : e.value.replace("0.0.0.0:", "127.0.0.1:")})
+            env: (has(c.env) ? c.env : []).filter(e, (e.name == "VECTORPIPE_METRICS_ADDRESS" || e.name == "VECTORPIPE_QUERY_ADDRESS") && has(e.value)).map(e,
+              Object.spec.containers.env{name: e.name, value: variables.worker && e.name == "VECTORPIPE_METRICS_ADDRESS" ? "127.0.0.1:0" : e.value.replace("0.0.0.0:", "127.0.0.1:")})
               + [Object.spec.containers.env{name: "KUBERNETES_SERVICE_HOST", value: "${api_host%:*}"},
                  Object.spec.containers.env{name: "KUBERNETES_SERVICE_PORT", value: "${api_host##*:}"}]})}}
   - patchType: JSONPatch

@@ -41,7 +41,7 @@ fn worker_pods(namespace: &str, pipeline: &str) -> Result<Vec<(String, bool, boo
         "-n",
         namespace,
         "-l",
-        &format!("vectorpipe.io/pipeline={pipeline}"),
+        &format!("app.kubernetes.io/name=vectorpipe-worker,vectorpipe.io/pipeline={pipeline}"),
         "--sort-by=.metadata.creationTimestamp",
         "-o",
         "json",
@@ -412,6 +412,48 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
     ensure!(
         two.contains(&one[0]),
         "the pod left is not one of the two: {one:?} {two:?}"
+    );
+
+    // The query server as a real pod: spec.query runs `serve` from the worker image next to the
+    // worker (its probes through the admin socket too), and it answers searches of the index.
+    let query_port = vectorpipe_tests::worker::free_port()?;
+    pipeline["spec"]["query"] = json!({"enabled": true, "port": query_port});
+    apply(&pipeline)?;
+    eventually(
+        "QueryReady on the real node",
+        Duration::from_secs(180),
+        || async {
+            let ep: Value = serde_json::from_str(&kubectl(&[
+                "get", "vp", "posts", "-n", &ns.name, "-o", "json",
+            ])?)?;
+            Ok(ep["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "QueryReady" && c["status"] == "True")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{query_port}/v1/search"))
+        .json(&json!({"query": "real pods index post number 42", "k": 3}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let hits = answer["hits"].as_array().context("no hits")?;
+    ensure!(hits.len() == 3, "{answer}");
+    let page = reqwest::get(format!("http://127.0.0.1:{query_port}/"))
+        .await?
+        .text()
+        .await?;
+    ensure!(page.contains("Ask the index"), "no page");
+    // The worker kept running through it: the query server is a pod of its own.
+    ensure!(
+        wait_ready_pods(&ns.name, "posts", 1).await? == one,
+        "enabling the query server touched the worker pod"
     );
 
     let _ = helm(&["uninstall", &release, "-n", &ns.name]);
