@@ -6,7 +6,8 @@
 #   examples/laptop/run.sh                      # index, then three example questions
 #   examples/laptop/run.sh "your question" ...  # index, then your questions
 #
-# Afterwards: cargo run -q -p vectorpipe-worker -- search "another question"
+# Afterwards: cargo run -q -p vectorpipe-worker -- search "another question" (or ask, or serve
+# for the web page; the script prints how).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,3 +28,11 @@ for question in "$@"; do
   echo "search: $question"
   worker search "$question" -k 3
 done
+cat <<EOF
+
+More from the same store:
+  cargo run -q -p vectorpipe-worker -- search "a question" --mode hybrid --term topic=baking --since 2026-06-01
+  cargo run -q -p vectorpipe-worker -- ask "a question"   # a written answer from Bedrock when AWS credentials are set
+Search and ask in a browser:
+  cargo run -q -p vectorpipe-worker -- serve              # then open http://127.0.0.1:8080/
+EOF

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
+use serde_json::{Value, json};
 use vectorpipe_tests::worker::binary;
 
 fn repo() -> PathBuf {
@@ -319,6 +319,324 @@ fn two_runs_on_one_store_take_turns_and_every_document_stays_searchable() -> Res
     ensure!(
         stderr.contains("is writing to the store"),
         "the second run says that it waits for the first: {stderr}"
+    );
+    Ok(())
+}
+
+/// `vectorpipe-worker serve` over a laptop store; killed when dropped.
+struct LaptopServer {
+    child: std::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Drop for LaptopServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LaptopServer {
+    /// Serves `store` with no AWS configuration but `env`, and waits until it is ready.
+    async fn start(store: &str, log: PathBuf, env: &[(&str, String)]) -> Result<Self> {
+        let address = format!("127.0.0.1:{}", vectorpipe_tests::worker::free_port()?);
+        let mut command = Command::new(binary("vectorpipe-worker")?);
+        command
+            .args(["serve", "--store", store, "--address", &address])
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        // Nothing of the machine's AWS setup, and no instance metadata lookups.
+        for name in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+        ] {
+            command.env_remove(name);
+        }
+        command
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent/vectorpipe")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/vectorpipe");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let server = Self {
+            child: command.spawn()?,
+            url: format!("http://{address}"),
+            log,
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..240 {
+            if let Ok(r) = client.get(format!("{}/readyz", server.url)).send().await
+                && r.status() == 200
+            {
+                return Ok(server);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        bail!(
+            "the laptop query server was not ready in 60 s: {}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        )
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: Value = response.json().await?;
+        ensure!(status == 200, "{path} {body} answered {status}: {answer}");
+        Ok(answer)
+    }
+
+    async fn hits(&self, body: Value) -> Result<Vec<Value>> {
+        Ok(self.post("/v1/search", body).await?["hits"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+fn ids(hits: &[Value]) -> Vec<&str> {
+    hits.iter().filter_map(|h| h["id"].as_str()).collect()
+}
+
+/// The sample posts as JSON.
+fn posts() -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(repo().join("examples/laptop/posts.jsonl"))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_laptop_query_server_finds_by_meaning_filters_exactly_and_sees_new_records()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store = store.to_str().context("path")?;
+    ingest(store, None)?;
+    let server = LaptopServer::start(store, dir.path().join("serve.log"), &[]).await?;
+
+    // Questions worded unlike the posts find posts of their topic.
+    for (question, topic) in [
+        ("my loaf comes out flat and heavy", "baking"),
+        (
+            "members of a consumer group keep getting new partitions",
+            "kafka",
+        ),
+        ("seeing the rings of Saturn at night", "astronomy"),
+    ] {
+        let hits = server.hits(json!({"query": question, "k": 3})).await?;
+        let topics: Vec<&str> = hits
+            .iter()
+            .filter_map(|h| h["metadata"]["topic"].as_str())
+            .collect();
+        ensure!(
+            topics == [topic; 3],
+            "{question:?} should find {topic} posts: {hits:#?}"
+        );
+    }
+
+    // A term filter keeps only its topic, even for a question about another one.
+    let baking = server
+        .hits(
+            json!({"query": "rebalancing partitions between consumers", "k": 5,
+            "filter": {"term": {"topic": "baking"}}}),
+        )
+        .await?;
+    ensure!(baking.len() == 5, "{baking:#?}");
+    ensure!(
+        baking.iter().all(|h| h["metadata"]["topic"] == "baking"),
+        "{baking:#?}"
+    );
+
+    // A time range returns exactly the posts inside it, none short, none outside.
+    let since = "2026-11-01";
+    let expected: std::collections::BTreeSet<String> = posts()?
+        .iter()
+        .filter(|p| p["created"].as_str().is_some_and(|c| c >= since))
+        .filter_map(|p| p["id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(!expected.is_empty() && expected.len() < 300);
+    let recent = server
+        .hits(json!({"query": "anything at all", "k": 200,
+            "filter": {"range": {"@timestamp": {"gte": since}}}}))
+        .await?;
+    let got: std::collections::BTreeSet<String> =
+        ids(&recent).into_iter().map(str::to_owned).collect();
+    assert_eq!(got, expected, "the posts since {since}");
+
+    // Full text: every post with the words, and only those; hybrid weighs them in.
+    let with_words = posts()?
+        .iter()
+        .filter(|p| {
+            p["text"]
+                .as_str()
+                .is_some_and(|t| t.to_lowercase().contains("dutch oven"))
+        })
+        .count();
+    ensure!(with_words == 5, "the sample has five posts on Dutch ovens");
+    let has_words = |hits: &[Value]| {
+        hits.iter()
+            .filter(|h| {
+                h["text"]
+                    .as_str()
+                    .is_some_and(|t| t.to_lowercase().contains("dutch oven"))
+            })
+            .count()
+    };
+    let lexical = server
+        .hits(json!({"query": "Dutch oven", "k": 5, "mode": "lexical"}))
+        .await?;
+    assert_eq!(has_words(&lexical), 5, "{lexical:#?}");
+    let vector = server.hits(json!({"query": "Dutch oven", "k": 5})).await?;
+    let hybrid = server
+        .hits(json!({"query": "Dutch oven", "k": 5, "mode": "hybrid"}))
+        .await?;
+    ensure!(
+        has_words(&hybrid) > has_words(&vector),
+        "hybrid should find more of the posts naming the words than vector search: hybrid {:?}, vector {:?}",
+        ids(&hybrid),
+        ids(&vector)
+    );
+
+    // Without AWS credentials, ask answers with the retrieved passages and says why.
+    let question = "how do I get a mirror edge on a chisel";
+    let asked = server
+        .post("/v1/ask", json!({"question": question, "k": 3}))
+        .await?;
+    let searched = server.hits(json!({"query": question, "k": 3})).await?;
+    ensure!(
+        asked["retrievalOnly"]
+            .as_str()
+            .is_some_and(|why| why.contains("AWS_REGION")),
+        "{asked:#}"
+    );
+    assert_eq!(asked["found"], false);
+    assert_eq!(
+        ids(asked["sources"].as_array().context("sources")?),
+        ids(&searched)
+    );
+
+    // The command line takes the same filters and modes.
+    let out = worker(
+        &[
+            "search",
+            "dough",
+            "--store",
+            store,
+            "--mode",
+            "hybrid",
+            "--term",
+            "topic=baking",
+            "--since",
+            "2026-06-01",
+            "-k",
+            "10",
+            "--json",
+        ],
+        None,
+    )?;
+    let hits: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    ensure!(!hits.is_empty(), "no hits");
+    ensure!(
+        hits.iter().all(|h| h["metadata"]["topic"] == "baking"
+            && h["metadata"]["@timestamp"].as_str() >= Some("2026-06-01")),
+        "{hits:#?}"
+    );
+    // Searching where no store is says so, and creates none.
+    let nowhere = dir.path().join("no-store");
+    let Err(e) = worker(
+        &["search", "q", "--store", nowhere.to_str().context("path")?],
+        None,
+    ) else {
+        bail!("a search without a store succeeded");
+    };
+    ensure!(e.to_string().contains("there is no store"), "{e}");
+    ensure!(
+        !nowhere.exists(),
+        "the search created {}",
+        nowhere.display()
+    );
+
+    // A record indexed while the server runs is found without a restart.
+    let new = json!({"id": "post-9001", "author": "zoe", "topic": "gardening",
+        "title": "Tomato seedlings", "created": "2026-12-01T10:00:00Z",
+        "text": "My tomato seedlings on the windowsill grow tall, thin and pale."});
+    ingest(store, Some(format!("{new}\n").as_bytes()))?;
+    let hits = server
+        .hits(json!({"query": "leggy tomato plants indoors", "k": 1}))
+        .await?;
+    assert_eq!(ids(&hits), ["post-9001"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_aws_credentials_the_laptop_asks_bedrock_and_cites_the_retrieved_posts() -> Result<()>
+{
+    use vectorpipe_tests::bedrock::{ACCESS_KEY_ID, FakeBedrock, SECRET_ACCESS_KEY};
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let store = store.to_str().context("path")?;
+    ingest(store, None)?;
+    let (fake, address) = FakeBedrock::start().await?;
+    let env = [
+        ("AWS_REGION", "eu-west-1".to_owned()),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY.to_owned()),
+        (
+            "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
+            format!("http://{address}"),
+        ),
+    ];
+    let server = LaptopServer::start(store, dir.path().join("serve.log"), &env).await?;
+    let answer = server
+        .post(
+            "/v1/ask",
+            json!({"question": "how do I sharpen chisels to a mirror edge", "k": 4}),
+        )
+        .await?;
+    ensure!(answer["found"] == true, "{answer:#}");
+    ensure!(answer.get("retrievalOnly").is_none(), "{answer:#}");
+    let sources = ids(answer["sources"].as_array().context("sources")?);
+    let cited = ids(answer["citations"].as_array().context("citations")?);
+    ensure!(!cited.is_empty(), "{answer:#}");
+    ensure!(
+        cited.iter().all(|id| sources.contains(id)),
+        "citations must be retrieved ids: {cited:?} of {sources:?}"
+    );
+    ensure!(
+        answer["citations"]
+            .as_array()
+            .context("citations")?
+            .iter()
+            .all(|c| c["metadata"]["topic"] == "woodworking"),
+        "{answer:#}"
+    );
+    ensure!(
+        answer["usage"]["inputTokens"].as_u64() > Some(0),
+        "{answer:#}"
+    );
+    assert_eq!(answer["model"], "anthropic.claude-3-haiku-20240307-v1:0");
+    ensure!(fake.stats().calls >= 1, "the fake was asked");
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.contains("vectorpipe_worker_query_llm_tokens_total{kind=\"input\"}"),
+        "{metrics}"
     );
     Ok(())
 }

@@ -98,15 +98,18 @@ enum Command {
     },
     /// Answer searches over the pipeline's index: `POST /v1/search` embeds the query with the
     /// pipeline's model and searches by vector, by full text, or both; `POST /v1/ask` answers a
-    /// question from the retrieved records with an LLM on Bedrock, citing them; plus /metrics,
-    /// /healthz and /readyz.
+    /// question from the retrieved records with an LLM on Bedrock, citing them; a web page at
+    /// `/`; plus /metrics, /healthz and /readyz. Without --pipeline: the same over the laptop
+    /// mode's store with the local model (answers written by Bedrock when AWS credentials are
+    /// configured, else the retrieved passages).
     Serve {
-        /// The pipeline file.
+        /// A cluster pipeline file: serve its OpenSearch index. Without it, the laptop store.
         #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
-        pipeline: PathBuf,
-        /// Where to listen.
-        #[arg(long, env = "VECTORPIPE_QUERY_ADDRESS", default_value = "0.0.0.0:8080")]
-        address: SocketAddr,
+        pipeline: Option<PathBuf>,
+        /// Where to listen. Default: 0.0.0.0:8080 for a cluster pipeline, 127.0.0.1:8080 for
+        /// the laptop store.
+        #[arg(long, env = "VECTORPIPE_QUERY_ADDRESS")]
+        address: Option<SocketAddr>,
         /// A Unix socket that serves the same endpoints, for `probe`.
         #[arg(long, env = "VECTORPIPE_ADMIN_SOCKET")]
         admin_socket: Option<PathBuf>,
@@ -114,12 +117,15 @@ enum Command {
         /// named by spec.query.authSecretRef). Unset: no token needed.
         #[arg(long, env = "VECTORPIPE_QUERY_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// The Bedrock model that answers `/v1/ask` (Converse), in the embedding model's region.
+        /// The Bedrock model that answers `/v1/ask` (Converse): in the embedding model's region
+        /// for a cluster pipeline, in the AWS configuration's region on a laptop.
         #[arg(long, env = "VECTORPIPE_LLM_MODEL_ID", default_value = query::ask::DEFAULT_LLM_MODEL_ID)]
         llm_model_id: String,
         /// Log as JSON lines (the default in containers) or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
+        #[command(flatten)]
+        laptop: LaptopArgs,
     },
     /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
     Local {
@@ -132,9 +138,12 @@ enum Command {
         input: PathBuf,
         #[command(flatten)]
         laptop: LaptopArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Search the laptop mode's store, or with --pipeline a cluster pipeline's OpenSearch index:
-    /// prints the nearest documents with their scores.
+    /// prints the best documents with their scores.
     Search {
         /// The question or text to search for.
         query: String,
@@ -145,20 +154,26 @@ enum Command {
         options: QueryOptions,
         #[command(flatten)]
         laptop: LaptopArgs,
+        /// Print the hits as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Answer a question from a cluster pipeline's index with an LLM on Bedrock, citing the
-    /// records (what `POST /v1/ask` of `serve` answers).
+    /// Answer a question from the retrieved records with an LLM on Bedrock, citing them (what
+    /// `POST /v1/ask` of `serve` answers): from the laptop store, or with --pipeline from a
+    /// cluster pipeline's index. On a laptop without AWS credentials: the retrieved passages.
     Ask {
         /// The question.
         question: String,
-        /// The pipeline file.
-        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
-        pipeline: PathBuf,
+        /// A cluster pipeline file: answer from its index instead of the laptop store.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
         /// The Bedrock model that answers.
         #[arg(long, env = "VECTORPIPE_LLM_MODEL_ID", default_value = query::ask::DEFAULT_LLM_MODEL_ID)]
         llm_model_id: String,
         #[command(flatten)]
         options: QueryOptions,
+        #[command(flatten)]
+        laptop: LaptopArgs,
         /// Print the whole answer as JSON.
         #[arg(long)]
         json: bool,
@@ -171,10 +186,10 @@ struct QueryOptions {
     /// How many documents (hits, or sources of an answer).
     #[arg(short, long, default_value_t = 5)]
     k: usize,
-    /// vector, lexical or hybrid (cluster pipelines).
+    /// vector, lexical (BM25 on the words) or hybrid (both, fused).
     #[arg(long, value_enum, default_value = "vector")]
     mode: query::Mode,
-    /// Only documents whose FIELD is VALUE (repeatable; cluster pipelines).
+    /// Only documents whose FIELD is VALUE (repeatable).
     #[arg(long, value_name = "FIELD=VALUE")]
     term: Vec<String>,
     /// Only documents from this time on (`@timestamp`, e.g. 2026-11-01 or now-7d).
@@ -185,25 +200,26 @@ struct QueryOptions {
     until: Option<String>,
 }
 
-/// Settings of the laptop mode.
+/// Settings of the laptop mode (not used with --pipeline, except by `local`).
 #[derive(clap::Args, Debug)]
 struct LaptopArgs {
-    /// The store directory (created when missing).
+    /// The laptop store's directory (created when missing).
     #[arg(long, env = "VECTORPIPE_STORE", default_value = ".vectorpipe/store")]
     store: PathBuf,
-    /// The model directory (config.json, tokenizer.json, model.safetensors). Default: where
-    /// examples/laptop/install-model.sh puts all-MiniLM-L6-v2.
+    /// The local model's directory (config.json, tokenizer.json, model.safetensors). Default:
+    /// where examples/laptop/install-model.sh puts all-MiniLM-L6-v2.
     #[arg(long, env = "VECTORPIPE_MODEL_DIR")]
     model: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 impl LaptopArgs {
-    fn open(&self) -> anyhow::Result<(local::model::LocalModel, local::store::Store)> {
+    fn model(&self) -> anyhow::Result<local::model::LocalModel> {
         let dir = self.model.clone().unwrap_or_else(local::default_model_dir);
-        let model = local::model::LocalModel::load(&dir)?;
+        Ok(local::model::LocalModel::load(&dir)?)
+    }
+
+    fn open(&self) -> anyhow::Result<(local::model::LocalModel, local::store::Store)> {
+        let model = self.model()?;
         let store = local::store::Store::open(&self.store, model.name(), model.dimensions())?;
         Ok((model, store))
     }
@@ -222,6 +238,7 @@ async fn local_ingest(
     pipeline: Option<PathBuf>,
     input: PathBuf,
     laptop: LaptopArgs,
+    json: bool,
 ) -> anyhow::Result<()> {
     let spec = match &pipeline {
         Some(path) => config::load(path)?,
@@ -250,7 +267,7 @@ async fn local_ingest(
         let summary = local::ingest(&spec, reader, &name, model, store, &laptop.store).await?;
         (summary, input.display().to_string())
     };
-    if laptop.json {
+    if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
@@ -277,40 +294,6 @@ async fn local_ingest(
             summary.stored,
         );
     }
-    Ok(())
-}
-
-async fn local_search(query: String, k: usize, laptop: LaptopArgs) -> anyhow::Result<()> {
-    use embed::Embedder;
-    let (model, store) = laptop.open()?;
-    if store.is_empty() {
-        anyhow::bail!(
-            "the store {} is empty; index something first with `vectorpipe-worker local --input FILE`",
-            laptop.store.display()
-        );
-    }
-    let query_vector = model
-        .embed(vec![query])
-        .await?
-        .pop()
-        .map(|e| e.vector)
-        .unwrap_or_default();
-    let hits = store.search(&query_vector, k)?;
-    if laptop.json {
-        println!("{}", serde_json::to_string_pretty(&hits)?);
-        return Ok(());
-    }
-    print_ranked(
-        hits.iter().map(|h| {
-            (
-                f64::from(h.score),
-                h.id.as_str(),
-                &h.metadata,
-                h.text.as_str(),
-            )
-        }),
-        &["title"],
-    );
     Ok(())
 }
 
@@ -499,17 +482,20 @@ async fn check_embedder(
     }
 }
 
+/// A searcher, the metrics registry it counts in, and what `/v1/info` says.
+type Served<E, B> = (
+    Arc<query::server::Searcher<E, B>>,
+    prometheus_client::registry::Registry,
+    serde_json::Value,
+);
+
 /// The searcher of a cluster pipeline: its OpenSearch index, its model (queries embedded as
-/// queries) and the answering model; the metrics registry, and what `/v1/info` says.
+/// queries) and the answering model.
 async fn cluster_searcher(
     spec: &EmbeddingPipelineSpec,
     name: &str,
     llm_model_id: String,
-) -> anyhow::Result<(
-    Arc<query::server::Searcher<embed::bedrock::BedrockEmbedder>>,
-    prometheus_client::registry::Registry,
-    serde_json::Value,
-)> {
+) -> anyhow::Result<Served<embed::bedrock::BedrockEmbedder, query::opensearch::OpenSearchBackend>> {
     let dimensions = spec.embedding.bedrock.vector_dimensions()?;
     let (metrics, mut registry) = metrics::Metrics::new(name);
     let query_metrics = query::server::QueryMetrics::new(&mut registry);
@@ -531,28 +517,76 @@ async fn cluster_searcher(
     });
     let llm = query::ask::Llm::new(embedder.client(), llm_model_id);
     let searcher = Arc::new(query::server::Searcher::new(
-        spec.sink.opensearch.clone(),
-        index,
+        query::opensearch::OpenSearchBackend::new(spec.sink.opensearch.clone(), index),
         embedder,
+        Ok(llm),
+        query_metrics,
+    ));
+    Ok((searcher, registry, info))
+}
+
+/// The searcher of the laptop store: the local model, and Bedrock as the answering model when
+/// AWS credentials are configured (else answers are the retrieved passages).
+async fn laptop_searcher(
+    laptop: &LaptopArgs,
+    llm_model_id: Option<String>,
+) -> anyhow::Result<Served<local::model::LocalModel, query::local::LocalBackend>> {
+    let model = laptop.model()?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("vectorpipe_worker");
+    let query_metrics = query::server::QueryMetrics::new(&mut registry);
+    let llm = match llm_model_id {
+        Some(id) => query::ask::Llm::from_environment(id).await,
+        None => Err("not asked for".to_owned()),
+    };
+    let info = serde_json::json!({
+        "pipeline": "laptop",
+        "index": laptop.store.display().to_string(),
+        "model": model.name(),
+        "llmModel": llm.as_ref().map(|l| l.model_id().to_owned()).unwrap_or_default(),
+    });
+    let backend =
+        query::local::LocalBackend::new(laptop.store.clone(), model.name(), model.dimensions());
+    let searcher = Arc::new(query::server::Searcher::new(
+        backend,
+        model,
         llm,
         query_metrics,
     ));
     Ok((searcher, registry, info))
 }
 
-/// The query server of a pipeline, until SIGTERM/SIGINT.
+/// The query server of a pipeline, or of the laptop store, until SIGTERM/SIGINT.
 async fn serve(
-    pipeline: PathBuf,
-    (address, admin_socket): (SocketAddr, Option<PathBuf>),
+    pipeline: Option<PathBuf>,
+    (address, admin_socket): (Option<SocketAddr>, Option<PathBuf>),
     (llm_model_id, token): (String, Option<String>),
     log_format: LogFormat,
+    laptop: LaptopArgs,
 ) -> anyhow::Result<()> {
+    let Some(pipeline) = pipeline else {
+        let (searcher, registry, info) = laptop_searcher(&laptop, Some(llm_model_id)).await?;
+        let address = address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let bound = query::server::serve(
+            searcher.clone(),
+            registry,
+            info,
+            token,
+            (address, admin_socket.as_deref()),
+        )
+        .await?;
+        eprintln!(
+            "serving the store {} at http://{bound}/ (search and ask there, or POST /v1/search and /v1/ask); Ctrl-C stops",
+            laptop.store.display()
+        );
+        return serve_until_stopped(&searcher).await;
+    };
     let spec = config::load(&pipeline)?;
     init_logging(&spec, log_format);
     let name = config::identity(&pipeline)
         .name
         .unwrap_or_else(|| "pipeline".to_owned());
     let (searcher, registry, info) = cluster_searcher(&spec, &name, llm_model_id).await?;
+    let address = address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
     let bound = query::server::serve(
         searcher.clone(),
         registry,
@@ -562,6 +596,13 @@ async fn serve(
     )
     .await?;
     tracing::info!(pipeline = %name, address = %bound, index = %spec.sink.opensearch.index, "serving searches");
+    serve_until_stopped(&searcher).await
+}
+
+/// Gets the searcher ready (not ready meanwhile), then serves until SIGTERM/SIGINT.
+async fn serve_until_stopped<E: embed::Embedder, B: query::Backend>(
+    searcher: &query::server::Searcher<E, B>,
+) -> anyhow::Result<()> {
     tokio::select! {
         started = searcher.start() => started?,
         () = shutdown_signal() => return Ok(()),
@@ -602,19 +643,10 @@ fn cli_filter(
 }
 
 /// Prints ranked hits: rank, score, id, the metadata fields but `hide`, and the text's start.
-fn print_ranked<'a>(
-    hits: impl Iterator<
-        Item = (
-            f64,
-            &'a str,
-            &'a serde_json::Map<String, serde_json::Value>,
-            &'a str,
-        ),
-    >,
-    hide: &[&str],
-) {
-    for (rank, (score, id, metadata, text)) in hits.enumerate() {
-        let fields: Vec<String> = metadata
+fn print_ranked(hits: &[query::Hit], hide: &[&str]) {
+    for (rank, hit) in hits.iter().enumerate() {
+        let fields: Vec<String> = hit
+            .metadata
             .iter()
             .filter(|(name, _)| !hide.contains(&name.as_str()))
             .map(|(name, value)| match value {
@@ -622,22 +654,99 @@ fn print_ranked<'a>(
                 other => format!("{name}={other}"),
             })
             .collect();
-        let start: String = text.chars().take(160).collect();
-        let ellipsis = if text.chars().count() > 160 {
+        let start: String = hit.text.chars().take(160).collect();
+        let ellipsis = if hit.text.chars().count() > 160 {
             "…"
         } else {
             ""
         };
         println!(
-            "{:>2}. {score:.3}  {id}  [{}]\n    {start}{ellipsis}",
+            "{:>2}. {:.3}  {}  [{}]\n    {start}{ellipsis}",
             rank + 1,
+            hit.score,
+            hit.id,
             fields.join(", ")
         );
     }
 }
 
-/// `search --pipeline` and `ask`: one search or one question against a cluster pipeline's
-/// index, printed.
+/// What `search` and `ask` print.
+struct Printing {
+    json: bool,
+    /// Metadata fields left out of the text output.
+    hide: &'static [&'static str],
+}
+
+/// `search` and `ask`: one search or one question (`ask` names the answering model), printed.
+async fn query_once<E: embed::Embedder, B: query::Backend>(
+    searcher: &query::server::Searcher<E, B>,
+    question: String,
+    options: QueryOptions,
+    ask: bool,
+    printing: Printing,
+) -> anyhow::Result<()> {
+    let filter = cli_filter(&options.term, options.since, options.until)?;
+    if ask {
+        let request = query::ask::AskRequest {
+            question,
+            k: options.k,
+            filter,
+            mode: options.mode,
+            weight: None,
+            min_score: None,
+        };
+        let answer = searcher.ask(&request).await?;
+        if printing.json {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(());
+        }
+        println!("{}\n", answer.answer);
+        if answer.found {
+            println!("Cited:");
+            for citation in &answer.citations {
+                println!("  [{}] {}", citation.n, citation.hit.id);
+            }
+        } else if !answer.sources.is_empty() && answer.retrieval_only.is_some() {
+            print_ranked(&answer.sources, printing.hide);
+        }
+        match &answer.retrieval_only {
+            Some(why) => println!(
+                "\n{} passages; no answering model: {why}",
+                answer.sources.len()
+            ),
+            None => println!(
+                "\n{} sources; {} ({} input, {} output tokens)",
+                answer.sources.len(),
+                if answer.model.is_empty() {
+                    "no model asked"
+                } else {
+                    &answer.model
+                },
+                answer.usage.input_tokens,
+                answer.usage.output_tokens
+            ),
+        }
+        return Ok(());
+    }
+    let request = query::SearchRequest {
+        query: question,
+        k: options.k,
+        filter,
+        mode: options.mode,
+        weight: None,
+    };
+    let hits = searcher.search(&request).await?;
+    if printing.json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+    } else if hits.is_empty() {
+        println!("No document matched the query and its filters.");
+    } else {
+        print_ranked(&hits, printing.hide);
+    }
+    Ok(())
+}
+
+/// `search --pipeline` and `ask --pipeline`: against a cluster pipeline's index.
 async fn cluster_query(
     pipeline: PathBuf,
     question: String,
@@ -660,59 +769,27 @@ async fn cluster_query(
                 searcher.not_ready().unwrap_or_default()
             )
         })??;
-    let filter = cli_filter(&options.term, options.since, options.until)?;
-    if ask.is_some() {
-        let request = query::ask::AskRequest {
-            question,
-            k: options.k,
-            filter,
-            mode: options.mode,
-            weight: None,
-            min_score: None,
-        };
-        let answer = searcher.ask(&request).await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&answer)?);
-            return Ok(());
-        }
-        println!("{}\n", answer.answer);
-        if answer.found {
-            println!("Cited:");
-            for citation in &answer.citations {
-                println!("  [{}] {}", citation.n, citation.hit.id);
-            }
-        }
-        println!(
-            "\n{} sources; {} ({} input, {} output tokens)",
-            answer.sources.len(),
-            if answer.model.is_empty() {
-                "no model asked"
-            } else {
-                &answer.model
-            },
-            answer.usage.input_tokens,
-            answer.usage.output_tokens
-        );
-        return Ok(());
-    }
-    let request = query::SearchRequest {
-        query: question,
-        k: options.k,
-        filter,
-        mode: options.mode,
-        weight: None,
+    let printing = Printing { json, hide: &[] };
+    query_once(&searcher, question, options, ask.is_some(), printing).await
+}
+
+/// `search` and `ask` without --pipeline: against the laptop store.
+async fn laptop_query(
+    laptop: LaptopArgs,
+    question: String,
+    (options, json): (QueryOptions, bool),
+    ask: Option<String>,
+) -> anyhow::Result<()> {
+    let asking = ask.is_some();
+    let (searcher, _, _) = laptop_searcher(&laptop, ask).await?;
+    // One try: an empty store is said at once, not waited for.
+    searcher.start_once().await?;
+    // The title repeats the text's first sentence.
+    let printing = Printing {
+        json,
+        hide: &["title"],
     };
-    let hits = searcher.search(&request).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&hits)?);
-    } else {
-        print_ranked(
-            hits.iter()
-                .map(|h| (h.score, h.id.as_str(), &h.metadata, h.text.as_str())),
-            &[],
-        );
-    }
-    Ok(())
+    query_once(&searcher, question, options, asking, printing).await
 }
 
 /// Runs a long-lived command (`run`, `serve`) on the full runtime; its error is logged and
@@ -763,39 +840,44 @@ fn main() -> ExitCode {
             pipeline,
             input,
             laptop: args,
-        } => laptop(local_ingest(pipeline, input, args)),
+            json,
+        } => laptop(local_ingest(pipeline, input, args, json)),
         Command::Search {
             query,
             pipeline: Some(pipeline),
             options,
-            laptop: args,
-        } => laptop(cluster_query(pipeline, query, (options, args.json), None)),
+            json,
+            ..
+        } => laptop(cluster_query(pipeline, query, (options, json), None)),
         Command::Search {
             query,
             pipeline: None,
             options,
             laptop: args,
-        } => {
-            if !options.term.is_empty()
-                || options.mode != query::Mode::Vector
-                || options.since.is_some()
-                || options.until.is_some()
-            {
-                eprintln!(
-                    "vectorpipe-worker: --mode, --term, --since and --until search a cluster pipeline's index; add --pipeline FILE (the laptop store takes a question and -k only)"
-                );
-                return ExitCode::FAILURE;
-            }
-            laptop(local_search(query, options.k, args))
-        }
+            json,
+        } => laptop(laptop_query(args, query, (options, json), None)),
         Command::Ask {
             question,
-            pipeline,
+            pipeline: Some(pipeline),
             llm_model_id,
             options,
             json,
+            ..
         } => laptop(cluster_query(
             pipeline,
+            question,
+            (options, json),
+            Some(llm_model_id),
+        )),
+        Command::Ask {
+            question,
+            pipeline: None,
+            llm_model_id,
+            options,
+            laptop: args,
+            json,
+        } => laptop(laptop_query(
+            args,
             question,
             (options, json),
             Some(llm_model_id),
@@ -838,15 +920,22 @@ fn main() -> ExitCode {
             token,
             llm_model_id,
             log_format,
-        } => service(
-            "the query server",
-            serve(
-                pipeline,
+            laptop: args,
+        } => {
+            let command = serve(
+                pipeline.clone(),
                 (address, admin_socket),
                 (llm_model_id, token),
                 log_format,
-            ),
-        ),
+                args,
+            );
+            if pipeline.is_some() {
+                service("the query server", command)
+            } else {
+                laptop_logging();
+                execute(tokio::runtime::Runtime::new(), command, None)
+            }
+        }
         Command::Check { pipeline } => match config::load(&pipeline) {
             Ok(spec) => {
                 println!(

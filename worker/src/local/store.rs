@@ -3,6 +3,7 @@
 //! SQLite (one file, transactional) holds every document with its vector; an in-memory HNSW graph
 //! from usearch answers k-NN queries. SQLite is the truth: the graph is saved next to it after each
 //! run and reused only when it matches the database's write counter, else rebuilt from the rows.
+//! An FTS5 table over the texts, kept in step by triggers, answers full-text (BM25) searches.
 
 use std::path::{Path, PathBuf};
 
@@ -89,6 +90,22 @@ pub struct Hit {
     pub metadata: Map<String, Value>,
 }
 
+/// The database's file name in the store directory.
+pub const DATABASE_FILE: &str = "documents.sqlite";
+
+/// What filters look at of one document.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Its key in the graph and the database.
+    pub key: u64,
+    /// The record id.
+    pub parent_id: String,
+    /// The chunk number.
+    pub chunk: usize,
+    /// The metadata fields.
+    pub metadata: Map<String, Value>,
+}
+
 /// The store: a directory with `documents.sqlite` and `vectors.usearch`.
 pub struct Store {
     db: Connection,
@@ -159,9 +176,12 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
-        let db_path = dir.join("documents.sqlite");
+        let db_path = dir.join(DATABASE_FILE);
         let sql = sqlite_error(&db_path);
-        let db = Connection::open(&db_path).map_err(&sql)?;
+        let mut db = Connection::open(&db_path).map_err(&sql)?;
+        // A query server reads while a `local` run writes: wait for its short transactions.
+        db.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(&sql)?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -179,6 +199,7 @@ impl Store {
              CREATE INDEX IF NOT EXISTS documents_by_parent ON documents (parent_id, chunk);",
         )
         .map_err(&sql)?;
+        add_full_text(&mut db).map_err(&sql)?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
             db.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
                 .optional()
@@ -409,16 +430,143 @@ impl Store {
             return Ok(Vec::new());
         }
         let matches = self.index.search(query, k).map_err(index_error)?;
+        self.hits(
+            matches
+                .keys
+                .iter()
+                .zip(&matches.distances)
+                .map(|(key, d)| (*key, 1.0 - d)),
+        )
+    }
+
+    /// The `k` documents nearest to `query` among the keys in `allowed`, best first. Exact (every
+    /// allowed vector is compared) when the filter leaves few documents, else a filtered walk of
+    /// the graph, so a narrow filter never comes back short.
+    pub fn search_among(
+        &self,
+        query: &[f32],
+        k: usize,
+        allowed: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<Hit>, StoreError> {
+        if allowed.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        if allowed.len() > EXACT_SEARCH_LIMIT {
+            let matches = self
+                .index
+                .filtered_search(query, k, |key| allowed.contains(&key))
+                .map_err(index_error)?;
+            return self.hits(
+                matches
+                    .keys
+                    .iter()
+                    .zip(&matches.distances)
+                    .map(|(key, d)| (*key, 1.0 - d)),
+            );
+        }
+        let mut vector = vec![0f32; self.dimensions];
+        let mut scored: Vec<(u64, f32)> = Vec::with_capacity(allowed.len());
+        for &key in allowed {
+            if self.index.get(key, &mut vector).map_err(index_error)? == 0 {
+                continue;
+            }
+            scored.push((key, cosine(query, &vector)));
+        }
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.truncate(k);
+        self.hits(scored.into_iter())
+    }
+
+    /// The `k` documents whose text best matches the words of `text` (BM25 over the FTS5
+    /// table, English stemming), among those `allowed` passes; best first, the score the
+    /// negated BM25 rank (higher is better).
+    pub fn lexical(
+        &self,
+        text: &str,
+        k: usize,
+        allowed: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let Some(expression) = match_expression(text) else {
+            return Ok(Vec::new());
+        };
+        let error = sqlite_error(&self.db_path);
+        let mut statement = self
+            .db
+            .prepare_cached(
+                "SELECT rowid, bm25(documents_fts) FROM documents_fts
+                 WHERE documents_fts MATCH ?1 ORDER BY bm25(documents_fts), rowid",
+            )
+            .map_err(&error)?;
+        let rows = statement
+            .query_map([expression], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
+            })
+            .map_err(&error)?;
+        let mut found = Vec::with_capacity(k);
+        for row in rows {
+            let (key, rank) = row.map_err(&error)?;
+            if allowed(key as u64) {
+                found.push((key as u64, -rank as f32));
+                if found.len() == k {
+                    break;
+                }
+            }
+        }
+        drop(statement);
+        self.hits(found.into_iter())
+    }
+
+    /// Every document's key, record id, chunk and metadata (what filters look at).
+    pub fn catalog(&self) -> Result<Vec<Entry>, StoreError> {
+        let error = sqlite_error(&self.db_path);
+        let mut statement = self
+            .db
+            .prepare("SELECT key, parent_id, chunk, metadata FROM documents")
+            .map_err(&error)?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(&error)?;
+        rows.map(|row| {
+            let (key, parent, chunk, metadata) = row.map_err(&error)?;
+            Ok(Entry {
+                key: key as u64,
+                parent_id: parent,
+                chunk: chunk as usize,
+                metadata: parse_metadata(&metadata),
+            })
+        })
+        .collect()
+    }
+
+    /// The database's write counter: it changes with every write, also another process's.
+    pub fn version(&self) -> Result<Option<String>, StoreError> {
+        self.db
+            .query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sqlite_error(&self.db_path))
+    }
+
+    /// The hits of `(key, score)` pairs, in their order; keys no longer stored are left out.
+    fn hits(&self, scored: impl Iterator<Item = (u64, f32)>) -> Result<Vec<Hit>, StoreError> {
         let mut statement = self
             .db
             .prepare_cached(
                 "SELECT id, parent_id, chunk, text, metadata FROM documents WHERE key = ?1",
             )
             .map_err(sqlite_error(&self.db_path))?;
-        let mut hits = Vec::with_capacity(matches.keys.len());
-        for (key, distance) in matches.keys.iter().zip(&matches.distances) {
+        let mut hits = Vec::new();
+        for (key, score) in scored {
             let row = statement
-                .query_row([*key as i64], |r| {
+                .query_row([key as i64], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -431,15 +579,12 @@ impl Store {
                 .map_err(sqlite_error(&self.db_path))?;
             if let Some((id, parent_id, chunk, text, metadata)) = row {
                 hits.push(Hit {
-                    score: 1.0 - distance,
+                    score,
                     id,
                     parent_id,
                     chunk: chunk as usize,
                     text,
-                    metadata: match serde_json::from_str(&metadata) {
-                        Ok(Value::Object(map)) => map,
-                        _ => Map::new(),
-                    },
+                    metadata: parse_metadata(&metadata),
                 });
             }
         }
@@ -469,6 +614,73 @@ impl Store {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// Filters that leave at most this many documents are searched exactly.
+const EXACT_SEARCH_LIMIT: usize = 20_000;
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut aa, mut bb) = (0f32, 0f32, 0f32);
+    for (x, y) in a.iter().zip(b) {
+        dot += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        dot / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+fn parse_metadata(text: &str) -> Map<String, Value> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+/// An FTS5 query that matches documents holding any word of `text` (each word quoted, so
+/// nothing the user types is read as query syntax); `None` when `text` has no word.
+fn match_expression(text: &str) -> Option<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| format!("\"{w}\""))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" OR "))
+}
+
+/// The full-text table over the documents' texts and the triggers that keep it in step; a
+/// store made before it existed gets it filled from the documents once.
+fn add_full_text(db: &mut Connection) -> rusqlite::Result<()> {
+    let exists: bool = db.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'documents_fts'",
+        [],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Ok(());
+    }
+    let tx = db.transaction()?;
+    tx.execute_batch(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts USING fts5(
+             text, content = 'documents', content_rowid = 'key',
+             tokenize = 'porter unicode61 remove_diacritics 2'
+         );
+         CREATE TRIGGER IF NOT EXISTS documents_fts_insert AFTER INSERT ON documents BEGIN
+             INSERT INTO documents_fts (rowid, text) VALUES (new.key, new.text);
+         END;
+         CREATE TRIGGER IF NOT EXISTS documents_fts_delete AFTER DELETE ON documents BEGIN
+             INSERT INTO documents_fts (documents_fts, rowid, text) VALUES ('delete', old.key, old.text);
+         END;
+         CREATE TRIGGER IF NOT EXISTS documents_fts_update AFTER UPDATE ON documents BEGIN
+             INSERT INTO documents_fts (documents_fts, rowid, text) VALUES ('delete', old.key, old.text);
+             INSERT INTO documents_fts (rowid, text) VALUES (new.key, new.text);
+         END;
+         INSERT INTO documents_fts (documents_fts) VALUES ('rebuild');",
+    )?;
+    tx.commit()
 }
 
 fn index_error(e: impl std::fmt::Display) -> StoreError {
@@ -653,6 +865,76 @@ mod tests {
         assert!(
             message.contains("use another --store directory"),
             "{message}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn full_text_search_follows_inserts_updates_and_deletes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        let mut bread = doc("a", "a", 0, vector(0, 1, 0.0));
+        bread.text = "Sourdough bread rises slowly in a cold kitchen".into();
+        let mut kafka = doc("b", "b", 0, vector(1, 0, 0.0));
+        kafka.text = "Consumers rebalance when a partition moves".into();
+        store.upsert(&[bread.clone(), kafka])?;
+        let ids = |hits: Vec<Hit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        // Stemmed: "rising" finds "rises"; punctuation is not query syntax.
+        assert_eq!(ids(store.lexical("rising (bread)?", 5, |_| true)?), ["a"]);
+        assert_eq!(ids(store.lexical("partitions", 5, |_| true)?), ["b"]);
+        assert!(store.lexical("\"*:-", 5, |_| true)?.is_empty());
+        bread.text = "Pizza dough in a hot oven".into();
+        store.upsert(&[bread])?;
+        assert!(
+            store.lexical("sourdough", 5, |_| true)?.is_empty(),
+            "the old text is gone"
+        );
+        assert_eq!(ids(store.lexical("oven", 5, |_| true)?), ["a"]);
+        store.retain_chunks("a", &[])?;
+        assert!(store.lexical("oven", 5, |_| true)?.is_empty(), "deleted");
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_made_before_full_text_gets_it_filled_on_open() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let mut store = Store::open(dir.path(), "test-model", 4)?;
+            store.upsert(&[doc("a", "a", 0, vector(0, 1, 0.0))])?;
+            store.db.execute_batch(
+                "DROP TRIGGER documents_fts_insert; DROP TRIGGER documents_fts_delete;
+                 DROP TRIGGER documents_fts_update; DROP TABLE documents_fts;",
+            )?;
+        }
+        let store = Store::open(dir.path(), "test-model", 4)?;
+        let hits = store.lexical("text", 5, |_| true)?;
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_filtered_search_ranks_only_the_allowed_documents() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = Store::open(dir.path(), "test-model", 4)?;
+        store.upsert(&[
+            doc("a", "a", 0, vector(0, 1, 0.0)),
+            doc("b", "b", 0, vector(0, 1, 0.3)),
+            doc("c", "c", 0, vector(1, 0, 0.0)),
+        ])?;
+        let keys: std::collections::HashMap<String, u64> = store
+            .catalog()?
+            .into_iter()
+            .map(|entry| (entry.parent_id, entry.key))
+            .collect();
+        let allowed = std::collections::HashSet::from([keys["b"], keys["c"]]);
+        let hits = store.search_among(&vector(0, 1, 0.0), 3, &allowed)?;
+        let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"], "a is nearest but not allowed");
+        assert!(hits[0].score > 0.9 && hits[0].score < 1.0, "{hits:?}");
+        assert!(
+            store
+                .search_among(&vector(0, 1, 0.0), 3, &Default::default())?
+                .is_empty()
         );
         Ok(())
     }

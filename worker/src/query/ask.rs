@@ -97,6 +97,10 @@ pub struct AskResponse {
     /// The model asked (empty when none was).
     pub model: String,
     pub usage: Usage,
+    /// Set when no answering model is configured (the laptop mode without AWS credentials):
+    /// why, and how to configure one. `sources` are then the retrieved passages, uncited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrieval_only: Option<String>,
     /// Milliseconds spent, retrieval included.
     pub took_ms: u64,
 }
@@ -157,6 +161,13 @@ pub fn not_answered() -> String {
         .into()
 }
 
+/// The answer when no model writes one: the passages are what the search found.
+pub fn passages_only(passages: usize) -> String {
+    format!(
+        "No answering model is configured, so these are the {passages} passages the search retrieved for the question, best first."
+    )
+}
+
 /// Claude (or another chat model) on Bedrock, through Converse.
 pub struct Llm {
     client: Client,
@@ -181,6 +192,40 @@ impl Llm {
             client: Client::from_conf(config),
             model_id,
         }
+    }
+
+    /// The laptop mode's answering model: Bedrock in the region and with the credentials the
+    /// AWS configuration gives (environment variables, `~/.aws/config` and its profiles), or
+    /// why there is none. `AWS_ENDPOINT_URL_BEDROCK_RUNTIME` points it elsewhere.
+    pub async fn from_environment(model_id: String) -> Result<Self, String> {
+        use aws_credential_types::provider::ProvideCredentials;
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        if config.region().is_none() {
+            return Err(
+                "no AWS region is configured: set AWS_REGION (or a region in ~/.aws/config) and AWS credentials to get written answers from Bedrock"
+                    .into(),
+            );
+        }
+        let Some(provider) = config.credentials_provider() else {
+            return Err("no AWS credentials provider is configured".into());
+        };
+        match tokio::time::timeout(Duration::from_secs(10), provider.provide_credentials()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "no AWS credentials were found ({e}): set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, to get written answers from Bedrock"
+                ));
+            }
+            Err(_) => {
+                return Err(
+                    "looking for AWS credentials took over 10 s: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, to get written answers from Bedrock"
+                        .into(),
+                );
+            }
+        }
+        Ok(Self::new(&Client::new(&config), model_id))
     }
 
     /// The model id.

@@ -4,13 +4,16 @@
 //! query, or as both with the scores fused. Metadata filters narrow the candidates inside the
 //! k-NN search where the engine allows it.
 //!
-//! This module holds what does not talk to a server: the request, its checks, the filters and
-//! the fusion of two ranked lists. `opensearch` builds and reads OpenSearch queries, `server`
-//! serves them over HTTP.
+//! This module holds what does not talk to a server: the request, its checks, the filters, the
+//! [`Backend`] a search runs on and the fusion of two ranked lists. `opensearch` searches a
+//! cluster pipeline's index, `local` the laptop mode's store, `server` serves either over HTTP.
 
 pub mod ask;
+pub mod local;
 pub mod opensearch;
 pub mod server;
+
+use std::future::Future;
 
 use std::collections::BTreeMap;
 
@@ -160,6 +163,41 @@ impl SearchRequest {
     pub fn vector_weight(&self) -> f64 {
         self.weight.unwrap_or(0.5)
     }
+}
+
+/// Where searches run: a pipeline's OpenSearch index, or the laptop mode's store.
+pub trait Backend: Send + Sync + 'static {
+    /// A request's filter, checked against the index and made ready to run.
+    type Filter: Clone + Send + Sync;
+
+    /// The index searched (for logs and `/v1/info`).
+    fn name(&self) -> &str;
+
+    /// Ok once the index can answer searches; [`QueryError::Unavailable`] with the reason while
+    /// it cannot yet (missing, empty, unreachable).
+    fn prepare(&self) -> impl Future<Output = Result<(), QueryError>> + Send;
+
+    /// Checks `filter` against the index's fields; the error says what to fix.
+    fn filter(
+        &self,
+        filter: &Filter,
+    ) -> impl Future<Output = Result<Self::Filter, QueryError>> + Send;
+
+    /// The `k` documents nearest to `vector` that match `filter`, best first.
+    fn nearest(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+        filter: &Self::Filter,
+    ) -> impl Future<Output = Result<Vec<Hit>, QueryError>> + Send;
+
+    /// The `k` documents whose text best matches `text` (BM25) that match `filter`.
+    fn lexical(
+        &self,
+        text: &str,
+        k: usize,
+        filter: &Self::Filter,
+    ) -> impl Future<Output = Result<Vec<Hit>, QueryError>> + Send;
 }
 
 /// One hit: a stored document (a chunk of a record).

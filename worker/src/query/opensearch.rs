@@ -2,12 +2,139 @@
 //! the index's mapping, and the hits read back.
 
 use serde_json::{Map, Value, json};
+use tokio::sync::RwLock;
 use vectorpipe_crds::v1alpha1::{KnnEngine, OpenSearchSink};
 
-use super::{Filter, Hit, QueryError};
+use super::{Backend, Filter, Hit, QueryError};
+use crate::sink::opensearch::OpenSearchIndex;
 use crate::sink::{
-    CHUNK_FIELD, CHUNKS_FIELD, DOC_ID_FIELD, PARENT_ID_FIELD, SOURCE_KEY_FIELD, WRITTEN_AT_FIELD,
+    CHUNK_FIELD, CHUNKS_FIELD, DOC_ID_FIELD, PARENT_ID_FIELD, SOURCE_KEY_FIELD, SinkError,
+    WRITTEN_AT_FIELD,
 };
+
+/// A cluster pipeline's OpenSearch index as a search [`Backend`].
+pub struct OpenSearchBackend {
+    spec: OpenSearchSink,
+    index: OpenSearchIndex,
+    /// The index's fields, read when the server starts and again when a filter names a field
+    /// they lack (documents with a new metadata field add it to the mapping).
+    fields: RwLock<Option<Fields>>,
+}
+
+impl OpenSearchBackend {
+    /// Searches `index`, the pipeline's sink `spec`.
+    pub fn new(spec: OpenSearchSink, index: OpenSearchIndex) -> Self {
+        Self {
+            spec,
+            index,
+            fields: RwLock::new(None),
+        }
+    }
+
+    async fn reload_fields(&self) -> Result<Fields, QueryError> {
+        let (status, text) = self.index.mapping().await.map_err(unreachable)?;
+        match status {
+            200..=299 => {}
+            404 => {
+                return Err(QueryError::Unavailable(format!(
+                    "the index {:?} does not exist yet; the pipeline's workers create it with their first documents",
+                    self.spec.index
+                )));
+            }
+            status => return Err(refused("reading the mapping", status, &text)),
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            QueryError::Unavailable(format!("OpenSearch answered an unreadable mapping: {e}"))
+        })?;
+        let fields = Fields::from_mapping(&answer, &self.spec.index);
+        *self.fields.write().await = Some(fields.clone());
+        Ok(fields)
+    }
+
+    async fn run(&self, body: Value) -> Result<Vec<Hit>, QueryError> {
+        let (status, text) = self.index.search(body).await.map_err(unreachable)?;
+        if !(200..300).contains(&status) {
+            return Err(refused("the search", status, &text));
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            QueryError::Unavailable(format!("OpenSearch answered an unreadable search: {e}"))
+        })?;
+        Ok(hits_of(&self.spec, &answer))
+    }
+}
+
+impl Backend for OpenSearchBackend {
+    type Filter = Vec<Value>;
+
+    fn name(&self) -> &str {
+        &self.spec.index
+    }
+
+    async fn prepare(&self) -> Result<(), QueryError> {
+        self.reload_fields().await.map(|_| ())
+    }
+
+    /// The filter clauses; the mapping is read again when the filter names a field it lacks.
+    async fn filter(&self, filter: &Filter) -> Result<Vec<Value>, QueryError> {
+        let known = self.fields.read().await.clone().filter(|fields| {
+            filter
+                .term
+                .keys()
+                .chain(filter.range.keys())
+                .all(|name| fields.knows(name))
+        });
+        let fields = match known {
+            Some(fields) => fields,
+            None => self.reload_fields().await?,
+        };
+        filter_clauses(filter, &fields)
+    }
+
+    async fn nearest(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+        filter: &Vec<Value>,
+    ) -> Result<Vec<Hit>, QueryError> {
+        self.run(knn_body(&self.spec, &vector, k, filter.clone()))
+            .await
+    }
+
+    async fn lexical(
+        &self,
+        text: &str,
+        k: usize,
+        filter: &Vec<Value>,
+    ) -> Result<Vec<Hit>, QueryError> {
+        self.run(lexical_body(&self.spec, text, k, filter.clone()))
+            .await
+    }
+}
+
+fn unreachable(e: SinkError) -> QueryError {
+    QueryError::Unavailable(format!("OpenSearch cannot be reached: {e}"))
+}
+
+/// An OpenSearch answer other than 2xx: the request's fault for a 400, else the cluster's.
+fn refused(what: &str, status: u16, text: &str) -> QueryError {
+    let reason = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| {
+            let root = &v["error"]["root_cause"][0];
+            let cause = if root.is_object() { root } else { &v["error"] };
+            cause["reason"].as_str().map(str::to_owned)
+        })
+        .unwrap_or_else(|| text.chars().take(300).collect());
+    match status {
+        400 => QueryError::Invalid(format!("OpenSearch refused {what}: {reason}")),
+        401 | 403 => QueryError::Misconfigured(format!(
+            "OpenSearch refused {what} ({status}: {reason}): give the query server's credentials read access to the index"
+        )),
+        _ => QueryError::Unavailable(format!(
+            "OpenSearch answered {what} with {status}: {reason}"
+        )),
+    }
+}
 
 /// What a filter needs to know of a field of the index.
 #[derive(Clone, Debug, PartialEq, Eq)]

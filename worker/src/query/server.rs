@@ -20,15 +20,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use tokio::sync::RwLock;
-use vectorpipe_crds::v1alpha1::OpenSearchSink;
 
 use super::ask::{self, AskRequest, AskResponse, Llm};
-use super::opensearch::{Fields, filter_clauses, hits_of, knn_body, lexical_body};
-use super::{Hit, Mode, QueryError, SearchRequest, SearchResponse, fuse};
+use super::{Backend, Hit, Mode, QueryError, SearchRequest, SearchResponse, fuse};
 use crate::embed::{EmbedError, Embedder};
-use crate::sink::SinkError;
-use crate::sink::opensearch::OpenSearchIndex;
 
 /// Labels of a query request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,37 +110,27 @@ impl QueryMetrics {
     }
 }
 
-/// Searches one pipeline's index with the pipeline's model.
-pub struct Searcher<E> {
-    spec: OpenSearchSink,
-    index: OpenSearchIndex,
+/// Searches one pipeline's index with the pipeline's model, and answers questions from it.
+pub struct Searcher<E, B> {
+    backend: B,
     embedder: E,
-    llm: Llm,
-    /// The index's fields, read when the server starts and again when a filter names a field
-    /// they lack (documents with a new metadata field add it to the mapping).
-    fields: RwLock<Option<Fields>>,
+    /// The answering model, or why there is none (the laptop mode without AWS credentials):
+    /// `/v1/ask` then returns the retrieved passages only.
+    llm: Result<Llm, String>,
     /// Why the server is not ready yet; `None` once it is.
     not_ready: std::sync::Mutex<Option<String>>,
     metrics: QueryMetrics,
 }
 
-impl<E: Embedder> Searcher<E> {
+impl<E: Embedder, B: Backend> Searcher<E, B> {
     /// A searcher that is not ready until [`Searcher::start`] succeeded.
-    pub fn new(
-        spec: OpenSearchSink,
-        index: OpenSearchIndex,
-        embedder: E,
-        llm: Llm,
-        metrics: QueryMetrics,
-    ) -> Self {
+    pub fn new(backend: B, embedder: E, llm: Result<Llm, String>, metrics: QueryMetrics) -> Self {
         Self {
-            spec,
-            index,
+            backend,
             embedder,
             llm,
-            fields: RwLock::new(None),
             not_ready: std::sync::Mutex::new(Some(
-                "starting: reading the index's mapping and checking the model".into(),
+                "starting: reading the index and checking the model".into(),
             )),
             metrics,
         }
@@ -163,20 +148,15 @@ impl<E: Embedder> Searcher<E> {
             .clone()
     }
 
-    /// Reads the mapping and embeds one query, waiting out a missing index or an unreachable
+    /// Prepares the index and embeds one query, waiting out a missing index or an unreachable
     /// cluster or model (not ready meanwhile, with the reason); a model that refuses the
     /// pipeline's settings is an error, the message says what to fix.
     pub async fn start(&self) -> Result<(), QueryError> {
         let mut attempt = 0u32;
         loop {
-            let step = async {
-                self.reload_fields().await?;
-                self.embed("vectorpipe start-up check").await.map(|_| ())
-            };
-            match step.await {
+            match self.start_once().await {
                 Ok(()) => {
-                    self.set_not_ready(None);
-                    tracing::info!(index = %self.spec.index, "ready to answer searches");
+                    tracing::info!(index = %self.backend.name(), "ready to answer searches");
                     return Ok(());
                 }
                 Err(QueryError::Unavailable(why)) => {
@@ -195,41 +175,12 @@ impl<E: Embedder> Searcher<E> {
         }
     }
 
-    async fn reload_fields(&self) -> Result<Fields, QueryError> {
-        let (status, text) = self.index.mapping().await.map_err(unreachable)?;
-        match status {
-            200..=299 => {}
-            404 => {
-                return Err(QueryError::Unavailable(format!(
-                    "the index {:?} does not exist yet; the pipeline's workers create it with their first documents",
-                    self.spec.index
-                )));
-            }
-            status => return Err(refused("reading the mapping", status, &text)),
-        }
-        let answer: Value = serde_json::from_str(&text).map_err(|e| {
-            QueryError::Unavailable(format!("OpenSearch answered an unreadable mapping: {e}"))
-        })?;
-        let fields = Fields::from_mapping(&answer, &self.spec.index);
-        *self.fields.write().await = Some(fields.clone());
-        Ok(fields)
-    }
-
-    /// The fields, read again when the filter names one they lack.
-    async fn fields_for(&self, request: &SearchRequest) -> Result<Fields, QueryError> {
-        let names = || {
-            request
-                .filter
-                .term
-                .keys()
-                .chain(request.filter.range.keys())
-        };
-        if let Some(fields) = self.fields.read().await.as_ref()
-            && names().all(|name| fields.knows(name))
-        {
-            return Ok(fields.clone());
-        }
-        self.reload_fields().await
+    /// One try of [`Searcher::start`]: ready, or the reason it is not.
+    pub async fn start_once(&self) -> Result<(), QueryError> {
+        self.backend.prepare().await?;
+        self.embed("vectorpipe start-up check").await?;
+        self.set_not_ready(None);
+        Ok(())
     }
 
     async fn embed(&self, query: &str) -> Result<Vec<f32>, QueryError> {
@@ -249,49 +200,34 @@ impl<E: Embedder> Searcher<E> {
         }
     }
 
-    async fn run(&self, body: Value) -> Result<Vec<Hit>, QueryError> {
-        let (status, text) = self.index.search(body).await.map_err(unreachable)?;
-        if !(200..300).contains(&status) {
-            return Err(refused("the search", status, &text));
-        }
-        let answer: Value = serde_json::from_str(&text).map_err(|e| {
-            QueryError::Unavailable(format!("OpenSearch answered an unreadable search: {e}"))
-        })?;
-        Ok(hits_of(&self.spec, &answer))
-    }
-
     /// Runs one search.
     pub async fn search(&self, request: &SearchRequest) -> Result<Vec<Hit>, QueryError> {
         request.check()?;
         if let Some(why) = self.not_ready() {
             return Err(QueryError::Unavailable(format!("not ready: {why}")));
         }
-        let fields = self.fields_for(request).await?;
-        let filters = filter_clauses(&request.filter, &fields)?;
+        // A filter the index cannot run is refused before the model is called.
+        let filter = self.backend.filter(&request.filter).await?;
         let k = request.k;
         match request.mode {
             Mode::Vector => {
                 let vector = self.embed(&request.query).await?;
-                self.run(knn_body(&self.spec, &vector, k, filters)).await
+                self.backend.nearest(vector, k, &filter).await
             }
-            Mode::Lexical => {
-                self.run(lexical_body(&self.spec, &request.query, k, filters))
-                    .await
-            }
+            Mode::Lexical => self.backend.lexical(&request.query, k, &filter).await,
             Mode::Hybrid => {
                 let vector = self.embed(&request.query).await?;
                 let (near, lexical) = tokio::try_join!(
-                    self.run(knn_body(&self.spec, &vector, k, filters.clone())),
-                    self.run(lexical_body(&self.spec, &request.query, k, filters)),
+                    self.backend.nearest(vector, k, &filter),
+                    self.backend.lexical(&request.query, k, &filter),
                 )?;
                 Ok(fuse(near, lexical, request.vector_weight(), k))
             }
         }
     }
-}
 
-impl<E: Embedder> Searcher<E> {
-    /// Answers one question from the retrieved records.
+    /// Answers one question from the retrieved records (with no answering model: the
+    /// retrieved passages, and why no answer was written).
     pub async fn ask(&self, request: &AskRequest) -> Result<AskResponse, QueryError> {
         ask::check(request)?;
         let started = Instant::now();
@@ -303,20 +239,29 @@ impl<E: Embedder> Searcher<E> {
             sources,
             model: String::new(),
             usage: ask::Usage::default(),
+            retrieval_only: None,
             took_ms: 0,
         };
         if !response.sources.is_empty() {
-            let prompt = ask::user_prompt(&request.question, &response.sources);
-            let (text, usage) = self.llm.answer(ask::SYSTEM_PROMPT, prompt).await?;
-            self.metrics.tokens(usage);
-            response.model = self.llm.model_id().to_owned();
-            response.usage = usage;
-            if ask::says_not_found(&text) {
-                response.answer = ask::not_answered();
-            } else {
-                response.citations = ask::citations(&text, &response.sources);
-                response.found = true;
-                response.answer = text;
+            match &self.llm {
+                Err(why) => {
+                    response.answer = ask::passages_only(response.sources.len());
+                    response.retrieval_only = Some(why.clone());
+                }
+                Ok(llm) => {
+                    let prompt = ask::user_prompt(&request.question, &response.sources);
+                    let (text, usage) = llm.answer(ask::SYSTEM_PROMPT, prompt).await?;
+                    self.metrics.tokens(usage);
+                    response.model = llm.model_id().to_owned();
+                    response.usage = usage;
+                    if ask::says_not_found(&text) {
+                        response.answer = ask::not_answered();
+                    } else {
+                        response.citations = ask::citations(&text, &response.sources);
+                        response.found = true;
+                        response.answer = text;
+                    }
+                }
             }
         }
         response.took_ms = started.elapsed().as_millis() as u64;
@@ -324,38 +269,13 @@ impl<E: Embedder> Searcher<E> {
     }
 }
 
-fn unreachable(e: SinkError) -> QueryError {
-    QueryError::Unavailable(format!("OpenSearch cannot be reached: {e}"))
-}
-
-/// An OpenSearch answer other than 2xx: the request's fault for a 400, else the cluster's.
-fn refused(what: &str, status: u16, text: &str) -> QueryError {
-    let reason = serde_json::from_str::<Value>(text)
-        .ok()
-        .and_then(|v| {
-            let root = &v["error"]["root_cause"][0];
-            let cause = if root.is_object() { root } else { &v["error"] };
-            cause["reason"].as_str().map(str::to_owned)
-        })
-        .unwrap_or_else(|| text.chars().take(300).collect());
-    match status {
-        400 => QueryError::Invalid(format!("OpenSearch refused {what}: {reason}")),
-        401 | 403 => QueryError::Misconfigured(format!(
-            "OpenSearch refused {what} ({status}: {reason}): give the query server's credentials read access to the index"
-        )),
-        _ => QueryError::Unavailable(format!(
-            "OpenSearch answered {what} with {status}: {reason}"
-        )),
-    }
-}
-
-struct App<E> {
-    searcher: Arc<Searcher<E>>,
+struct App<E, B> {
+    searcher: Arc<Searcher<E, B>>,
     registry: Arc<Registry>,
     info: Arc<Value>,
 }
 
-impl<E> Clone for App<E> {
+impl<E, B> Clone for App<E, B> {
     fn clone(&self) -> Self {
         Self {
             searcher: self.searcher.clone(),
@@ -384,7 +304,7 @@ async fn page() -> Response {
         .into_response()
 }
 
-async fn about<E: Embedder>(State(app): State<App<E>>) -> Json<Value> {
+async fn about<E: Embedder, B: Backend>(State(app): State<App<E, B>>) -> Json<Value> {
     Json(app.info.as_ref().clone())
 }
 
@@ -430,8 +350,8 @@ fn not_a_request(e: &axum::extract::rejection::JsonRejection, example: &str) -> 
     ))
 }
 
-async fn search<E: Embedder>(
-    State(app): State<App<E>>,
+async fn search<E: Embedder, B: Backend>(
+    State(app): State<App<E, B>>,
     body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let started = Instant::now();
@@ -450,8 +370,8 @@ async fn search<E: Embedder>(
     respond(&app.searcher.metrics, "search", started, outcome)
 }
 
-async fn answer<E: Embedder>(
-    State(app): State<App<E>>,
+async fn answer<E: Embedder, B: Backend>(
+    State(app): State<App<E, B>>,
     body: Result<Json<AskRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let started = Instant::now();
@@ -462,14 +382,14 @@ async fn answer<E: Embedder>(
     respond(&app.searcher.metrics, "ask", started, outcome)
 }
 
-async fn ready<E: Embedder>(State(app): State<App<E>>) -> (StatusCode, String) {
+async fn ready<E: Embedder, B: Backend>(State(app): State<App<E, B>>) -> (StatusCode, String) {
     match app.searcher.not_ready() {
         None => (StatusCode::OK, "ready\n".into()),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
-async fn metrics<E: Embedder>(State(app): State<App<E>>) -> impl IntoResponse {
+async fn metrics<E: Embedder, B: Backend>(State(app): State<App<E, B>>) -> impl IntoResponse {
     crate::http::metrics_page(&app.registry)
 }
 
@@ -491,8 +411,8 @@ fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
 /// Serves the searcher on `address` (and the admin socket); returns the bound address. `info`
 /// is what `GET /v1/info` answers (the pipeline, its index and models). With a `token`, every
 /// `/v1` request must carry it as a bearer token (the page, the probes and /metrics need none).
-pub async fn serve<E: Embedder>(
-    searcher: Arc<Searcher<E>>,
+pub async fn serve<E: Embedder, B: Backend>(
+    searcher: Arc<Searcher<E, B>>,
     registry: Registry,
     info: Value,
     token: Option<String>,
@@ -504,9 +424,9 @@ pub async fn serve<E: Embedder>(
         info: Arc::new(info),
     };
     let mut api = Router::new()
-        .route("/v1/info", get(about::<E>))
-        .route("/v1/search", post(search::<E>))
-        .route("/v1/ask", post(answer::<E>));
+        .route("/v1/info", get(about::<E, B>))
+        .route("/v1/search", post(search::<E, B>))
+        .route("/v1/ask", post(answer::<E, B>));
     if let Some(token) = token.filter(|t| !t.is_empty()) {
         let token = Arc::new(token);
         api = api.layer(axum::middleware::from_fn(
@@ -530,9 +450,9 @@ pub async fn serve<E: Embedder>(
     let router = Router::new()
         .route("/", get(page))
         .merge(api)
-        .route("/metrics", get(metrics::<E>))
+        .route("/metrics", get(metrics::<E, B>))
         .route("/healthz", get(|| async { "live\n" }))
-        .route("/readyz", get(ready::<E>))
+        .route("/readyz", get(ready::<E, B>))
         .with_state(app);
     crate::http::serve_app(
         router,
