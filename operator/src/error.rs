@@ -65,6 +65,19 @@ impl Error {
         }
     }
 
+    /// Every (step, kind) an error can have, for the `errors` metric's series that exist at 0
+    /// from the start.
+    pub const LABELS: [(Step, &'static str); 8] = [
+        (Step::Dereference, "kubernetes-api"),
+        (Step::Build, "kubernetes-api"),
+        (Step::Apply, "kubernetes-api"),
+        (Step::Status, "kubernetes-api"),
+        (Step::Finalize, "kubernetes-api"),
+        (Step::Build, "render"),
+        (Step::Dereference, "secret-unreadable"),
+        (Step::Dereference, "missing-metadata"),
+    ];
+
     /// What kind of failure, for the `errors` metric.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -137,6 +137,30 @@ impl Metrics {
             "Metric reads that failed, by source",
             metrics.metric_read_errors.clone(),
         );
+        // Series known in advance exist at 0 from the start: increase() and rate() then see
+        // the first reconcile error or failed read, and dashboards find them before it.
+        for controller in [
+            crate::controllers::embedding_pipeline::CONTROLLER,
+            crate::controllers::scaling_policy::CONTROLLER,
+        ] {
+            let label = ControllerLabel {
+                controller: controller.into(),
+            };
+            let _ = metrics.reconciles.get_or_create(&label);
+            let _ = metrics.duration.get_or_create(&label);
+            for (step, kind) in crate::error::Error::LABELS {
+                let _ = metrics.errors.get_or_create(&ErrorLabels {
+                    controller,
+                    step: step.as_str(),
+                    kind,
+                });
+            }
+        }
+        for source in ["kafka", "prometheus"] {
+            let _ = metrics.metric_read_errors.get_or_create(&SourceLabel {
+                source: source.into(),
+            });
+        }
         (metrics, registry)
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use opensearch::indices::IndicesRefreshParts;
 use opensearch::{CountParts, SearchParts};
 use rdkafka::Message;
@@ -296,6 +296,52 @@ async fn every_record_becomes_exactly_one_document_and_offsets_reach_the_end() -
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn freshness_is_measured_from_the_record_timestamp_to_the_acknowledgement() -> Result<()> {
+    let setup = Setup::new("e2e-fresh").await?;
+    // 20 records stamped 40 s ago by their producer, and 20 stamped now.
+    let stale_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - 40_000;
+    let producer: FutureProducer = kafka::config()?.create()?;
+    for (n, (key, payload)) in posts(0..40).iter().enumerate() {
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&setup.topic)
+            .key(key.as_str())
+            .payload(payload.as_slice());
+        if n < 20 {
+            record = record.timestamp(stale_at);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let worker = setup.start_worker("worker")?;
+    setup
+        .assert_exactly_indexed(40, Duration::from_secs(90))
+        .await?;
+    let page = worker.metrics_text().await?;
+    let name = "vectorpipe_worker_freshness_seconds";
+    assert_eq!(
+        vectorpipe_tests::worker::metric_sum(&page, &format!("{name}_count")),
+        40.0,
+        "one observation per indexed record: {page}"
+    );
+    // Buckets double from 50 ms: 25.6 s holds the fresh records and none of the stale ones.
+    assert_eq!(
+        labelled_sum(&page, &format!("{name}_bucket"), "le=\"25.6\""),
+        20.0,
+        "{page}"
+    );
+    let sum = vectorpipe_tests::worker::metric_sum(&page, &format!("{name}_sum"));
+    ensure!(
+        sum >= 20.0 * 40.0,
+        "the stale records count from their own timestamp: {sum}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_restarts_without_losing_or_duplicating_records() -> Result<()> {
     let setup = Setup::new("e2e-crash").await?;
     let n = 600;
@@ -376,8 +422,23 @@ async fn bad_records_go_to_the_dead_letter_topic_and_good_ones_around_them_are_i
         .wait_for_commits_at_end(Duration::from_secs(30))
         .await?;
     let metrics = worker.metrics_text().await?;
-    assert!(
-        metrics.contains(r#"outcome="skipped-empty-text""#),
+    // Every outcome's series exists from the start (at 0): the count is what tells.
+    assert_eq!(
+        labelled_sum(
+            &metrics,
+            "vectorpipe_worker_records_total",
+            r#"outcome="skipped-empty-text""#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        labelled_sum(
+            &metrics,
+            "vectorpipe_worker_records_total",
+            r#"outcome="dead-lettered-parse""#
+        ),
+        3.0,
         "{metrics}"
     );
     assert!(worker.stop()?.success());

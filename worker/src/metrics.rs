@@ -77,6 +77,8 @@ pub struct Metrics {
     pub held: Family<FaultLabel, Gauge>,
     /// Times a fault started to hold the records, by fault.
     pub holds: Family<FaultLabel, Counter>,
+    /// Seconds from a record's Kafka timestamp to OpenSearch acknowledging its last document.
+    pub freshness: Histogram,
 }
 
 impl Metrics {
@@ -108,6 +110,8 @@ impl Metrics {
             superseded: Family::default(),
             held: Family::default(),
             holds: Family::default(),
+            // 50 ms to about 55 minutes.
+            freshness: Histogram::new(exponential_buckets(0.05, 2.0, 17)),
         };
         let r = &mut registry;
         r.register(
@@ -215,7 +219,69 @@ impl Metrics {
             "Times a fault started to hold the records, by fault",
             metrics.holds.clone(),
         );
+        r.register(
+            "freshness_seconds",
+            "Seconds from an indexed record's Kafka timestamp to OpenSearch acknowledging its last document",
+            metrics.freshness.clone(),
+        );
+        metrics.start_at_zero();
         (metrics, registry)
+    }
+
+    /// Creates the series of every outcome known in advance at 0, so they are exported from the
+    /// start: `rate()` and `increase()` then see the first record, call or fault of each kind
+    /// (a series that appears at 1 has no earlier sample to count from) and dashboards and
+    /// alerts find their metrics before anything happened.
+    fn start_at_zero(&self) {
+        let outcome = |o: &str| Outcome {
+            outcome: o.to_owned(),
+        };
+        let skipped = crate::transform::SkipReason::ALL.map(|r| format!("skipped-{}", r.as_str()));
+        let dead_lettered =
+            crate::transform::RejectionKind::ALL.map(|k| format!("dead-lettered-{}", k.as_str()));
+        for o in [
+            "indexed",
+            "deleted",
+            "deleted-nothing-found",
+            "skipped-duplicate",
+        ]
+        .into_iter()
+        .chain(skipped.iter().map(String::as_str))
+        .chain(dead_lettered.iter().map(String::as_str))
+        {
+            let _ = self.records.get_or_create(&outcome(o));
+        }
+        for o in ["ok", "throttled", "error", "rejected", "misconfigured"] {
+            let _ = self.embed_calls.get_or_create(&outcome(o));
+        }
+        for o in ["ok", "retried", "held", "rejected"] {
+            let _ = self.bulk_items.get_or_create(&outcome(o));
+        }
+        for o in ["ok", "error"] {
+            let _ = self.commits.get_or_create(&outcome(o));
+        }
+        for o in ["before-embedding", "before-writing"] {
+            let _ = self.superseded.get_or_create(&outcome(o));
+        }
+        for fault in crate::health::Fault::ALL {
+            let label = FaultLabel {
+                fault: fault.as_str().to_owned(),
+            };
+            let _ = self.held.get_or_create(&label);
+            let _ = self.holds.get_or_create(&label);
+        }
+    }
+
+    /// Counts a record indexed; `timestamp_ms` is its Kafka timestamp, when it has one (a
+    /// producer clock ahead of this one counts as 0 s).
+    pub fn indexed(&self, timestamp_ms: Option<i64>) {
+        self.record("indexed");
+        if let Some(at) = timestamp_ms {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            self.freshness.observe((now - at).max(0) as f64 / 1000.0);
+        }
     }
 
     /// The gauge that is 1 while `fault` holds the records.

@@ -1552,7 +1552,7 @@ async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
                                 shared.metrics.bulk_item("ok", 1);
                                 shared.health.progressed();
                                 if ack.done(1) {
-                                    shared.metrics.record("indexed");
+                                    shared.metrics.indexed(ack.message.timestamp().to_millis());
                                 }
                             }
                             ItemResult::Retry(reason) => {

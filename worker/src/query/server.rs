@@ -81,6 +81,23 @@ impl QueryMetrics {
             "Tokens the answering model counted for /v1/ask, by kind (input, output)",
             metrics.llm_tokens.clone(),
         );
+        // Every series exists at 0 from the start (see `Metrics::start_at_zero`).
+        for endpoint in ["search", "ask"] {
+            for outcome in ["ok", "invalid", "unavailable"] {
+                let _ = metrics.requests.get_or_create(&Request {
+                    endpoint: endpoint.into(),
+                    outcome: outcome.into(),
+                });
+            }
+            let _ = metrics.seconds.get_or_create(&Endpoint {
+                endpoint: endpoint.into(),
+            });
+        }
+        for kind in ["input", "output"] {
+            let _ = metrics
+                .llm_tokens
+                .get_or_create(&TokenKind { kind: kind.into() });
+        }
         metrics
     }
 

@@ -34,7 +34,7 @@ use crate::labels::FIELD_MANAGER;
 use crate::metrics::{ControllerLabel, ErrorLabels};
 use crate::secrets::{SecretProblem, Secrets};
 
-const CONTROLLER: &str = "embeddingpipeline";
+pub(crate) const CONTROLLER: &str = "embeddingpipeline";
 /// How often a healthy pipeline is looked at even without changes.
 const RESYNC: Duration = Duration::from_secs(300);
 /// How often a pipeline whose workers are not ready yet is looked at again.

@@ -44,7 +44,7 @@ use plan::PolicyState;
 use readers::MetricReaders;
 use status::Judgement;
 
-const CONTROLLER: &str = "scalingpolicy";
+pub(crate) const CONTROLLER: &str = "scalingpolicy";
 /// The shortest poll interval honoured.
 const MIN_POLL: Duration = Duration::from_millis(500);
 /// How often state of deleted policies is dropped.
@@ -154,6 +154,13 @@ fn cleanup(ctx: &ScalingContext) {
                 namespace: state.namespace.clone(),
                 pipeline: state.pipeline.clone(),
             });
+            for direction in ["out", "in"] {
+                metrics.scale_changes.remove(&ScaleLabels {
+                    namespace: state.namespace.clone(),
+                    policy: state.name.clone(),
+                    direction: direction.into(),
+                });
+            }
         }
         keep
     });
@@ -465,6 +472,14 @@ async fn poll(
             policy: state.name.clone(),
         })
         .set(i64::from(outcome.to));
+    // The policy's scale changes exist at 0 before the first one, so increase() sees it.
+    for direction in ["out", "in"] {
+        let _ = ctx.base.metrics.scale_changes.get_or_create(&ScaleLabels {
+            namespace: state.namespace.clone(),
+            policy: state.name.clone(),
+            direction: direction.into(),
+        });
+    }
     write_status(ctx, policy, &Judgement::Judged(plan.outcome), time).await?;
     Ok(())
 }
