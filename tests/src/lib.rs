@@ -184,6 +184,26 @@ pub mod k8s {
         run("helm", &mut command, args)
     }
 
+    /// `helm template` of the repository's chart as release `vp` in `vp-system`, with extra
+    /// `--set`s, as YAML documents.
+    pub fn chart_template(sets: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let chart = repo_root().join("charts/vectorpipe");
+        let chart = chart.to_string_lossy();
+        let mut args = vec!["template", "vp", chart.as_ref(), "-n", "vp-system"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let text = helm(&args)?;
+        let mut docs = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+            if !value.is_null() {
+                docs.push(value);
+            }
+        }
+        Ok(docs)
+    }
+
     /// Creates ScalingPolicy `posts` on pipeline `posts` in `namespace` whose only metric reads a
     /// Prometheus that does not answer, so the operator sets `fallbackReplicas: 2` through the
     /// scale subresource (what the RBAC tests exercise).

@@ -23,20 +23,7 @@ fn chart() -> String {
 
 /// `helm template` with extra `--set`s, as YAML documents.
 fn template(sets: &[&str]) -> Result<Vec<Value>> {
-    let chart = chart();
-    let mut args = vec!["template", "vp", chart.as_str(), "-n", "vp-system"];
-    for set in sets {
-        args.extend(["--set", set]);
-    }
-    let text = helm(&args)?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value: Value = serde::Deserialize::deserialize(doc)?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    k8s::chart_template(sets)
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> Result<&'a Value> {

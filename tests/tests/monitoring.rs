@@ -15,35 +15,18 @@ use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
 use vectorpipe_tests::bedrock::FakeBedrock;
-use vectorpipe_tests::k8s::{self, helm};
+use vectorpipe_tests::k8s;
 use vectorpipe_tests::operator::Operator;
 use vectorpipe_tests::worker::Worker;
 use vectorpipe_tests::{eventually, kafka, opensearch as os, repo_root, unique_name};
 
 /// The chart rendered with its monitoring objects on, as YAML documents.
 fn rendered() -> Result<Vec<Value>> {
-    let chart = repo_root().join("charts/vectorpipe");
-    let text = helm(&[
-        "template",
-        "vp",
-        chart.to_str().context("path")?,
-        "-n",
-        "vp-system",
-        "--set",
+    k8s::chart_template(&[
         "metrics.prometheusRule.enabled=true",
-        "--set",
         "metrics.dashboards.enabled=true",
-        "--set",
         "metrics.podMonitor.enabled=true",
-    ])?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value: Value = serde::Deserialize::deserialize(doc)?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    ])
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> Result<&'a Value> {

@@ -564,29 +564,37 @@ async fn serve(
     laptop: LaptopArgs,
 ) -> anyhow::Result<()> {
     let Some(pipeline) = pipeline else {
-        let (searcher, registry, info) = laptop_searcher(&laptop, Some(llm_model_id)).await?;
+        let served = laptop_searcher(&laptop, Some(llm_model_id)).await?;
         let address = address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-        let bound = query::server::serve(
-            searcher.clone(),
-            registry,
-            info,
-            token,
-            (address, admin_socket.as_deref()),
-        )
-        .await?;
-        eprintln!(
-            "serving the store {} at http://{bound}/ (search and ask there, or POST /v1/search and /v1/ask); Ctrl-C stops",
-            laptop.store.display()
-        );
-        return serve_until_stopped(&searcher).await;
+        return serve_until_stopped(served, token, (address, admin_socket), |bound| {
+            eprintln!(
+                "serving the store {} at http://{bound}/ (search and ask there, or POST /v1/search and /v1/ask); Ctrl-C stops",
+                laptop.store.display()
+            );
+        })
+        .await;
     };
     let spec = config::load(&pipeline)?;
     init_logging(&spec, log_format);
     let name = config::identity(&pipeline)
         .name
         .unwrap_or_else(|| "pipeline".to_owned());
-    let (searcher, registry, info) = cluster_searcher(&spec, &name, llm_model_id).await?;
+    let served = cluster_searcher(&spec, &name, llm_model_id).await?;
     let address = address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+    serve_until_stopped(served, token, (address, admin_socket), |bound| {
+        tracing::info!(pipeline = %name, address = %bound, index = %spec.sink.opensearch.index, "serving searches");
+    })
+    .await
+}
+
+/// Serves the searcher on `address` (`announce` is told where), gets it ready (not ready
+/// meanwhile), then serves until SIGTERM/SIGINT.
+async fn serve_until_stopped<E: embed::Embedder, B: query::Backend>(
+    (searcher, registry, info): Served<E, B>,
+    token: Option<String>,
+    (address, admin_socket): (SocketAddr, Option<PathBuf>),
+    announce: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
     let bound = query::server::serve(
         searcher.clone(),
         registry,
@@ -595,14 +603,7 @@ async fn serve(
         (address, admin_socket.as_deref()),
     )
     .await?;
-    tracing::info!(pipeline = %name, address = %bound, index = %spec.sink.opensearch.index, "serving searches");
-    serve_until_stopped(&searcher).await
-}
-
-/// Gets the searcher ready (not ready meanwhile), then serves until SIGTERM/SIGINT.
-async fn serve_until_stopped<E: embed::Embedder, B: query::Backend>(
-    searcher: &query::server::Searcher<E, B>,
-) -> anyhow::Result<()> {
+    announce(bound);
     tokio::select! {
         started = searcher.start() => started?,
         () = shutdown_signal() => return Ok(()),
