@@ -239,15 +239,24 @@ pub fn scaling_policy(spec: &ScalingPolicySpec) -> Result<(), Problems> {
             m.cpu.is_some(),
             m.memory.is_some(),
             m.prometheus.is_some(),
+            m.freshness.is_some(),
         ];
         let field = format!("metrics[{i}]");
         if kinds.iter().filter(|k| **k).count() != 1 {
             found.push(problem(
                 &field,
-                "set exactly one of kafkaLag, timeLag, cpu, memory or prometheus",
+                "set exactly one of kafkaLag, timeLag, cpu, memory, prometheus or freshness",
             ));
         }
-        match (m.scale_out_threshold, m.scale_in_threshold) {
+        if let Some(f) = &m.freshness
+            && (!(1.0..=99.9).contains(&f.percentile) || f.target_seconds < 0.1)
+        {
+            found.push(problem(
+                &format!("{field}.freshness"),
+                "percentile must lie between 1 and 99.9 and targetSeconds be at least 0.1",
+            ));
+        }
+        match (m.out_threshold(), m.in_threshold()) {
             (None, None) => found.push(problem(
                 &field,
                 "set scaleOutThreshold, scaleInThreshold or both",

@@ -345,6 +345,117 @@ async fn a_prometheus_metric_scales_out(client: &kube::Client) -> Result<()> {
     Ok(())
 }
 
+/// A freshness objective: a real worker indexes records stamped five minutes before they were
+/// produced, Prometheus scrapes its freshness histogram, and the policy scales out on the
+/// percentile being above its target.
+async fn freshness_above_its_target_scales_out(client: &kube::Client) -> Result<()> {
+    use vectorpipe_tests::bedrock::FakeBedrock;
+    use vectorpipe_tests::opensearch as os;
+    use vectorpipe_tests::worker::Worker;
+    let ns = k8s::namespace("scale-fresh")?;
+    let topic = unique_name("scale-fresh");
+    kafka::create_topic(&topic, 2).await?;
+    create_pipeline(client, &ns.name, &topic).await?;
+    // The worker runs as a process (KWOK's pods do not consume), as pipeline `posts`.
+    let (_fake, address) = FakeBedrock::start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pipeline.yaml");
+    let manifest = json!({
+        "apiVersion": "vectorpipe.io/v1alpha1",
+        "kind": "EmbeddingPipeline",
+        "metadata": {"name": "posts", "namespace": ns.name},
+        "spec": {
+            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic]}},
+            "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0",
+                "dimensions": 256, "region": "eu-west-1",
+                "endpointUrl": format!("http://{address}")}},
+            "sink": {"opensearch": {"endpoints": [os::url()?], "index": topic.to_lowercase(),
+                "method": {"engine": "lucene"},
+                "indexSettings": {"shards": 1, "replicas": 0},
+                "bulk": {"flushInterval": "100ms"}}},
+        }
+    });
+    std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
+    let worker = Worker::start(&file, &dir.path().join("worker.log"))?;
+    let scraped = prometheus::add_target(&ns.name, &worker.metrics, &[("namespace", &ns.name)])?;
+    create_policy(
+        client,
+        &ns.name,
+        "fresh",
+        json!({
+            "targetRef": {"name": "posts"},
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "pollInterval": "1s",
+            "metrics": [{"freshness": {"percentile": 95, "targetSeconds": 60, "window": "30s"}}],
+            "scaleOut": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "operation": "add", "factor": 1, "cooldown": "1s"},
+            "scaleIn": {"evaluationPeriods": 100, "datapointsToAlarm": 100, "operation": "add", "factor": 1, "cooldown": "600s"}
+        }),
+    )
+    .await?;
+    // Fresh records first: the objective holds and the count stays.
+    let producer: FutureProducer = kafka::config()?.create()?;
+    let send = |n: usize, stamp: Option<i64>| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            let id = format!("fresh-{n}");
+            let body = json!({"id": id, "text": format!("record {n}")}).to_string();
+            let mut record = FutureRecord::to(&topic).key(&id).payload(&body);
+            if let Some(at) = stamp {
+                record = record.timestamp(at);
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok(())
+        }
+    };
+    for n in 0..40 {
+        send(n, None).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let judged = wait_policy(client, &ns.name, "fresh", "a freshness reading", |p| {
+        let last = p.status.as_ref()?.last_decision.clone()?;
+        last.inputs.contains_key("freshness").then_some(last)
+    })
+    .await?;
+    ensure!(
+        replicas(client, &ns.name).await? == 1,
+        "fresh records must keep 1 worker: {judged:?}"
+    );
+    // Records stamped five minutes ago: searchable far later than the target.
+    let stale = Timestamp::now().as_millisecond() - 300_000;
+    for n in 40..120 {
+        send(n, Some(stale)).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let most = AtomicI32::new(0);
+    wait_replicas(client, &ns.name, 2, &most).await?;
+    let policy = wait_policy(client, &ns.name, "fresh", "the scale-out recorded", |p| {
+        let status = p.status.as_ref()?;
+        status
+            .history
+            .iter()
+            .find(|d| d.reason == "ScaleOutAlarm")
+            .cloned()
+    })
+    .await?;
+    ensure!(
+        judged.inputs["freshness"] < 60.0,
+        "fresh records read as fresh: {judged:?}"
+    );
+    let seen = policy.inputs.get("freshness").copied().unwrap_or_default();
+    ensure!(
+        seen > 60.0,
+        "the scale-out saw freshness p95 {seen} s: {policy:?}"
+    );
+    let _ = std::fs::remove_file(scraped);
+    drop(worker);
+    Ok(())
+}
+
 /// 5: dry-run decides and records, and the worker count stays.
 async fn dry_run_changes_nothing(client: &kube::Client) -> Result<()> {
     let ns = k8s::namespace("scale-dry")?;
@@ -669,6 +780,7 @@ async fn scaling_policies_act_on_real_lag_schedules_and_promql() -> Result<()> {
         lag_scales_out_to_the_partitions_and_back_in(&client),
         a_schedule_sets_a_floor_while_open(&client),
         a_prometheus_metric_scales_out(&client),
+        freshness_above_its_target_scales_out(&client),
         dry_run_changes_nothing(&client),
         unreadable_metrics_fall_back(&client),
         missing_and_conflicting_targets_are_reported(&client),

@@ -158,12 +158,12 @@ pub struct TargetRef {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "(has(self.kafkaLag) ? 1 : 0) + (has(self.timeLag) ? 1 : 0) + (has(self.cpu) ? 1 : 0) + (has(self.memory) ? 1 : 0) + (has(self.prometheus) ? 1 : 0) == 1",
-        "message": "a metric sets exactly one of kafkaLag, timeLag, cpu, memory or prometheus"
+        "rule": "(has(self.kafkaLag) ? 1 : 0) + (has(self.timeLag) ? 1 : 0) + (has(self.cpu) ? 1 : 0) + (has(self.memory) ? 1 : 0) + (has(self.prometheus) ? 1 : 0) + (has(self.freshness) ? 1 : 0) == 1",
+        "message": "a metric sets exactly one of kafkaLag, timeLag, cpu, memory, prometheus or freshness"
     },
     {
-        "rule": "has(self.scaleOutThreshold) || has(self.scaleInThreshold)",
-        "message": "a metric needs scaleOutThreshold, scaleInThreshold or both"
+        "rule": "has(self.scaleOutThreshold) || has(self.scaleInThreshold) || has(self.freshness)",
+        "message": "a metric needs scaleOutThreshold, scaleInThreshold or both (freshness has its targetSeconds)"
     },
     {
         "rule": "!has(self.scaleOutThreshold) || !has(self.scaleInThreshold) || self.scaleInThreshold < self.scaleOutThreshold",
@@ -186,12 +186,59 @@ pub struct MetricSpec {
     /// Any PromQL query that returns one number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusMetric>,
+    /// How fresh the index is: a percentile of the seconds from a record's Kafka timestamp to
+    /// OpenSearch acknowledging it, read from Prometheus (the workers'
+    /// `vectorpipe_worker_freshness_seconds`). Scales out above `targetSeconds` and in below half
+    /// of it, unless the thresholds say otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<FreshnessMetric>,
     /// Scale out while the metric is above this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_out_threshold: Option<f64>,
     /// Scale in while the metric is below this value (for every metric).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_in_threshold: Option<f64>,
+}
+
+impl MetricSpec {
+    /// The value above which the metric asks for more workers: `scaleOutThreshold`, else a
+    /// freshness metric's target.
+    pub fn out_threshold(&self) -> Option<f64> {
+        self.scale_out_threshold
+            .or_else(|| self.freshness.as_ref().map(|f| f.target_seconds))
+    }
+
+    /// The value below which the metric allows fewer workers: `scaleInThreshold`, else half a
+    /// freshness metric's target.
+    pub fn in_threshold(&self) -> Option<f64> {
+        self.scale_in_threshold
+            .or_else(|| self.freshness.as_ref().map(|f| f.target_seconds / 2.0))
+    }
+}
+
+/// An index freshness objective.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FreshnessMetric {
+    /// The percentile of records judged, e.g. 95: 95 % of records are searchable within
+    /// `targetSeconds` of their Kafka timestamp.
+    #[serde(default = "default_freshness_percentile")]
+    #[schemars(range(min = 1, max = 99.9))]
+    pub percentile: f64,
+    /// The objective, in seconds.
+    #[schemars(range(min = 0.1))]
+    pub target_seconds: f64,
+    /// The window the percentile is taken over (a PromQL range: at least four scrape intervals).
+    #[serde(default = "default_freshness_window")]
+    pub window: Duration,
+}
+
+fn default_freshness_percentile() -> f64 {
+    95.0
+}
+
+fn default_freshness_window() -> Duration {
+    Duration::from_minutes(2)
 }
 
 /// Consumer lag in records.

@@ -34,6 +34,8 @@ pub fn metric_name(index: usize, metric: &MetricSpec) -> String {
         "cpu".into()
     } else if metric.memory.is_some() {
         "memory".into()
+    } else if metric.freshness.is_some() {
+        "freshness".into()
     } else {
         metric
             .prometheus
@@ -347,7 +349,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let out_alarm: Vec<&str> = names
         .iter()
         .filter(|(name, m)| {
-            m.scale_out_threshold.is_some_and(|t| {
+            m.out_threshold().is_some_and(|t| {
                 breaching(inputs.window, name, out_periods, |v| v > t)
                     .is_some_and(|n| n >= out_needed)
             })
@@ -358,11 +360,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let in_needed = spec.scale_in.datapoints_to_alarm.max(1) as usize;
     let judged_in: Vec<&(String, &MetricSpec)> = names
         .iter()
-        .filter(|(_, m)| m.scale_in_threshold.is_some())
+        .filter(|(_, m)| m.in_threshold().is_some())
         .collect();
     let in_alarm = !judged_in.is_empty()
         && judged_in.iter().all(|(name, m)| {
-            let t = m.scale_in_threshold.unwrap_or(f64::MIN);
+            let t = m.in_threshold().unwrap_or(f64::MIN);
             breaching(inputs.window, name, in_periods, |v| v < t).is_some_and(|n| n >= in_needed)
         });
 
@@ -540,6 +542,41 @@ mod tests {
                 "{window:?} from {current}"
             );
         }
+    }
+
+    #[test]
+    fn freshness_scales_out_above_its_target_and_in_below_half_of_it() {
+        let spec = policy(json!({"metrics": [{"freshness": {"targetSeconds": 60}}]}));
+        let fresh = |values: &[f64]| -> Vec<Sample> {
+            values
+                .iter()
+                .map(|v| Sample {
+                    values: BTreeMap::from([("freshness".to_owned(), *v)]),
+                    total_lag: Some(0.0),
+                })
+                .collect()
+        };
+        let cases = [
+            // p95 seconds, current, desired, reason
+            (vec![90.0, 120.0, 75.0], 2, 4, Reason::ScaleOutAlarm),
+            (vec![55.0, 59.0, 40.0], 2, 2, Reason::WithinThresholds),
+            (vec![20.0, 10.0, 0.0], 4, 3, Reason::ScaleInAlarm),
+            (vec![20.0, 35.0, 0.0], 4, 4, Reason::WithinThresholds),
+        ];
+        for (window, current, want, reason) in cases {
+            let window = fresh(&window);
+            let d = decide(&inputs(&spec, &window, current));
+            assert_eq!(
+                (d.desired, d.reason),
+                (want, reason),
+                "{window:?} from {current}"
+            );
+        }
+        // Thresholds given explicitly win over the target's.
+        let strict = policy(json!({"metrics": [{"freshness": {"targetSeconds": 60},
+            "scaleOutThreshold": 30, "scaleInThreshold": 5}]}));
+        let window = fresh(&[40.0, 40.0, 40.0]);
+        assert_eq!(decide(&inputs(&strict, &window, 2)).desired, 4);
     }
 
     #[test]

@@ -27,9 +27,25 @@ pub const DEFAULT_CPU_QUERY: &str = r#"100 * sum(rate(container_cpu_usage_second
 /// Worker memory use in percent of the requested memory.
 pub const DEFAULT_MEMORY_QUERY: &str = r#"100 * sum(container_memory_working_set_bytes{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker"}) / sum(kube_pod_container_resource_requests{namespace="$namespace",pod=~"$pipeline-worker-.*",container="worker",resource="memory"})"#;
 
+/// A percentile of the workers' freshness over a window. With no record indexed in the window
+/// the percentile is 0 (nothing waits to be searchable); with no freshness series at all (the
+/// workers are not scraped) the query returns nothing, which is an error.
+pub fn freshness_query(percentile: f64, window: Duration) -> String {
+    let selector = r#"{namespace="$namespace",pipeline="$pipeline"}"#;
+    let window = format!("{}s", window.as_secs().max(1));
+    format!(
+        "(histogram_quantile({q}, sum by (le) (rate(vectorpipe_worker_freshness_seconds_bucket{selector}[{window}]))) >= 0) or (sum(rate(vectorpipe_worker_freshness_seconds_count{selector}[{window}])) * 0)",
+        q = percentile / 100.0,
+    )
+}
+
 /// The query a metric runs, with `$namespace` and `$pipeline` filled in; None for Kafka metrics.
 pub fn query_for(metric: &MetricSpec, namespace: &str, pipeline: &str) -> Option<String> {
-    let template = if let Some(cpu) = &metric.cpu {
+    let freshness;
+    let template = if let Some(f) = &metric.freshness {
+        freshness = freshness_query(f.percentile, f.window.get());
+        freshness.as_str()
+    } else if let Some(cpu) = &metric.cpu {
         cpu.query.as_deref().unwrap_or(DEFAULT_CPU_QUERY)
     } else if let Some(memory) = &metric.memory {
         memory.query.as_deref().unwrap_or(DEFAULT_MEMORY_QUERY)
@@ -86,6 +102,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(custom, r#"sum(x{ns="a",p="b"})"#);
+        let freshness = query_for(
+            &metric(json!({"freshness": {"percentile": 99, "targetSeconds": 30, "window": "5m"}})),
+            "data",
+            "posts",
+        )
+        .unwrap();
+        assert!(
+            freshness.starts_with("(histogram_quantile(0.99, ")
+                && freshness.contains(r#"vectorpipe_worker_freshness_seconds_bucket{namespace="data",pipeline="posts"}[300s]"#)
+                && freshness.contains("or (sum(rate(vectorpipe_worker_freshness_seconds_count"),
+            "{freshness}"
+        );
         assert!(
             query_for(
                 &metric(json!({"kafkaLag": {}, "scaleOutThreshold": 1})),
