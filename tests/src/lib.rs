@@ -866,27 +866,28 @@ pub mod worker {
             log: &Path,
             env: &[(&str, &str)],
         ) -> Result<Self> {
-            let address = format!("127.0.0.1:{}", free_port()?);
-            let args = ["serve", "--address", &address, "--log-format", "text"];
-            Self::spawn_with(worker, &args, address.clone(), pipeline, log, env)
+            let args = ["serve", "--address", "127.0.0.1:0", "--log-format", "text"];
+            Self::spawn_with(worker, &args, "serving searches", pipeline, log, env)
         }
 
         fn spawn(worker: &Path, pipeline: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
-            let metrics = format!("127.0.0.1:{}", free_port()?);
             let args = [
                 "run",
                 "--metrics-address",
-                &metrics,
+                "127.0.0.1:0",
                 "--drain-seconds",
                 "20",
             ];
-            Self::spawn_with(worker, &args, metrics.clone(), pipeline, log, env)
+            Self::spawn_with(worker, &args, "\"starting\"", pipeline, log, env)
         }
 
+        /// Starts the worker listening on a port it picks itself (a port picked here and
+        /// released could be taken by another process before the worker binds it); its address
+        /// is read from the log line that holds `marker`.
         fn spawn_with(
             worker: &Path,
             args: &[&str],
-            metrics: String,
+            marker: &str,
             pipeline: &Path,
             log: &Path,
             env: &[(&str, &str)],
@@ -895,7 +896,8 @@ pub mod worker {
                 .create(true)
                 .append(true)
                 .open(log)?;
-            let child = Command::new(worker)
+            let offset = out.metadata()?.len();
+            let mut child = Command::new(worker)
                 .args(args)
                 .arg("--pipeline")
                 .arg(pipeline)
@@ -908,6 +910,7 @@ pub mod worker {
                 .stdout(Stdio::null())
                 .stderr(out)
                 .spawn()?;
+            let metrics = bound_address(&mut child, log, offset, marker)?;
             Ok(Self {
                 child,
                 log: log.to_owned(),
@@ -951,6 +954,41 @@ pub mod worker {
         pub async fn metrics_text(&self) -> Result<String> {
             let url = format!("http://{}/metrics", self.metrics);
             Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+        }
+    }
+
+    /// The `127.0.0.1:<port>` on the first line after `offset` of `log` that holds `marker`,
+    /// waiting up to 60 s; a worker that exits first (a test of a failing start) gets
+    /// `127.0.0.1:0`, which nothing answers.
+    fn bound_address(child: &mut Child, log: &Path, offset: u64, marker: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read(log).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]);
+            let found = text
+                .lines()
+                .filter(|l| l.contains(marker))
+                .find_map(|line| {
+                    let at = line.find("127.0.0.1:")? + "127.0.0.1:".len();
+                    let port: String = line[at..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    (!port.is_empty()).then(|| format!("127.0.0.1:{port}"))
+                });
+            if let Some(address) = found {
+                return Ok(address);
+            }
+            if child.try_wait()?.is_some() {
+                return Ok("127.0.0.1:0".to_owned());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the worker logged no {marker} line with its address in 60 s: {}",
+                    text.chars().take(2000).collect::<String>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

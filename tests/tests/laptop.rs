@@ -340,10 +340,9 @@ impl Drop for LaptopServer {
 impl LaptopServer {
     /// Serves `store` with no AWS configuration but `env`, and waits until it is ready.
     async fn start(store: &str, log: PathBuf, env: &[(&str, String)]) -> Result<Self> {
-        let address = format!("127.0.0.1:{}", vectorpipe_tests::worker::free_port()?);
         let mut command = Command::new(binary("vectorpipe-worker")?);
         command
-            .args(["serve", "--store", store, "--address", &address])
+            .args(["serve", "--store", store, "--address", "127.0.0.1:0"])
             .current_dir(repo())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
@@ -366,11 +365,30 @@ impl LaptopServer {
         for (name, value) in env {
             command.env(name, value);
         }
-        let server = Self {
+        let mut server = Self {
             child: command.spawn()?,
-            url: format!("http://{address}"),
+            url: String::new(),
             log,
         };
+        // The server picks its port and says where it listens.
+        for _ in 0..240 {
+            let text = std::fs::read_to_string(&server.log).unwrap_or_default();
+            if let Some(url) = text
+                .lines()
+                .find(|l| l.starts_with("serving the store"))
+                .and_then(|l| l.split(" at ").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                server.url = url.trim_end_matches('/').to_owned();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        ensure!(
+            !server.url.is_empty(),
+            "the laptop query server did not say where it listens: {}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        );
         let client = reqwest::Client::new();
         for _ in 0..240 {
             if let Ok(r) = client.get(format!("{}/readyz", server.url)).send().await

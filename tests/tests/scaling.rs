@@ -451,6 +451,19 @@ async fn freshness_above_its_target_scales_out(client: &kube::Client) -> Result<
         seen > 60.0,
         "the scale-out saw freshness p95 {seen} s: {policy:?}"
     );
+    // The pipeline's status shows the freshness the readers see.
+    let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client.clone(), &ns.name);
+    let shown = eventually("status.freshness", LIMIT, || async {
+        let p = pipelines.get("posts").await?;
+        Ok(p.status
+            .and_then(|s| s.freshness)
+            .filter(|f| f.p95_seconds > 60.0))
+    })
+    .await?;
+    ensure!(
+        shown.p50_seconds <= shown.p95_seconds,
+        "p50 above p95: {shown:?}"
+    );
     let _ = std::fs::remove_file(scraped);
     drop(worker);
     Ok(())

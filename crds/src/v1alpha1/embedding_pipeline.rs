@@ -110,6 +110,11 @@ fn consumer_properties_rule(schema: &mut schemars::Schema) {
         printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
         printcolumn(name = "Lag", type_ = "integer", json_path = ".status.consumerLag"),
         printcolumn(
+            name = "Fresh-P95",
+            type_ = "number",
+            json_path = ".status.freshness.p95Seconds"
+        ),
+        printcolumn(
             name = "Model",
             type_ = "string",
             json_path = ".spec.embedding.bedrock.modelId"
@@ -1067,6 +1072,21 @@ pub struct EmbeddingPipelineStatus {
     /// When the worker count last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
+    /// How fresh the index is, from the workers' freshness histogram in Prometheus (written
+    /// while a ScalingPolicy scales the pipeline and a Prometheus server is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<Freshness>,
+}
+
+/// Seconds from a record's Kafka timestamp to OpenSearch acknowledging it, over the last five
+/// minutes (0 when no record was indexed in them).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Freshness {
+    /// The median.
+    pub p50_seconds: f64,
+    /// The 95th percentile.
+    pub p95_seconds: f64,
 }
 
 fn default_true() -> bool {

@@ -391,7 +391,7 @@ async fn write_pipeline_lag(
     ctx: &ScalingContext,
     pipeline: &EmbeddingPipeline,
     state: &mut PolicyState,
-    lag: Option<i64>,
+    Observed { lag, freshness }: Observed,
     scaled: bool,
     time: &Time,
 ) -> Result<(), Error> {
@@ -414,7 +414,15 @@ async fn write_pipeline_lag(
             status::lag_changed_meaningfully(old, new, state.lag_written.map(|at| at.elapsed()))
         }
     };
-    if !scaled && !lag_due {
+    let written = state.freshness_written;
+    let freshness_due = freshness.is_some_and(|new| {
+        status::freshness_changed_meaningfully(
+            written.map(|(old, _)| old),
+            new,
+            written.map(|(_, at)| at.elapsed()),
+        )
+    });
+    if !scaled && !lag_due && !freshness_due {
         return Ok(());
     }
     let last_scale_time = if scaled {
@@ -432,12 +440,35 @@ async fn write_pipeline_lag(
     if let Some(time) = last_scale_time {
         owned.insert("lastScaleTime".into(), json!(time));
     }
+    // The freshness read now, else the one written before (a field left out would be removed).
+    let shown = freshness.or(written.map(|(f, _)| f));
+    if let Some((p50, p95)) = shown {
+        owned.insert(
+            "freshness".into(),
+            json!({"p50Seconds": round_to_ms(p50), "p95Seconds": round_to_ms(p95)}),
+        );
+    }
     let pipelines = Api::<EmbeddingPipeline>::namespaced(ctx.base.client.clone(), &state.namespace);
     apply_status(&pipelines, &target, SCALING_FIELD_MANAGER, owned)
         .await
         .map_err(kerr(Step::Status, "writing the pipeline's consumerLag"))?;
-    state.lag_written = Some(Instant::now());
+    let now = Instant::now();
+    state.lag_written = Some(now);
+    if let Some(f) = freshness {
+        state.freshness_written = Some((f, now));
+    }
     Ok(())
+}
+
+/// What a poll read for the pipeline's status.
+struct Observed {
+    lag: Option<i64>,
+    freshness: Option<(f64, f64)>,
+}
+
+/// Seconds to the millisecond: the status shows no float noise.
+fn round_to_ms(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
 }
 
 /// One poll: read the metrics → plan (pure) → scale → write the statuses (and the Events the
@@ -463,7 +494,19 @@ async fn poll(
         debug!(%error, "metrics cannot be read");
     }
     let lag = observation.lag.as_ref().map(|l| l.sum);
-    write_pipeline_lag(ctx, pipeline, state, lag, plan.scale_to().is_some(), time).await?;
+    let observed = Observed {
+        lag,
+        freshness: observation.freshness,
+    };
+    write_pipeline_lag(
+        ctx,
+        pipeline,
+        state,
+        observed,
+        plan.scale_to().is_some(),
+        time,
+    )
+    .await?;
     ctx.base
         .metrics
         .desired_replicas

@@ -28,7 +28,12 @@ pub struct Observation {
     pub lag: Option<LagSummary>,
     /// Metrics the policy judges that could not be read, with the reason.
     pub errors: Vec<String>,
+    /// The pipeline's freshness p50 and p95 over the last five minutes, when Prometheus has it.
+    pub freshness: Option<(f64, f64)>,
 }
+
+/// The window of the freshness the pipeline's status shows.
+pub const STATUS_FRESHNESS_WINDOW: Duration = Duration::from_secs(300);
 
 /// The group's position over time, for the consume rate behind `timeLag`.
 #[derive(Clone, Debug, Default)]
@@ -135,9 +140,31 @@ pub async fn observe(
             })
         })
         .collect();
-    let (lag_result, values) = futures::join!(lag_read, join_all(queries));
+    // The freshness for the pipeline's status, whatever the policy judges; not a failure of
+    // the policy when it cannot be read.
+    let status_freshness = async {
+        let address = address?;
+        let read = |percentile: f64| {
+            let query = promql::freshness_query(percentile, STATUS_FRESHNESS_WINDOW)
+                .replace("$namespace", namespace)
+                .replace("$pipeline", pipeline_name);
+            async move { readers.promql(address, &query, timeout).await }
+        };
+        match futures::join!(read(50.0), read(95.0)) {
+            (Ok(p50), Ok(p95)) => Some((p50, p95)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "freshness not read for the pipeline's status");
+                None
+            }
+        }
+    };
+    let (lag_result, values, freshness) =
+        futures::join!(lag_read, join_all(queries), status_freshness);
 
-    let mut observation = Observation::default();
+    let mut observation = Observation {
+        freshness,
+        ..Observation::default()
+    };
     for (name, value) in values {
         match value {
             Ok(v) => {

@@ -46,6 +46,8 @@ pub struct PolicyState {
     pub left_at: Option<i32>,
     /// When the pipeline's consumerLag was last written.
     pub lag_written: Option<Instant>,
+    /// The freshness (p50, p95) last written to the pipeline's status, and when.
+    pub freshness_written: Option<((f64, f64), Instant)>,
 }
 
 impl PolicyState {
@@ -297,6 +299,7 @@ mod tests {
                 ..LagSummary::default()
             }),
             errors: vec![],
+            freshness: None,
         }
     }
 

@@ -68,6 +68,19 @@ pub fn lag_changed_meaningfully(
     old != new && (!near || written_ago.is_none_or(|ago| ago >= LAG_REFRESH))
 }
 
+/// Whether a new freshness (p50, p95) is worth writing to the pipeline's status: none was
+/// written, either percentile moved by more than 10 % or reached or left zero, or it changed
+/// and the written value is older than [`LAG_REFRESH`].
+pub fn freshness_changed_meaningfully(
+    old: Option<(f64, f64)>,
+    new: (f64, f64),
+    written_ago: Option<std::time::Duration>,
+) -> bool {
+    let Some(old) = old else { return true };
+    let near = close(old.0, new.0) && close(old.1, new.1);
+    old != new && (!near || written_ago.is_none_or(|ago| ago >= LAG_REFRESH))
+}
+
 /// The same decision for the status: the same change for the same reason, from inputs within
 /// 10 % (metric values move a little on every poll; rewriting the status for that is noise).
 fn same_decision(a: &ScalingDecision, b: &ScalingDecision) -> bool {
@@ -254,6 +267,38 @@ mod tests {
     fn condition(status: &ScalingPolicyStatus, type_: &str) -> (String, String) {
         let c = find_condition(&status.conditions, type_).unwrap();
         (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn freshness_is_written_when_it_moves_not_for_noise() {
+        let minute = std::time::Duration::from_secs(60);
+        let second = std::time::Duration::from_secs(1);
+        assert!(freshness_changed_meaningfully(None, (1.0, 2.0), None));
+        assert!(!freshness_changed_meaningfully(
+            Some((1.0, 2.0)),
+            (1.0, 2.0),
+            Some(minute)
+        ));
+        assert!(!freshness_changed_meaningfully(
+            Some((1.0, 2.0)),
+            (1.05, 2.1),
+            Some(second)
+        ));
+        assert!(freshness_changed_meaningfully(
+            Some((1.0, 2.0)),
+            (1.05, 2.1),
+            Some(minute)
+        ));
+        assert!(freshness_changed_meaningfully(
+            Some((1.0, 2.0)),
+            (1.0, 30.0),
+            Some(second)
+        ));
+        assert!(freshness_changed_meaningfully(
+            Some((1.0, 2.0)),
+            (0.0, 0.0),
+            Some(second)
+        ));
     }
 
     #[test]
