@@ -102,7 +102,15 @@ fn crds_carry_scale_subresource_printer_columns_and_cel_rules() {
         .collect();
     assert_eq!(
         columns,
-        ["Ready", "Replicas", "Lag", "Model", "Index", "Age"]
+        [
+            "Ready",
+            "Replicas",
+            "Lag",
+            "Fresh-P95",
+            "Model",
+            "Index",
+            "Age"
+        ]
     );
     assert_eq!(
         ep.spec.names.short_names,

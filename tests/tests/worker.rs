@@ -341,6 +341,47 @@ async fn freshness_is_measured_from_the_record_timestamp_to_the_acknowledgement(
     Ok(())
 }
 
+/// `requestsPerSecond` holds for the whole pipeline: two workers each take half of it, so
+/// together they stay under an account quota that either of them alone at the full rate, or
+/// both without a budget, would exceed.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_the_pipelines_request_budget_and_stay_under_the_quota() -> Result<()> {
+    let setup = Setup::new("e2e-budget").await?;
+    setup.edit_pipeline(|p| {
+        p["spec"]["embedding"]["bedrock"]["requestsPerSecond"] = json!(16);
+        p["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(64);
+    })?;
+    // The account's quota: 20 calls a second, throttled above.
+    setup.fake.set_quota(Some(20.0));
+    let n = 200;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let first = setup.start_worker("first")?;
+    let second = setup.start_worker("second")?;
+    setup
+        .assert_exactly_indexed(n, Duration::from_secs(120))
+        .await?;
+    let stats = setup.fake.stats();
+    assert_eq!(
+        stats
+            .errors
+            .get("ThrottlingException")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "the workers together went over the quota: {:?}",
+        stats.errors
+    );
+    for worker in [&first, &second] {
+        let page = worker.metrics_text().await?;
+        assert_eq!(
+            vectorpipe_tests::worker::metric_sum(&page, "vectorpipe_worker_budget_group_members"),
+            2.0,
+            "each worker counted the other: {page}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_restarts_without_losing_or_duplicating_records() -> Result<()> {
     let setup = Setup::new("e2e-crash").await?;

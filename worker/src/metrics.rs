@@ -79,6 +79,8 @@ pub struct Metrics {
     pub holds: Family<FaultLabel, Counter>,
     /// Seconds from a record's Kafka timestamp to OpenSearch acknowledging its last document.
     pub freshness: Histogram,
+    /// Live members of the consumer group the Bedrock budget is shared by.
+    pub group_members: Gauge,
 }
 
 impl Metrics {
@@ -112,6 +114,7 @@ impl Metrics {
             holds: Family::default(),
             // 50 ms to about 55 minutes.
             freshness: Histogram::new(exponential_buckets(0.05, 2.0, 17)),
+            group_members: Gauge::default(),
         };
         let r = &mut registry;
         r.register(
@@ -223,6 +226,11 @@ impl Metrics {
             "freshness_seconds",
             "Seconds from an indexed record's Kafka timestamp to OpenSearch acknowledging its last document",
             metrics.freshness.clone(),
+        );
+        r.register(
+            "budget_group_members",
+            "Workers the pipeline's Bedrock budget (requestsPerSecond, tokensPerMinute) is shared by: this worker takes 1/N of it (1 without a budget)",
+            metrics.group_members.clone(),
         );
         metrics.start_at_zero();
         (metrics, registry)

@@ -685,11 +685,16 @@ pub struct BedrockEmbedding {
     /// Retries of throttled and failed calls.
     #[serde(default)]
     pub retry: Retry,
-    /// A ceiling on calls per second per worker.
+    /// A ceiling on Bedrock calls per second for the whole pipeline (retries included): each
+    /// worker takes an equal share, from the live members of the consumer group, and the share
+    /// follows the worker count without a restart. Set it below the account's quota for the
+    /// model, and all workers together stay under it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]
     pub requests_per_second: Option<i32>,
-    /// A ceiling on input tokens per minute per worker.
+    /// A ceiling on input tokens per minute for the whole pipeline, shared like
+    /// `requestsPerSecond` (a call waits for its estimated tokens, a quarter of its characters,
+    /// and what the model counted beyond that is taken after it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<i64>,

@@ -207,6 +207,8 @@ pub struct BedrockEmbedder {
     client: Client,
     spec: BedrockEmbedding,
     limit: AdaptiveLimit,
+    /// The pipeline's `requestsPerSecond` / `tokensPerMinute`, shared by the group's members.
+    budget: Option<super::budget::Budget>,
     metrics: Arc<Metrics>,
 }
 
@@ -230,10 +232,13 @@ impl BedrockEmbedder {
         let config = loader.load().await;
         let limit = AdaptiveLimit::new(spec.max_in_flight.max(1) as usize);
         metrics.embed_limit.set(limit.current() as i64);
+        let budget = super::budget::Budget::new(spec.requests_per_second, spec.tokens_per_minute);
+        metrics.group_members.set(1);
         Self {
             client: Client::new(&config),
             spec,
             limit,
+            budget,
             metrics,
         }
     }
@@ -269,13 +274,29 @@ impl Embedder for BedrockEmbedder {
         self.spec.effective_batch_size()
     }
 
+    fn set_group_members(&self, members: u32) {
+        if let Some(budget) = &self.budget {
+            budget.set_members(members);
+            self.metrics.group_members.set(i64::from(budget.members()));
+        }
+    }
+
+    fn shares_a_budget(&self) -> bool {
+        self.budget.is_some()
+    }
+
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>, EmbedError> {
         let body = request_body(&self.spec, &texts);
         let family = self.spec.family();
         let max_attempts = self.spec.retry.max_attempts.max(1) as u32;
+        let estimated = super::budget::estimate_tokens(&texts);
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // Every attempt, retries too, counts against the pipeline's budget.
+            if let Some(budget) = &self.budget {
+                budget.before_call(estimated).await;
+            }
             let slot = self.limit.acquire().await;
             self.metrics
                 .embed_in_flight
@@ -293,6 +314,10 @@ impl Embedder for BedrockEmbedder {
                 Ok((bytes, header_tokens)) => match parse_response(family, &bytes, texts.len()) {
                     Ok(mut embedded) => {
                         spread_header_tokens(&mut embedded, header_tokens);
+                        if let Some(budget) = &self.budget {
+                            let counted = embedded.iter().map(|e| e.tokens).sum();
+                            budget.after_call(estimated, counted).await;
+                        }
                         self.limit.on_success();
                         self.metrics.embed_limit.set(self.limit.current() as i64);
                         self.metrics.embed_call("ok");

@@ -1,6 +1,7 @@
 //! Embedding texts: the `Embedder` trait and its Bedrock implementation.
 
 pub mod bedrock;
+pub mod budget;
 pub mod limit;
 
 use std::future::Future;
@@ -59,5 +60,15 @@ pub trait Embedder: Send + Sync + 'static {
     /// laptop mode's) splits further by its own tokens, so nothing is silently truncated.
     fn split_to_fit(&self, _text: &str) -> Option<Vec<String>> {
         None
+    }
+
+    /// The consumer group has `members` live members: a model with a pipeline-wide budget
+    /// takes its share of it.
+    fn set_group_members(&self, _members: u32) {}
+
+    /// Whether the model has a pipeline-wide budget to share (the group's members are then
+    /// counted).
+    fn shares_a_budget(&self) -> bool {
+        false
     }
 }

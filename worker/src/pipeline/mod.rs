@@ -432,7 +432,9 @@ pub async fn run<E: Embedder, S: Sink>(
     let assignment = Arc::new(Assignment::new());
     let dedup = Dedup::from_spec(&spec.dedup).map(Arc::new);
     let stopping = Arc::new(AtomicBool::new(false));
+    let rebalanced = Arc::new(Notify::new());
     let context = Context {
+        rebalanced: rebalanced.clone(),
         assignment: assignment.clone(),
         dedup: dedup.clone(),
         metrics: metrics.clone(),
@@ -454,6 +456,14 @@ pub async fn run<E: Embedder, S: Sink>(
     }
     let subscription = topics.subscription();
     consumer.subscribe(&subscription.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let members = embedder.shares_a_budget().then(|| {
+        tokio::spawn(count_members(
+            Arc::downgrade(&consumer),
+            options.group_id.clone(),
+            embedder.clone(),
+            rebalanced,
+        ))
+    });
     let parts = Parts {
         dead_letters: DeadLetters::new(&spec, metrics.clone())?,
         stable_ids: spec.id_source().is_stable(),
@@ -600,6 +610,9 @@ pub async fn run<E: Embedder, S: Sink>(
     }
     stop_committer.notify_one();
     let _ = committer.await;
+    if let Some(members) = members {
+        members.abort();
+    }
     let (offsets, open) = assignment.committable(None);
     if !offsets.is_empty() {
         match source::commit_list(&offsets).and_then(|tpl| consumer.commit(&tpl, CommitMode::Sync))
@@ -621,6 +634,60 @@ pub async fn run<E: Embedder, S: Sink>(
     // without waiting for a session timeout.
     drop(consumer);
     Ok(())
+}
+
+/// Keeps the embedder's share of the pipeline's budget at 1/N, N the group's live members: read
+/// from the broker after every rebalance (and again a second later, once the group has
+/// settled), and every 10 s. Holds the consumer only while it asks, so that dropping it still
+/// leaves the group.
+async fn count_members<E: Embedder>(
+    consumer: std::sync::Weak<StreamConsumer<Context>>,
+    group: String,
+    embedder: Arc<E>,
+    rebalanced: Arc<Notify>,
+) {
+    // The first count waits for this worker's first rebalance: before it has joined, the group
+    // does not count it yet, and it reads nothing.
+    let mut wait: Option<Duration> = None;
+    loop {
+        let settle = match wait {
+            None => {
+                rebalanced.notified().await;
+                true
+            }
+            Some(wait) => tokio::select! {
+                () = rebalanced.notified() => true,
+                () = tokio::time::sleep(wait) => false,
+            },
+        };
+        let Some(strong) = consumer.upgrade() else {
+            return;
+        };
+        let group_id = group.clone();
+        let members = tokio::task::spawn_blocking(move || {
+            let list = strong.fetch_group_list(Some(&group_id), Duration::from_secs(2));
+            drop(strong);
+            list.ok().and_then(|list| {
+                list.groups()
+                    .first()
+                    .map(|g| g.members().len() as u32)
+                    .filter(|n| *n > 0)
+            })
+        })
+        .await;
+        match members {
+            Ok(Some(n)) => embedder.set_group_members(n),
+            Ok(None) => {
+                tracing::debug!("the group's members could not be read; the budget share stays");
+            }
+            Err(_) => return,
+        }
+        wait = Some(if settle {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        });
+    }
 }
 
 /// Runs the stages over the records of one partition that has no group and no commits (the

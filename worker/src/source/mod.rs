@@ -152,6 +152,8 @@ pub struct Context {
     pub stopping: Arc<AtomicBool>,
     /// The longest a revoke waits for writes in flight of the partitions leaving.
     pub revoke_wait: Duration,
+    /// Told of every rebalance (the group's member count may have changed).
+    pub rebalanced: Arc<tokio::sync::Notify>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
@@ -215,6 +217,7 @@ fn block_on_callback<T>(wait: impl FnOnce() -> T) -> T {
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalanced.notify_one();
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
@@ -252,6 +255,7 @@ impl ConsumerContext for Context {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalanced.notify_one();
         if let Rebalance::Assign(tpl) = rebalance {
             let added = partitions_of(tpl);
             self.assignment.assign(&added);
