@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod bedrock;
 pub mod chaos;
+pub mod quota;
 
 /// Reads a variable that `up.sh` sets, with a message that says how to get it.
 pub fn harness_var(name: &str) -> Result<String> {

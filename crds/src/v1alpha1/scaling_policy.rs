@@ -138,6 +138,11 @@ pub struct ScalingPolicySpec {
     /// `--prometheus-url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusServer>,
+    /// Learn whether a scale-out raised throughput, and hold the count when the embedding API's
+    /// quota (throttling), not the worker count, bounds it. Reads the workers' records/s and
+    /// throttled calls from Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_aware: Option<QuotaAware>,
     /// Decisions kept in `status.history`.
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 1, max = 100))]
@@ -452,6 +457,52 @@ impl Schedule {
         self.name
             .clone()
             .unwrap_or_else(|| format!("schedule-{index}"))
+    }
+}
+
+/// Quota-aware scaling: a scale-out that raised the records/s by less than `minGainPercent`
+/// while embedding calls were throttled is undone, down to the fewest workers that reach the
+/// same rate, and further scale-outs wait for `relearnAfter`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct QuotaAware {
+    /// Judge scale-outs by their effect on throughput.
+    pub enabled: bool,
+    /// A scale-out that raised throughput by less than this many percent did not help.
+    #[schemars(range(min = 1, max = 100))]
+    pub min_gain_percent: f64,
+    /// The share of embedding calls throttled, in percent, from which the API counts as
+    /// throttling.
+    #[schemars(range(min = 0.1, max = 100))]
+    pub throttled_share_percent: f64,
+    /// Time after a change of the count before measuring (workers start and the group
+    /// rebalances).
+    pub settle_time: Duration,
+    /// The window throughput and throttling are measured over (a PromQL range: at least four
+    /// scrape intervals).
+    pub measure_window: Duration,
+    /// How long a learned quota bound holds before a scale-out is tried again (a raised quota is
+    /// found within this time).
+    pub relearn_after: Duration,
+}
+
+impl Default for QuotaAware {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_gain_percent: 10.0,
+            throttled_share_percent: 5.0,
+            settle_time: Duration::from_secs(30),
+            measure_window: Duration::from_minutes(1),
+            relearn_after: Duration::from_minutes(30),
+        }
+    }
+}
+
+impl QuotaAware {
+    /// Time from a change of the count to its first measurement.
+    pub fn measure_after(&self) -> std::time::Duration {
+        self.settle_time.get() + self.measure_window.get()
     }
 }
 

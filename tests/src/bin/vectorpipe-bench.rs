@@ -16,7 +16,8 @@
 //! build the worker (`cargo build --release -p vectorpipe-worker` for meaningful numbers), then
 //! `cargo run --release -p vectorpipe-tests --bin vectorpipe-bench -- worker [--records N] [--latency-ms MS]`;
 //! `vectorpipe-bench operator [--pipelines N]` (needs `up.sh k8s`) reconciles N pipelines from cold;
-//! `vectorpipe-bench scale-in [--latency-ms MS]` times removing one of three busy workers.
+//! `vectorpipe-bench scale-in [--latency-ms MS]` times removing one of three busy workers;
+//! `vectorpipe-bench quota [--seconds S]` traces a quota-aware and a plain lag policy.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,6 +61,24 @@ enum Bench {
     /// concurrent clients, next to the same k-NN query sent to OpenSearch directly (needs
     /// `up.sh kafka opensearch`).
     Query(QueryArgs),
+    /// Quota-aware scaling: the same backlog, Bedrock quota and lag policy with `maxReplicas:
+    /// 8`, once with `quotaAware` and once without; prints both replica and throughput traces
+    /// (needs `up.sh k8s kafka prometheus opensearch`).
+    Quota(QuotaArgs),
+}
+
+/// Quota bench settings.
+#[derive(clap::Args, Debug)]
+struct QuotaArgs {
+    /// Seconds each policy runs.
+    #[arg(long, default_value_t = 180)]
+    seconds: u64,
+    /// Records of the backlog (each run has its own topic).
+    #[arg(long, default_value_t = 40_000)]
+    records: usize,
+    /// The operator binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    operator: Option<PathBuf>,
 }
 
 /// Query bench settings.
@@ -1044,7 +1063,83 @@ async fn main() -> Result<()> {
         Bench::ScaleIn(args) => scale_in_bench(args).await,
         Bench::Memory(args) => memory_bench(args).await,
         Bench::Query(args) => query_bench(args).await,
+        Bench::Quota(args) => quota_bench(args).await,
     }
+}
+
+/// Runs the quota scenario with and without `quotaAware` and prints the traces next to each
+/// other.
+async fn quota_bench(args: QuotaArgs) -> Result<()> {
+    use vectorpipe_tests::{k8s, quota};
+    let binary = workspace_binary(args.operator.as_ref(), "vectorpipe-operator")?;
+    println!("operator binary: {}", binary.display());
+    println!(
+        "scenario: {} partitions, maxReplicas {}, Bedrock quota {} calls/s, {} ms per call, maxInFlight {} per worker (one worker's ceiling {:.0} calls/s)",
+        quota::PARTITIONS,
+        quota::PARTITIONS,
+        quota::QUOTA,
+        quota::LATENCY.as_millis(),
+        quota::MAX_IN_FLIGHT,
+        f64::from(quota::MAX_IN_FLIGHT) / quota::LATENCY.as_secs_f64()
+    );
+    k8s::install_crds()?;
+    let dir = std::env::temp_dir().join(unique_name("bench-quota"));
+    std::fs::create_dir_all(&dir)?;
+    let operator = vectorpipe_tests::operator::Operator::start_binary(
+        &binary,
+        &dir.join("operator.log"),
+        &k8s::kubeconfig()?,
+        &unique_name("lease"),
+    )?;
+    let run_for = Duration::from_secs(args.seconds);
+    let worker = workspace_binary(None, "vectorpipe-worker")?;
+    println!("worker binary: {}", worker.display());
+    let aware = quota::run(&worker, true, args.records, run_for).await?;
+    let plain = quota::run(&worker, false, args.records, run_for).await?;
+    drop(operator);
+    println!(
+        "\nquotaAware: time workers answered/s throttled/s | plain lag: time workers answered/s throttled/s"
+    );
+    for (a, p) in aware.points.iter().zip(&plain.points) {
+        println!(
+            "{:>5.0} s {:>7} {:>10.1} {:>11.1} | {:>5.0} s {:>7} {:>10.1} {:>11.1}",
+            a.seconds,
+            a.workers,
+            a.answered_per_second,
+            a.throttled_per_second,
+            p.seconds,
+            p.workers,
+            p.answered_per_second,
+            p.throttled_per_second
+        );
+    }
+    let last_minute = |t: &quota::Trace| {
+        let end = t.points.last().map_or(0.0, |p| p.seconds);
+        let tail: Vec<&quota::Point> = t.points.iter().filter(|p| p.seconds > end - 60.0).collect();
+        let n = tail.len().max(1) as f64;
+        (
+            tail.iter().map(|p| p.workers as f64).sum::<f64>() / n,
+            tail.iter().map(|p| p.answered_per_second).sum::<f64>() / n,
+            tail.iter().map(|p| p.throttled_per_second).sum::<f64>() / n,
+        )
+    };
+    let (aw, aa, at) = last_minute(&aware);
+    let (pw, pa, pt) = last_minute(&plain);
+    println!(
+        "\nlast minute, mean: quotaAware {aw:.1} workers, {aa:.1} answered/s, {at:.1} throttled/s; plain {pw:.1} workers, {pa:.1} answered/s, {pt:.1} throttled/s"
+    );
+    println!(
+        "ratios (quotaAware / plain): workers {:.2}, answered {:.2}, throttled {:.2}; most workers {} / {}",
+        aw / pw.max(f64::MIN_POSITIVE),
+        aa / pa.max(f64::MIN_POSITIVE),
+        at / pt.max(f64::MIN_POSITIVE),
+        aware.most,
+        plain.most
+    );
+    if let Some((status, reason, message)) = &aware.limited {
+        println!("quotaAware ScalingLimited: {status} {reason}: {message}");
+    }
+    Ok(())
 }
 
 /// Seconds of a `<n>s` duration.

@@ -100,6 +100,10 @@ pub enum Reason {
     Activated,
     /// Metrics could not be read.
     MetricsUnavailable,
+    /// A scale-out alarm, held (or undone) because the embedding API's quota bounds throughput.
+    QuotaBound,
+    /// A scale-out alarm, held until the last scale-out's throughput is measured.
+    MeasuringThroughput,
 }
 
 impl Reason {
@@ -114,6 +118,8 @@ impl Reason {
             Self::ScaledToZero => "ScaledToZero",
             Self::Activated => "Activated",
             Self::MetricsUnavailable => "MetricsUnavailable",
+            Self::QuotaBound => "QuotaBound",
+            Self::MeasuringThroughput => "MeasuringThroughput",
         }
     }
 }
@@ -129,6 +135,8 @@ pub enum Limit {
     Partitions,
     /// The partitions with lag.
     PartitionsWithLag,
+    /// The embedding API's quota: more workers only add throttling.
+    Quota,
 }
 
 impl Limit {
@@ -139,6 +147,7 @@ impl Limit {
             Self::Max => "AtMaxReplicas",
             Self::Partitions => "CappedAtPartitions",
             Self::PartitionsWithLag => "CappedAtPartitionsWithLag",
+            Self::Quota => "QuotaBound",
         }
     }
 }

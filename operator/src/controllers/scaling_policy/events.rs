@@ -2,7 +2,8 @@
 
 use vectorpipe_crds::v1alpha1::ScalingPolicyStatus;
 use vectorpipe_crds::v1alpha1::conditions::{
-    ABLE_TO_SCALE, ACTIVE, CONFLICTING_WRITER, ConditionStatus, find_condition, holds_for, is_true,
+    ABLE_TO_SCALE, ACTIVE, CONFLICTING_WRITER, ConditionStatus, SCALING_LIMITED, find_condition,
+    holds_for, is_true,
 };
 
 /// One Event to publish.
@@ -31,6 +32,7 @@ fn warning(reason: &str, message: String) -> Note {
 /// - Active became false, or false for another reason: a Warning with that reason;
 /// - AbleToScale became MetricsUnavailable: a Warning with the error;
 /// - ConflictingWriter became true: a Warning naming the other writer;
+/// - ScalingLimited became true for QuotaBound: a Warning with the figures (on the pipeline too);
 /// - a new entry in the history: `ScaledOut`/`ScaledIn` (on the policy and the pipeline), or
 ///   `WouldScale` for a dry-run decision.
 pub fn derive(
@@ -52,6 +54,14 @@ pub fn derive(
     }
     if let Some(able) = newly(ABLE_TO_SCALE, False).filter(|c| c.reason == "MetricsUnavailable") {
         notes.push(warning("MetricsUnavailable", able.message.clone()));
+    }
+    if let Some(limited) =
+        newly(SCALING_LIMITED, ConditionStatus::True).filter(|c| c.reason == "QuotaBound")
+    {
+        notes.push(Note {
+            on_target: true,
+            ..warning("QuotaBound", limited.message.clone())
+        });
     }
     if let Some(conflict) = find_condition(&after.conditions, CONFLICTING_WRITER)
         && is_true(&after.conditions, CONFLICTING_WRITER)
@@ -190,5 +200,18 @@ mod tests {
         );
         let note = &derive("posts", Some(&steady), &scaled)[0];
         assert!(note.message.contains("from 1 to 3"), "{}", note.message);
+    }
+
+    #[test]
+    fn a_learned_quota_bound_is_a_warning_on_the_policy_and_the_pipeline_once() {
+        let free = status(&[(SCALING_LIMITED, false, "DesiredWithinRange")], &[]);
+        let bound = status(&[(SCALING_LIMITED, true, "QuotaBound")], &[(5, 3, true)]);
+        let capped = status(&[(SCALING_LIMITED, true, "AtMaxReplicas")], &[]);
+        assert_eq!(
+            reasons(&derive("posts", Some(&free), &bound)),
+            [(true, "QuotaBound", true), (false, "ScaledIn", true)]
+        );
+        assert_eq!(reasons(&derive("posts", Some(&bound), &bound)), []);
+        assert_eq!(reasons(&derive("posts", Some(&free), &capped)), []);
     }
 }

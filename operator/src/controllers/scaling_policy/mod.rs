@@ -9,6 +9,7 @@ pub mod lag;
 pub mod observe;
 pub mod plan;
 pub mod promql;
+pub mod quota;
 pub mod readers;
 pub mod schedule;
 pub mod status;

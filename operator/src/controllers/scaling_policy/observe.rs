@@ -30,6 +30,18 @@ pub struct Observation {
     pub errors: Vec<String>,
     /// The pipeline's freshness p50 and p95 over the last five minutes, when Prometheus has it.
     pub freshness: Option<(f64, f64)>,
+    /// For quota-aware policies: the workers' records per second and the share of embedding
+    /// calls throttled over the measure window, or why they could not be read.
+    pub quota: Option<Result<QuotaReading, String>>,
+}
+
+/// What quota-aware scaling reads each poll, over its measure window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuotaReading {
+    /// Records the workers finished per second (indexed, deleted, skipped or dead-lettered).
+    pub throughput: f64,
+    /// The share of embedding calls Bedrock throttled, 0 to 1.
+    pub throttled_share: f64,
 }
 
 /// The window of the freshness the pipeline's status shows.
@@ -158,11 +170,35 @@ pub async fn observe(
             }
         }
     };
-    let (lag_result, values, freshness) =
-        futures::join!(lag_read, join_all(queries), status_freshness);
+    let quota = policy.quota_aware.as_ref().filter(|q| q.enabled);
+    let quota_read = async {
+        let quota = quota?;
+        let Some(address) = address else {
+            return Some(Err("no Prometheus server is configured for quotaAware: set spec.prometheus.address or start the operator with --prometheus-url".to_owned()));
+        };
+        let (throughput, share) = promql::quota_queries(quota.measure_window.get());
+        let fill = |q: String| {
+            q.replace("$namespace", namespace)
+                .replace("$pipeline", pipeline_name)
+        };
+        let (throughput, share) = (fill(throughput), fill(share));
+        let (throughput, share) = futures::join!(
+            readers.promql(address, &throughput, timeout),
+            readers.promql(address, &share, timeout)
+        );
+        Some(throughput.and_then(|throughput| {
+            Ok(QuotaReading {
+                throughput,
+                throttled_share: share?,
+            })
+        }))
+    };
+    let (lag_result, values, freshness, quota) =
+        futures::join!(lag_read, join_all(queries), status_freshness, quota_read);
 
     let mut observation = Observation {
         freshness,
+        quota,
         ..Observation::default()
     };
     for (name, value) in values {

@@ -10,6 +10,7 @@ use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingMode, ScalingPolicy};
 
 use super::decide::{self, Decision, Inputs, Limit, Reason, Sample};
 use super::observe::{self, Observation, Positions};
+use super::quota::{self, Verdict};
 use super::status::Outcome;
 use super::{schedule, writers};
 use crate::labels::SCALING_FIELD_MANAGER;
@@ -48,6 +49,8 @@ pub struct PolicyState {
     pub lag_written: Option<Instant>,
     /// The freshness (p50, p95) last written to the pipeline's status, and when.
     pub freshness_written: Option<((f64, f64), Instant)>,
+    /// Throughput and throttling by worker count, for quota-aware policies.
+    pub quota: quota::Ledger,
 }
 
 impl PolicyState {
@@ -153,6 +156,7 @@ pub fn limit_text(limit: Limit, desired: i32, inputs: &Inputs<'_>) -> String {
             "capped at {desired}: only {} partitions have lag",
             inputs.partitions_with_lag.unwrap_or(desired)
         ),
+        Limit::Quota => format!("held at {desired}: Bedrock's quota bounds throughput"),
     }
 }
 
@@ -214,8 +218,50 @@ pub fn plan(
         last_scale_in: state.last_scale_in,
         idle_since: state.idle_since,
     };
-    let decision = decide::decide(&inputs);
-    let cooling_down = decision.reason == Reason::CoolingDown;
+    let mut decision = decide::decide(&inputs);
+    let mut quota_message = None;
+    let quota_config = spec.quota_aware.as_ref().filter(|q| q.enabled);
+    if let Some(config) = quota_config {
+        let reading = match &observation.quota {
+            Some(Ok(reading)) => Some(*reading),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "quota figures not read: quota-aware scaling waits");
+                None
+            }
+            None => None,
+        };
+        let share = reading.map(|r| r.throttled_share);
+        state
+            .quota
+            .observe(config, current, now, reading.map(|r| r.throughput), share);
+        if decision.reason == Reason::ScaleOutAlarm && decision.desired > current {
+            let floor = spec.min_replicas.max(1);
+            decision = match state.quota.judge(config, current, share, floor, now) {
+                Verdict::Proceed => decision,
+                Verdict::Measuring(message) => Decision {
+                    desired: current,
+                    reason: Reason::MeasuringThroughput,
+                    message: format!("{}; {message}", decision.message),
+                    limited_by: None,
+                },
+                Verdict::Bound(at, why) => {
+                    let (desired, limited_by) = decide::bound_scheduled(&inputs, at);
+                    let message = format!("{}; {why}", decision.message);
+                    quota_message = Some(why);
+                    Decision {
+                        desired,
+                        reason: Reason::QuotaBound,
+                        message,
+                        limited_by: limited_by.or(Some(Limit::Quota)),
+                    }
+                }
+            };
+        }
+    }
+    let cooling_down = matches!(
+        decision.reason,
+        Reason::CoolingDown | Reason::MeasuringThroughput
+    );
     let open = schedule::open_windows(&spec.schedules, now).unwrap_or_default();
     let (mut desired, mut reason, mut message, limit) = with_schedules(&inputs, decision, &open);
     let dry_run = spec.mode == ScalingMode::DryRun;
@@ -256,6 +302,26 @@ pub fn plan(
     state.left_at = Some(if applied { desired } else { current });
 
     let metrics_error = (!observation.errors.is_empty()).then(|| observation.errors.join("; "));
+    let mut inputs_used = observe::inputs_of(observation);
+    if quota_config.is_some()
+        && let Some(Ok(reading)) = &observation.quota
+    {
+        inputs_used.insert(
+            "throughput".into(),
+            (reading.throughput * 10.0).round() / 10.0,
+        );
+        inputs_used.insert(
+            "throttledShare".into(),
+            (reading.throttled_share * 1000.0).round() / 1000.0,
+        );
+    }
+    let limit = limit.map(|l| {
+        let text = match (l, &quota_message) {
+            (Limit::Quota, Some(message)) => message.clone(),
+            _ => limit_text(l, desired, &inputs),
+        };
+        (l.as_str().to_owned(), text)
+    });
     Plan {
         outcome: Outcome {
             from: current,
@@ -264,9 +330,9 @@ pub fn plan(
             dry_run,
             reason,
             message,
-            inputs: observe::inputs_of(observation),
+            inputs: inputs_used,
             metrics_error,
-            limit: limit.map(|l| (l.as_str().to_owned(), limit_text(l, desired, &inputs))),
+            limit,
             cooling_down,
             conflict: state.conflict.as_ref().map(|c| c.message(cooldown)),
         },
@@ -281,6 +347,7 @@ mod tests {
 
     use super::*;
     use crate::controllers::scaling_policy::lag::LagSummary;
+    use crate::controllers::scaling_policy::observe::QuotaReading;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + seconds).unwrap()
@@ -300,6 +367,7 @@ mod tests {
             }),
             errors: vec![],
             freshness: None,
+            quota: None,
         }
     }
 
@@ -372,6 +440,118 @@ mod tests {
             at(70),
         );
         assert_eq!(third.scale_to(), Some(2), "{third:?}");
+    }
+
+    /// Polls a policy every 5 s for 10 minutes against a backlog that never drains, where
+    /// `count` workers process min(100 × count, 300) records/s and the calls beyond the quota
+    /// are throttled. Returns the counts it ran, poll by poll.
+    fn trace(policy: &ScalingPolicy) -> Vec<i32> {
+        let mut state = PolicyState::first(policy, "data", "scale");
+        let (mut count, mut counts) = (1, vec![]);
+        for poll in 0..120 {
+            let now = at(poll * 5);
+            let throughput = f64::from((100 * count).min(300));
+            let mut observation = lag(1_000_000);
+            observation.quota = Some(Ok(QuotaReading {
+                throughput,
+                throttled_share: 1.0 - throughput / f64::from(100 * count),
+            }));
+            let pipeline = EmbeddingPipeline::test("posts")
+                .with_replicas(count)
+                .build();
+            let plan = plan(policy, &pipeline, &mut state, &observation, now);
+            if let Some(to) = plan.scale_to() {
+                count = to;
+            }
+            counts.push(count);
+        }
+        counts
+    }
+
+    #[test]
+    fn a_quota_aware_policy_settles_where_the_quota_is_and_a_plain_one_runs_to_max() {
+        let spec = json!({
+            "scaleOut": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "operation": "add", "factor": 1, "cooldown": "5s"},
+            "scaleIn": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "cooldown": "5s"}
+        });
+        let plain = ScalingPolicy::test("scale", "posts")
+            .with_bounds(1, 8)
+            .with_spec(spec.clone())
+            .build();
+        let mut aware_spec = spec;
+        aware_spec["quotaAware"] = json!({"settleTime": "10s", "measureWindow": "20s"});
+        let aware = ScalingPolicy::test("scale", "posts")
+            .with_bounds(1, 8)
+            .with_spec(aware_spec)
+            .build();
+        let plain = trace(&plain);
+        assert_eq!(*plain.last().unwrap(), 8, "{plain:?}");
+        let aware = trace(&aware);
+        assert!(
+            aware.iter().all(|c| *c <= 5),
+            "never past two steps over the quota: {aware:?}"
+        );
+        assert!(
+            aware[60..].iter().all(|c| *c == 3),
+            "settles at three: {aware:?}"
+        );
+    }
+
+    #[test]
+    fn a_quota_bound_is_in_the_status_with_its_figures() {
+        let policy = ScalingPolicy::test("scale", "posts")
+            .with_bounds(1, 8)
+            .with_spec(json!({
+                "scaleOut": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "operation": "add", "factor": 1, "cooldown": "5s"},
+                "quotaAware": {"settleTime": "10s", "measureWindow": "20s"}
+            }))
+            .build();
+        let mut state = PolicyState::first(&policy, "data", "scale");
+        let mut last = None;
+        for (poll, count) in [
+            (0, 3),
+            (1, 3),
+            (2, 3),
+            (3, 3),
+            (4, 3),
+            (5, 3),
+            (6, 3),
+            (7, 4),
+            (8, 4),
+            (9, 4),
+            (10, 4),
+            (11, 4),
+            (12, 4),
+            (13, 4),
+        ] {
+            let now = at(poll * 5);
+            let mut observation = lag(1_000_000);
+            observation.quota = Some(Ok(QuotaReading {
+                throughput: 300.0,
+                throttled_share: if count > 3 { 0.25 } else { 0.0 },
+            }));
+            let pipeline = EmbeddingPipeline::test("posts")
+                .with_replicas(count)
+                .build();
+            last = Some(plan(&policy, &pipeline, &mut state, &observation, now));
+        }
+        let outcome = last.unwrap().outcome;
+        assert_eq!(
+            (outcome.from, outcome.to, outcome.reason.as_str()),
+            (4, 3, "QuotaBound"),
+            "{outcome:?}"
+        );
+        let (reason, message) = outcome.limit.clone().expect("ScalingLimited");
+        assert_eq!(reason, "QuotaBound");
+        assert!(
+            message.contains("4 workers process 300.0 records/s with 25 %"),
+            "{message}"
+        );
+        assert_eq!(
+            outcome.inputs.get("throughput"),
+            Some(&300.0),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -39,6 +39,21 @@ pub fn freshness_query(percentile: f64, window: Duration) -> String {
     )
 }
 
+/// The two queries of quota-aware scaling over a window: the records the workers finished per
+/// second, and the share (0 to 1) of their embedding calls that Bedrock throttled (0 with no
+/// calls). Neither has a sample when the workers are not scraped.
+pub fn quota_queries(window: Duration) -> (String, String) {
+    let selector = r#"namespace="$namespace",pipeline="$pipeline""#;
+    let window = format!("{}s", window.as_secs().max(1));
+    let calls = format!("vectorpipe_worker_embed_calls_total{{{selector}");
+    (
+        format!("sum(rate(vectorpipe_worker_records_total{{{selector}}}[{window}]))"),
+        format!(
+            r#"sum(rate({calls},outcome="throttled"}}[{window}])) / clamp_min(sum(rate({calls}}}[{window}])), 1e-9)"#
+        ),
+    )
+}
+
 /// The query a metric runs, with `$namespace` and `$pipeline` filled in; None for Kafka metrics.
 pub fn query_for(metric: &MetricSpec, namespace: &str, pipeline: &str) -> Option<String> {
     let freshness;
@@ -113,6 +128,15 @@ mod tests {
                 && freshness.contains(r#"vectorpipe_worker_freshness_seconds_bucket{namespace="data",pipeline="posts"}[300s]"#)
                 && freshness.contains("or (sum(rate(vectorpipe_worker_freshness_seconds_count"),
             "{freshness}"
+        );
+        let (throughput, share) = quota_queries(Duration::from_secs(60));
+        assert_eq!(
+            throughput,
+            r#"sum(rate(vectorpipe_worker_records_total{namespace="$namespace",pipeline="$pipeline"}[60s]))"#
+        );
+        assert_eq!(
+            share,
+            r#"sum(rate(vectorpipe_worker_embed_calls_total{namespace="$namespace",pipeline="$pipeline",outcome="throttled"}[60s])) / clamp_min(sum(rate(vectorpipe_worker_embed_calls_total{namespace="$namespace",pipeline="$pipeline"}[60s])), 1e-9)"#
         );
         assert!(
             query_for(
