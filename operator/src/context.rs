@@ -52,6 +52,16 @@ impl Scope {
     }
 }
 
+/// What pipeline budgets need: the Prometheus server with the workers' token counters and the
+/// price table.
+#[derive(Clone, Debug, Default)]
+pub struct Spend {
+    /// The Prometheus server (the operator's `--prometheus-url`).
+    pub prometheus: Option<String>,
+    /// US dollars per 1,000 input tokens, by model.
+    pub prices: crate::controllers::embedding_pipeline::budget::PriceTable,
+}
+
 /// An Api over one namespace, or all of them.
 pub fn api<K>(client: &kube::Client, namespace: Option<&str>) -> kube::Api<K>
 where
@@ -115,6 +125,8 @@ pub struct Context {
     pub reporter: Reporter,
     /// Recent checks of pipelines' OpenSearch indices.
     pub index_checks: crate::controllers::embedding_pipeline::index::Cache,
+    /// Where budgets read the workers' token counters, and what tokens cost.
+    pub spend: Spend,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -132,8 +144,15 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             index_checks: Default::default(),
+            spend: Spend::default(),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context with the budget settings.
+    pub fn with_spend(mut self, spend: Spend) -> Self {
+        self.spend = spend;
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before the next try:

@@ -35,6 +35,10 @@ enum Command {
         /// The Prometheus server for ScalingPolicies whose spec names none.
         #[arg(long, env = "VECTORPIPE_PROMETHEUS_URL")]
         prometheus_url: Option<String>,
+        /// A YAML map of Bedrock model ids to US dollars per 1,000 input tokens, over the built-in
+        /// prices, for pipeline budgets (`spec.budget.maxCostPerDay`) and cost metrics.
+        #[arg(long, env = "VECTORPIPE_PRICE_TABLE")]
+        price_table: Option<std::path::PathBuf>,
         /// Log as JSON lines or as text.
         #[arg(long, env = "VECTORPIPE_LOG_FORMAT", default_value = "json")]
         log_format: LogFormat,
@@ -68,6 +72,7 @@ struct RunOptions {
     metrics_address: SocketAddr,
     worker_image: String,
     prometheus_url: Option<String>,
+    prices: controllers::embedding_pipeline::budget::PriceTable,
     scope: context::Scope,
     leader: Option<leader::Election>,
 }
@@ -84,14 +89,20 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let client = fence.client(config)?;
     let (metrics, registry) = metrics::Metrics::new();
     let bound = http::serve(options.metrics_address, registry).await?;
-    let ctx = Arc::new(context::Context::new(
-        client.clone(),
-        options.scope.clone(),
-        controllers::embedding_pipeline::build::Defaults {
-            worker_image: options.worker_image,
-        },
-        metrics,
-    ));
+    let ctx = Arc::new(
+        context::Context::new(
+            client.clone(),
+            options.scope.clone(),
+            controllers::embedding_pipeline::build::Defaults {
+                worker_image: options.worker_image,
+            },
+            metrics,
+        )
+        .with_spend(context::Spend {
+            prometheus: options.prometheus_url.clone(),
+            prices: options.prices,
+        }),
+    );
     match &options.scope {
         context::Scope::Cluster => {
             tracing::info!(metrics = %bound, "operator started, watching every namespace")
@@ -131,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             metrics_address,
             worker_image,
             prometheus_url,
+            price_table,
             log_format,
             watch_namespaces,
             leader_election,
@@ -150,10 +162,21 @@ fn main() -> anyhow::Result<()> {
                 namespace: lease_namespace,
                 name: lease_name,
             });
+            let prices = match price_table {
+                None => controllers::embedding_pipeline::budget::PriceTable::default(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        anyhow::anyhow!("reading the price table {}: {e}", path.display())
+                    })?;
+                    controllers::embedding_pipeline::budget::PriceTable::with_overrides(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
+            };
             tokio::runtime::Runtime::new()?.block_on(run(RunOptions {
                 metrics_address,
                 worker_image,
                 prometheus_url,
+                prices,
                 scope: context::Scope::parse(&watch_namespaces),
                 leader,
             }))

@@ -89,6 +89,12 @@ pub struct Metrics {
     pub scale_changes: Family<ScaleLabels, Counter>,
     /// Metric reads that failed, by source.
     pub metric_read_errors: Family<SourceLabel, Counter>,
+    /// Input tokens each pipeline with a budget spent since its budget day began.
+    pub budget_tokens: Family<PipelineLabels, Gauge>,
+    /// Their estimated cost in US dollars.
+    pub budget_cost: Family<PipelineLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while a pipeline's daily budget is used up.
+    pub budget_exceeded: Family<PipelineLabels, Gauge>,
 }
 
 impl Metrics {
@@ -105,6 +111,9 @@ impl Metrics {
             desired_replicas: Family::default(),
             scale_changes: Family::default(),
             metric_read_errors: Family::default(),
+            budget_tokens: Family::default(),
+            budget_cost: Family::default(),
+            budget_exceeded: Family::default(),
         };
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
         registry.register(
@@ -131,6 +140,21 @@ impl Metrics {
             "scaling_changes",
             "Worker count changes made by ScalingPolicies, by direction",
             metrics.scale_changes.clone(),
+        );
+        registry.register(
+            "budget_tokens",
+            "Input tokens each pipeline with spec.budget spent since its budget day began",
+            metrics.budget_tokens.clone(),
+        );
+        registry.register(
+            "budget_estimated_cost_usd",
+            "The estimated cost of those tokens in US dollars, from the price table",
+            metrics.budget_cost.clone(),
+        );
+        registry.register(
+            "budget_exceeded",
+            "1 while a pipeline's daily embedding budget is used up",
+            metrics.budget_exceeded.clone(),
         );
         registry.register(
             "scaling_metric_read_errors",

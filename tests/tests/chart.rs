@@ -208,6 +208,49 @@ fn the_chart_lints_and_renders() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_price_table_in_the_values_reaches_the_operator() -> Result<()> {
+    let plain = template(&[])?;
+    ensure!(
+        !plain.iter().any(|d| d["kind"] == "ConfigMap"),
+        "no price table by default"
+    );
+    let docs = template(&["pricing.someone-model=2"])?;
+    let prices = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .context("the price table's ConfigMap")?;
+    let table: std::collections::BTreeMap<String, f64> =
+        serde_yaml::from_str(prices["data"]["prices.yaml"].as_str().unwrap_or_default())?;
+    ensure!(table.get("someone-model") == Some(&2.0), "{prices}");
+    let deployment = find(&docs, "Deployment")?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env = container["env"].as_array().cloned().unwrap_or_default();
+    let path = env
+        .iter()
+        .find(|e| e["name"] == "VECTORPIPE_PRICE_TABLE")
+        .and_then(|e| e["value"].as_str())
+        .context("VECTORPIPE_PRICE_TABLE")?;
+    let mount = container["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        path.starts_with(mount) && !mount.is_empty(),
+        "{path} under {mount}"
+    );
+    ensure!(
+        pod["volumes"][0]["configMap"]["name"] == prices["metadata"]["name"],
+        "{pod}"
+    );
+    ensure!(
+        deployment["spec"]["template"]["metadata"]["annotations"]["vectorpipe.io/prices-hash"]
+            .is_string(),
+        "a changed table restarts the operator"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_installed_chart_runs_the_operator_with_its_own_permissions() -> Result<()> {
     k8s::install_crds()?;

@@ -14,6 +14,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// An EmbeddingPipeline with `spec.query.enabled`: its query server answers.
 pub const QUERY_READY: &str = "QueryReady";
+/// The pipeline's daily embedding budget is used up (`spec.budget`).
+pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
 /// The policy is being evaluated against its target.
 pub const ACTIVE: &str = "Active";
 /// The policy can read its metrics and change its target.

@@ -168,6 +168,71 @@ pub struct EmbeddingPipelineSpec {
     /// that cite the records, a web page), run next to the workers.
     #[serde(default, skip_serializing_if = "Query::is_default")]
     pub query: Query,
+    /// A daily limit on the embedding spend (tokens or estimated cost), checked by the operator
+    /// from the workers' token counters in Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// A daily embedding budget for the whole pipeline.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.maxTokensPerDay) || has(self.maxCostPerDay)",
+        "message": "a budget needs maxTokensPerDay, maxCostPerDay or both"
+    },
+    {
+        "rule": "self.action != 'throttle' || has(self.throttleTokensPerMinute)",
+        "message": "action: throttle needs throttleTokensPerMinute, the rate the pipeline may spend once the budget is used"
+    }
+]))]
+pub struct Budget {
+    /// Input tokens per day, all workers together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens_per_day: Option<i64>,
+    /// Estimated cost per day in US dollars, from the operator's price table (input tokens
+    /// times the model's price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.000001))]
+    pub max_cost_per_day: Option<f64>,
+    /// What happens once the day's budget is used, until the day resets: `suspend` stops the
+    /// workers (offsets stay committed, nothing is lost); `throttle` runs one worker at
+    /// `throttleTokensPerMinute`.
+    #[serde(default)]
+    pub action: BudgetAction,
+    /// The rate, in input tokens per minute, while throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub throttle_tokens_per_minute: Option<i64>,
+    /// When the day starts, `HH:MM` in `timeZone`.
+    #[serde(default = "default_reset_at")]
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub reset_at: String,
+    /// The IANA time zone of the day boundary (`Europe/Paris`, `UTC`).
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+}
+
+fn default_reset_at() -> String {
+    "00:00".into()
+}
+
+fn default_time_zone() -> String {
+    "UTC".into()
+}
+
+/// What a used-up budget does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum BudgetAction {
+    /// No workers until the day resets.
+    #[default]
+    Suspend,
+    /// One worker at `throttleTokensPerMinute` until the day resets.
+    Throttle,
 }
 
 /// The query server of a pipeline: a Deployment and a Service `<name>-query`.
@@ -1081,6 +1146,22 @@ pub struct EmbeddingPipelineStatus {
     /// while a ScalingPolicy scales the pipeline and a Prometheus server is known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freshness: Option<Freshness>,
+    /// The embedding spend of the current budget day (with `spec.budget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// What the pipeline spent on embeddings since the budget day began.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// When the budget day began.
+    pub since: Time,
+    /// Input tokens since then, all workers together.
+    pub tokens: i64,
+    /// The estimated cost of those tokens in US dollars (absent when the model has no price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_usd: Option<f64>,
 }
 
 /// Seconds from a record's Kafka timestamp to OpenSearch acknowledging it, over the last five

@@ -152,6 +152,9 @@ pub fn render_config(pipeline: &EmbeddingPipeline) -> Result<String, serde_yaml:
         // The query server's settings are the operator's: a change of them must not roll the
         // workers.
         fields.remove("query");
+        // The budget is the operator's too; what it changes (suspend, the throttle rate) is
+        // rendered into the spec before this.
+        fields.remove("budget");
         let mut workers = serde_yaml::Mapping::new();
         workers.insert("logLevel".into(), spec.workers.log_level.clone().into());
         workers.insert("metricsPort".into(), spec.workers.metrics_port.into());

@@ -2,7 +2,7 @@
 //! watching `kubectl get events` should learn is exactly what changed in the conditions.
 
 use vectorpipe_crds::v1alpha1::conditions::{
-    ConditionStatus, DEGRADED, READY, find_condition, holds_for, is_true,
+    BUDGET_EXCEEDED, ConditionStatus, DEGRADED, READY, find_condition, holds_for, is_true,
 };
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
 
@@ -20,7 +20,8 @@ pub struct Note {
 /// The Events for a status change from `before` to `after` of `pipeline`:
 /// - Degraded became true, or true for another reason: a Warning with that reason;
 /// - a new generation was applied while not Degraded: `SpecApplied`;
-/// - Ready became true: a Normal Event with the Ready reason.
+/// - Ready became true: a Normal Event with the Ready reason;
+/// - BudgetExceeded became true: a Warning `BudgetExceeded` with what was spent and done.
 pub fn derive(
     pipeline: &EmbeddingPipeline,
     before: Option<&EmbeddingPipelineStatus>,
@@ -68,6 +69,16 @@ pub fn derive(
             message: ready.message.clone(),
         });
     }
+    if let Some(budget) = find_condition(&after.conditions, BUDGET_EXCEEDED)
+        && is_true(&after.conditions, BUDGET_EXCEEDED)
+        && !is_true(old, BUDGET_EXCEEDED)
+    {
+        notes.push(Note {
+            warning: true,
+            reason: "BudgetExceeded".into(),
+            message: budget.message.clone(),
+        });
+    }
     notes
 }
 
@@ -103,6 +114,18 @@ mod tests {
             .iter()
             .map(|n| (n.warning, n.reason.as_str()))
             .collect()
+    }
+
+    #[test]
+    fn a_used_budget_is_a_warning_once() {
+        let p = EmbeddingPipeline::test("posts").build();
+        let within = status(1, &[(BUDGET_EXCEEDED, false, "WithinBudget")]);
+        let over = status(1, &[(BUDGET_EXCEEDED, true, "Suspended")]);
+        assert_eq!(
+            reasons(&derive(&p, Some(&within), &over)),
+            [(true, "BudgetExceeded")]
+        );
+        assert_eq!(reasons(&derive(&p, Some(&over), &over)), []);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! read), validate (pure), build (pure), apply, status (with the Events derived from the status
 //! change).
 
+pub mod budget;
 pub mod build;
 pub mod events;
 pub mod index;
@@ -41,6 +42,72 @@ const RESYNC: Duration = Duration::from_secs(300);
 const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
 /// How often a pipeline waiting for a Secret is looked at again.
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
+/// How often the spend of a pipeline with a budget is read.
+const BUDGET_RECHECK: Duration = Duration::from_secs(30);
+
+/// The day's spend of a pipeline with `spec.budget`, from the workers' token counters in
+/// Prometheus; None without a budget.
+async fn spend(
+    ctx: &Context,
+    pipeline: &EmbeddingPipeline,
+    namespace: &str,
+    name: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<budget::Spent> {
+    let limits = pipeline.spec.budget.as_ref()?;
+    let read = async {
+        let (since, until) = budget::day(limits, now)?;
+        let url = ctx.spend.prometheus.as_deref().ok_or_else(|| {
+            "the operator has no Prometheus server to read the workers' token counters from: start it with --prometheus-url (chart value prometheus.url)".to_owned()
+        })?;
+        let client = prometheus_http_query::Client::try_from(url)
+            .map_err(|e| format!("the Prometheus URL {url:?} is not usable: {e}"))?;
+        let range = budget::range_since(since, now);
+        let query = format!(
+            r#"sum(increase(vectorpipe_worker_input_tokens_total{{namespace="{namespace}",pipeline="{name}"}}[{}s]))"#,
+            range.as_secs()
+        );
+        use crate::controllers::scaling_policy::promql::{self, PromqlError};
+        let (tokens, seen) = match promql::value(&client, &query, Duration::from_secs(10)).await {
+            Ok(tokens) => (tokens.round() as i64, true),
+            // No worker series since the day began: no scraped worker spent anything.
+            Err(PromqlError::Empty(_)) => (0, false),
+            Err(e) => return Err(format!("reading the day's tokens from Prometheus: {e}")),
+        };
+        let verdict = budget::judge(
+            limits,
+            &ctx.spend.prices,
+            &pipeline.spec.embedding.bedrock.model_id,
+            tokens,
+            until,
+        );
+        Ok::<_, String>(budget::Spent::Judged {
+            since,
+            verdict,
+            seen,
+        })
+    };
+    let spent = read.await.unwrap_or_else(budget::Spent::Unreadable);
+    let labels = crate::metrics::PipelineLabels {
+        namespace: namespace.to_owned(),
+        pipeline: name.to_owned(),
+    };
+    if let budget::Spent::Judged { verdict, .. } = &spent {
+        let metrics = &ctx.metrics;
+        metrics
+            .budget_tokens
+            .get_or_create(&labels)
+            .set(verdict.tokens);
+        if let Some(cost) = verdict.cost {
+            metrics.budget_cost.get_or_create(&labels).set(cost);
+        }
+        metrics
+            .budget_exceeded
+            .get_or_create(&labels)
+            .set(i64::from(verdict.exceeded.is_some()));
+    }
+    Some(spent)
+}
 
 /// What a reconcile read about the world, before it decides anything.
 struct World {
@@ -253,18 +320,25 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
     }
     let world = dereference(ctx, &namespace, pipeline).await?;
     let blocked = validate(pipeline, &world);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let spent = match &blocked {
+        None => spend(ctx, pipeline, &namespace, &name, now.0).await,
+        Some(_) => None,
+    };
+    // What the workers run: the spec, suspended or throttled by a used-up budget.
+    let effective = budget::effect(pipeline, spent.as_ref());
     let (deployment, query) = match &blocked {
         None => {
-            let children = build::build(pipeline, &ctx.defaults)?;
+            let children = build::build(&effective, &ctx.defaults)?;
             let (workers, query) = apply(&ctx.client, &namespace, &children).await?;
             (Some(workers), query)
         }
         Some(_) => (world.deployment, None),
     };
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let mut status = status::compute(pipeline, blocked.as_ref(), deployment.as_ref(), &now);
+    let mut status = status::compute(&effective, blocked.as_ref(), deployment.as_ref(), &now);
     if blocked.is_none() {
         status::query_condition(pipeline, query.as_ref(), &mut status, &now);
+        status::budget_condition(pipeline, spent.as_ref(), &mut status, &now);
     }
     write_status(ctx, pipeline, &name, &namespace, &status).await?;
     ctx.reset_backoff(&format!("{namespace}/{name}"));
@@ -272,9 +346,10 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         Some(blocked) if blocked.needs_spec_change() => Action::await_change(),
         Some(_) => Action::requeue(SECRET_RECHECK),
         // Deployment events drive a rollout; a look every few seconds covers a missed one.
-        None if !is_true(&status.conditions, READY) && !pipeline.spec.suspend => {
+        None if !is_true(&status.conditions, READY) && !effective.spec.suspend => {
             Action::requeue(PROGRESS_RECHECK)
         }
+        None if pipeline.spec.budget.is_some() => Action::requeue(BUDGET_RECHECK),
         None => Action::requeue(RESYNC),
     })
 }

@@ -3,12 +3,80 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use vectorpipe_crds::v1alpha1::conditions::{
-    ConditionStatus, ConditionUpdate, DEGRADED, PROGRESSING, QUERY_READY, READY, set_condition,
+    BUDGET_EXCEEDED, ConditionStatus, ConditionUpdate, DEGRADED, PROGRESSING, QUERY_READY, READY,
+    set_condition,
 };
-use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, EmbeddingPipelineStatus};
+use vectorpipe_crds::v1alpha1::{BudgetAction, EmbeddingPipeline, EmbeddingPipelineStatus, Usage};
 
+use super::budget::Spent;
 use super::build::{query_name, selector_string};
 use crate::blocked::Blocked;
+
+/// Sets `BudgetExceeded` and `status.usage` from the day's spend, or removes both without a
+/// budget. A budget that suspends also says so in `Ready` and `Progressing`.
+pub fn budget_condition(
+    pipeline: &EmbeddingPipeline,
+    spent: Option<&Spent>,
+    status: &mut EmbeddingPipelineStatus,
+    now: &Time,
+) {
+    let Some(budget) = &pipeline.spec.budget else {
+        status.conditions.retain(|c| c.type_ != BUDGET_EXCEEDED);
+        status.usage = None;
+        return;
+    };
+    let generation = pipeline.metadata.generation;
+    let mut set = |type_: &'static str, value: ConditionStatus, reason: &str, message: String| {
+        set_condition(
+            &mut status.conditions,
+            ConditionUpdate::new(type_, value, reason, message),
+            generation,
+            now,
+        );
+    };
+    use ConditionStatus::{False, True, Unknown};
+    match spent {
+        None => {}
+        Some(Spent::Unreadable(why)) => set(
+            BUDGET_EXCEEDED,
+            Unknown,
+            "UsageUnavailable",
+            format!("{why}; the workers keep running until the spend can be read"),
+        ),
+        Some(Spent::Judged { verdict, seen, .. }) => match (&verdict.exceeded, &verdict.problem) {
+            (Some(message), _) => {
+                let reason = match budget.action {
+                    BudgetAction::Suspend => "Suspended",
+                    BudgetAction::Throttle => "Throttled",
+                };
+                set(BUDGET_EXCEEDED, True, reason, message.clone());
+                if budget.action == BudgetAction::Suspend {
+                    set(READY, False, "BudgetExceeded", message.clone());
+                    set(PROGRESSING, False, "BudgetExceeded", message.clone());
+                }
+            }
+            (None, Some(problem)) => set(BUDGET_EXCEEDED, Unknown, "NoPrice", problem.clone()),
+            (None, None) => set(
+                BUDGET_EXCEEDED,
+                False,
+                "WithinBudget",
+                if *seen {
+                    "the spend since the budget day began is within spec.budget (see status.usage)"
+                        .into()
+                } else {
+                    "Prometheus has no vectorpipe_worker_input_tokens_total of this pipeline since the budget day began: nothing ran, or the workers are not scraped (install the chart's PodMonitor); 0 tokens counted".into()
+                },
+            ),
+        },
+    }
+    if let Some(Spent::Judged { since, verdict, .. }) = spent {
+        status.usage = Some(Usage {
+            since: Time(*since),
+            tokens: verdict.tokens,
+            estimated_cost_usd: verdict.cost.map(|c| (c * 1e6).round() / 1e6),
+        });
+    }
+}
 
 /// Sets `QueryReady` from the query server's Deployment (`query`, as applied), or removes it
 /// when the query server is disabled.
