@@ -806,6 +806,33 @@ pub mod worker {
         Ok(path)
     }
 
+    /// The pipeline file of a worker process that stands in for the pods of pipeline `posts` in
+    /// `namespace` (same name and namespace: the same consumer group): `topic` on the harness
+    /// Kafka, Titan v2 at 256 dimensions from the fake Bedrock at `bedrock` (`host:port`), into
+    /// the index `topic` on the harness OpenSearch with lucene and no replicas.
+    pub fn posts_manifest(
+        namespace: &str,
+        topic: &str,
+        bedrock: &str,
+    ) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "EmbeddingPipeline",
+            "metadata": {"name": "posts", "namespace": namespace},
+            "spec": {
+                "source": {"kafka": {"bootstrapServers": [crate::kafka::bootstrap()?], "topics": [topic]}},
+                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+                "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0",
+                    "dimensions": 256, "region": "eu-west-1",
+                    "endpointUrl": format!("http://{bedrock}")}},
+                "sink": {"opensearch": {"endpoints": [crate::opensearch::url()?], "index": topic.to_lowercase(),
+                    "method": {"engine": "lucene"},
+                    "indexSettings": {"shards": 1, "replicas": 0},
+                    "bulk": {"flushInterval": "100ms"}}},
+            }
+        }))
+    }
+
     /// A free port on 127.0.0.1 (bound and released).
     pub fn free_port() -> Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?

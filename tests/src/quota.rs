@@ -15,7 +15,7 @@ use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
 
 use crate::bedrock::FakeBedrock;
 use crate::worker::Worker;
-use crate::{k8s, kafka, opensearch as os, prometheus, repo_root, unique_name};
+use crate::{k8s, kafka, prometheus, repo_root, unique_name};
 
 /// The scenario's figures: one worker's ceiling is `MAX_IN_FLIGHT` calls per `LATENCY`, and
 /// the quota lets about three workers' worth through.
@@ -106,22 +106,8 @@ pub async fn run(
     // The same pipeline for the worker processes: same name and namespace, so the same group.
     let dir = tempfile_dir(&ns.name)?;
     let file = dir.join("pipeline.yaml");
-    let manifest = json!({
-        "apiVersion": "vectorpipe.io/v1alpha1",
-        "kind": "EmbeddingPipeline",
-        "metadata": {"name": "posts", "namespace": ns.name},
-        "spec": {
-            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic]}},
-            "transform": {"idPointer": "/id", "textPointers": ["/text"]},
-            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0",
-                "dimensions": 256, "region": "eu-west-1", "maxInFlight": MAX_IN_FLIGHT,
-                "endpointUrl": format!("http://{address}")}},
-            "sink": {"opensearch": {"endpoints": [os::url()?], "index": topic.to_lowercase(),
-                "method": {"engine": "lucene"},
-                "indexSettings": {"shards": 1, "replicas": 0},
-                "bulk": {"flushInterval": "200ms"}}},
-        }
-    });
+    let mut manifest = crate::worker::posts_manifest(&ns.name, &topic, &address.to_string())?;
+    manifest["spec"]["embedding"]["bedrock"]["maxInFlight"] = json!(MAX_IN_FLIGHT);
     std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
 
     produce(&topic, records).await?;

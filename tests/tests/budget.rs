@@ -17,9 +17,7 @@ use vectorpipe_crds::v1alpha1::EmbeddingPipeline;
 use vectorpipe_tests::bedrock::FakeBedrock;
 use vectorpipe_tests::operator::Operator;
 use vectorpipe_tests::worker::Worker;
-use vectorpipe_tests::{
-    eventually, k8s, kafka, opensearch as os, prometheus, repo_root, unique_name,
-};
+use vectorpipe_tests::{eventually, k8s, kafka, prometheus, repo_root, unique_name};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -97,22 +95,8 @@ async fn scenario(dir: &std::path::Path, operator: &Operator) -> Result<()> {
     // A real worker of the same pipeline (KWOK's pods do not consume), scraped by Prometheus.
     let (fake, address) = FakeBedrock::start().await?;
     let file = dir.join("pipeline.yaml");
-    let manifest = json!({
-        "apiVersion": "vectorpipe.io/v1alpha1",
-        "kind": "EmbeddingPipeline",
-        "metadata": {"name": "posts", "namespace": ns.name},
-        "spec": {
-            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic]}},
-            "transform": {"idPointer": "/id", "textPointers": ["/text"]},
-            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0",
-                "dimensions": 256, "region": "eu-west-1",
-                "endpointUrl": format!("http://{address}")}},
-            "sink": {"opensearch": {"endpoints": [os::url()?], "index": topic.to_lowercase(),
-                "method": {"engine": "lucene"},
-                "indexSettings": {"shards": 1, "replicas": 0},
-                "bulk": {"flushInterval": "100ms"}}},
-        }
-    });
+    let manifest =
+        vectorpipe_tests::worker::posts_manifest(&ns.name, &topic, &address.to_string())?;
     std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
     let worker = Worker::start(&file, &dir.join("worker.log"))?;
     let scraped = prometheus::add_target(&ns.name, &worker.metrics, &[("namespace", &ns.name)])?;

@@ -350,7 +350,6 @@ async fn a_prometheus_metric_scales_out(client: &kube::Client) -> Result<()> {
 /// percentile being above its target.
 async fn freshness_above_its_target_scales_out(client: &kube::Client) -> Result<()> {
     use vectorpipe_tests::bedrock::FakeBedrock;
-    use vectorpipe_tests::opensearch as os;
     use vectorpipe_tests::worker::Worker;
     let ns = k8s::namespace("scale-fresh")?;
     let topic = unique_name("scale-fresh");
@@ -360,22 +359,8 @@ async fn freshness_above_its_target_scales_out(client: &kube::Client) -> Result<
     let (_fake, address) = FakeBedrock::start().await?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("pipeline.yaml");
-    let manifest = json!({
-        "apiVersion": "vectorpipe.io/v1alpha1",
-        "kind": "EmbeddingPipeline",
-        "metadata": {"name": "posts", "namespace": ns.name},
-        "spec": {
-            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic]}},
-            "transform": {"idPointer": "/id", "textPointers": ["/text"]},
-            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0",
-                "dimensions": 256, "region": "eu-west-1",
-                "endpointUrl": format!("http://{address}")}},
-            "sink": {"opensearch": {"endpoints": [os::url()?], "index": topic.to_lowercase(),
-                "method": {"engine": "lucene"},
-                "indexSettings": {"shards": 1, "replicas": 0},
-                "bulk": {"flushInterval": "100ms"}}},
-        }
-    });
+    let manifest =
+        vectorpipe_tests::worker::posts_manifest(&ns.name, &topic, &address.to_string())?;
     std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
     let worker = Worker::start(&file, &dir.path().join("worker.log"))?;
     let scraped = prometheus::add_target(&ns.name, &worker.metrics, &[("namespace", &ns.name)])?;
