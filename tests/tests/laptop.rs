@@ -72,6 +72,64 @@ fn search(store: &str, query: &str, k: usize) -> Result<Vec<Value>> {
 }
 
 #[test]
+fn indexing_shows_its_progress_as_plain_lines_off_a_terminal_and_as_a_bar_on_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("plain");
+    let output = worker(
+        &[
+            "local",
+            "--store",
+            store.to_str().context("path")?,
+            "--input",
+            "examples/laptop/posts.jsonl",
+        ],
+        None,
+    )?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        stderr.contains("indexing: 300/300 records (100 %)") && stderr.contains("records/s"),
+        "{stderr}"
+    );
+    // From stdin the total is unknown: a count and a rate.
+    let posts = std::fs::read_to_string(repo().join("examples/laptop/posts.jsonl"))?;
+    let ten: String = posts.lines().take(10).map(|l| format!("{l}\n")).collect();
+    let piped = dir.path().join("piped");
+    let output = worker(
+        &["local", "--store", piped.to_str().context("path")?],
+        Some(ten.as_bytes()),
+    )?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("indexing: 10 records, ")),
+        "{stderr}"
+    );
+    // On a terminal (a pseudo-terminal from script(1)): the bar, with the rate and time left.
+    let terminal = dir.path().join("terminal");
+    let command = format!(
+        "{} local --store {} --input examples/laptop/posts.jsonl",
+        binary("vectorpipe-worker")?.display(),
+        terminal.display()
+    );
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .context("script(1), from util-linux")?;
+    let screen = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "{screen}");
+    ensure!(
+        screen.contains("/300 records")
+            && screen.contains(" left")
+            && !screen.contains("indexing: 300/300"),
+        "the bar, not plain lines: {screen}"
+    );
+    Ok(())
+}
+
+#[test]
 fn the_sample_posts_are_indexed_and_questions_find_posts_on_their_topic() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store = dir.path().join("store");

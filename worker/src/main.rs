@@ -254,7 +254,8 @@ async fn local_ingest(
     let started = std::time::Instant::now();
     let (summary, source) = if input.as_os_str() == "-" {
         let stdin = std::io::stdin().lock();
-        let summary = local::ingest(&spec, stdin, "stdin", model, store, &laptop.store).await?;
+        let summary =
+            local::ingest(&spec, stdin, "stdin", None, model, store, &laptop.store).await?;
         (summary, "stdin".to_owned())
     } else {
         let file = std::fs::File::open(&input)
@@ -264,7 +265,10 @@ async fn local_ingest(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "input".to_owned());
         let reader = std::io::BufReader::new(file);
-        let summary = local::ingest(&spec, reader, &name, model, store, &laptop.store).await?;
+        // A first pass counts the records, for the progress's total and time left.
+        let total = local::count_records(&input).ok();
+        let summary =
+            local::ingest(&spec, reader, &name, total, model, store, &laptop.store).await?;
         (summary, input.display().to_string())
     };
     if json {

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub freshness: Histogram,
     /// Live members of the consumer group the Bedrock budget is shared by.
     pub group_members: Gauge,
+    /// Records with an outcome, all outcomes together (not exported: `records` has them by
+    /// outcome); the laptop mode's progress.
+    pub records_done: Counter,
 }
 
 impl Metrics {
@@ -115,6 +118,7 @@ impl Metrics {
             // 50 ms to about 55 minutes.
             freshness: Histogram::new(exponential_buckets(0.05, 2.0, 17)),
             group_members: Gauge::default(),
+            records_done: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -317,6 +321,7 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc();
+        self.records_done.inc();
     }
 
     /// How many records had this outcome.

@@ -11,6 +11,7 @@
 //! left over.
 
 pub mod model;
+pub mod progress;
 pub mod store;
 
 use std::cell::Cell;
@@ -46,6 +47,18 @@ fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vectorpipe")))
         .unwrap_or_else(|| PathBuf::from(".vectorpipe-cache"))
+}
+
+/// The records in a JSONL file: its lines that are not blank (what [`ingest`] counts).
+pub fn count_records(path: &Path) -> std::io::Result<u64> {
+    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut count = 0;
+    for line in file.split(b'\n') {
+        if !line?.iter().all(u8::is_ascii_whitespace) {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// What one ingest run did.
@@ -89,11 +102,13 @@ pub enum LocalError {
 }
 
 /// Reads every line of `input`, embeds the documents with `model` and writes them to `store`
-/// (saved in `store_dir` at the end).
+/// (saved in `store_dir` at the end), showing the progress on stderr against `total` records
+/// (None: unknown).
 pub async fn ingest(
     spec: &EmbeddingPipelineSpec,
     input: impl BufRead,
     source_name: &str,
+    total: Option<u64>,
     model: LocalModel,
     store: Store,
     store_dir: &Path,
@@ -148,9 +163,10 @@ pub async fn ingest(
             None,
         )))
     });
-    pipeline::run_records(parts, partition, records)
-        .await
-        .map_err(LocalError::Pipeline)?;
+    let progress = progress::Progress::start(total, metrics.clone());
+    let ran = pipeline::run_records(parts, partition, records).await;
+    progress.finish().await;
+    ran.map_err(LocalError::Pipeline)?;
     let mut store = Arc::try_unwrap(sink)
         .map_err(|_| LocalError::Pipeline(anyhow::anyhow!("the store is still in use")))?
         .into_inner();
