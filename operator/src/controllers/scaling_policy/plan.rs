@@ -226,6 +226,11 @@ pub fn plan(
             Some(Ok(reading)) => Some(*reading),
             Some(Err(error)) => {
                 tracing::debug!(%error, "quota figures not read: quota-aware scaling waits");
+                // Said in the decision: without its figures the policy scales as a plain one.
+                decision.message = format!(
+                    "{}; quotaAware cannot judge this poll ({error}), so scale-outs are not checked against the quota",
+                    decision.message
+                );
                 None
             }
             None => None,
@@ -551,6 +556,27 @@ mod tests {
             outcome.inputs.get("throughput"),
             Some(&300.0),
             "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_quota_figures_are_said_in_the_decision() {
+        let policy = ScalingPolicy::test("scale", "posts")
+            .with_bounds(1, 8)
+            .with_spec(json!({"quotaAware": {}}))
+            .build();
+        let pipeline = EmbeddingPipeline::test("posts").with_replicas(2).build();
+        let mut state = PolicyState::first(&policy, "data", "scale");
+        let mut observation = lag(0);
+        observation.quota = Some(Err(
+            "no Prometheus server is configured for quotaAware".into()
+        ));
+        let plan = plan(&policy, &pipeline, &mut state, &observation, at(0));
+        assert!(
+            plan.outcome
+                .message
+                .contains("quotaAware cannot judge this poll (no Prometheus server is configured"),
+            "{plan:?}"
         );
     }
 
