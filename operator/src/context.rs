@@ -52,14 +52,28 @@ impl Scope {
     }
 }
 
-/// What pipeline budgets need: the Prometheus server with the workers' token counters and the
+/// What pipeline budgets need: the Prometheus server with the workers' token counters, the
+/// readers that query it (shared with the scaling controller, which keeps its clients) and the
 /// price table.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone)]
 pub struct Spend {
     /// The Prometheus server (the operator's `--prometheus-url`).
     pub prometheus: Option<String>,
+    /// How Prometheus is queried.
+    pub readers: std::sync::Arc<dyn crate::controllers::scaling_policy::readers::MetricReaders>,
     /// US dollars per 1,000 input tokens, by model.
     pub prices: crate::controllers::embedding_pipeline::budget::PriceTable,
+}
+
+impl Default for Spend {
+    fn default() -> Self {
+        use crate::controllers::scaling_policy::readers::LiveReaders;
+        Self {
+            prometheus: None,
+            readers: std::sync::Arc::new(std::sync::Arc::new(LiveReaders::default())),
+            prices: Default::default(),
+        }
+    }
 }
 
 /// An Api over one namespace, or all of them.

@@ -89,6 +89,10 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let client = fence.client(config)?;
     let (metrics, registry) = metrics::Metrics::new();
     let bound = http::serve(options.metrics_address, registry).await?;
+    // One set of readers (with their Prometheus clients) for scaling policies and budgets.
+    let readers: Arc<dyn controllers::scaling_policy::readers::MetricReaders> = Arc::new(Arc::new(
+        controllers::scaling_policy::readers::LiveReaders::default(),
+    ));
     let ctx = Arc::new(
         context::Context::new(
             client.clone(),
@@ -100,6 +104,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         )
         .with_spend(context::Spend {
             prometheus: options.prometheus_url.clone(),
+            readers: readers.clone(),
             prices: options.prices,
         }),
     );
@@ -111,9 +116,6 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             tracing::info!(metrics = %bound, namespaces = %list.join(","), "operator started, watching only these namespaces")
         }
     }
-    let readers: Arc<dyn controllers::scaling_policy::readers::MetricReaders> = Arc::new(Arc::new(
-        controllers::scaling_policy::readers::LiveReaders::default(),
-    ));
     let controllers = async {
         tokio::join!(
             controllers::embedding_pipeline::run(ctx.clone()),

@@ -54,26 +54,38 @@ async fn spend(
     name: &str,
     now: k8s_openapi::jiff::Timestamp,
 ) -> Option<budget::Spent> {
-    let limits = pipeline.spec.budget.as_ref()?;
+    let labels = crate::metrics::PipelineLabels {
+        namespace: namespace.to_owned(),
+        pipeline: name.to_owned(),
+    };
+    let Some(limits) = pipeline.spec.budget.as_ref() else {
+        // A budget removed: its series go too, so no alert fires on a stale 1.
+        let metrics = &ctx.metrics;
+        metrics.budget_tokens.remove(&labels);
+        metrics.budget_cost.remove(&labels);
+        metrics.budget_exceeded.remove(&labels);
+        return None;
+    };
     let read = async {
         let (since, until) = budget::day(limits, now)?;
         let url = ctx.spend.prometheus.as_deref().ok_or_else(|| {
             "the operator has no Prometheus server to read the workers' token counters from: start it with --prometheus-url (chart value prometheus.url)".to_owned()
         })?;
-        let client = prometheus_http_query::Client::try_from(url)
-            .map_err(|e| format!("the Prometheus URL {url:?} is not usable: {e}"))?;
         let range = budget::range_since(since, now);
+        // -1 stands for "no worker series since the day began" (a sum over none has no sample).
         let query = format!(
-            r#"sum(increase(vectorpipe_worker_input_tokens_total{{namespace="{namespace}",pipeline="{name}"}}[{}s]))"#,
+            r#"sum(increase(vectorpipe_worker_input_tokens_total{{namespace="{namespace}",pipeline="{name}"}}[{}s])) or vector(-1)"#,
             range.as_secs()
         );
-        use crate::controllers::scaling_policy::promql::{self, PromqlError};
-        let (tokens, seen) = match promql::value(&client, &query, Duration::from_secs(10)).await {
-            Ok(tokens) => (tokens.round() as i64, true),
-            // No worker series since the day began: no scraped worker spent anything.
-            Err(PromqlError::Empty(_)) => (0, false),
-            Err(e) => return Err(format!("reading the day's tokens from Prometheus: {e}")),
-        };
+        let tokens = ctx
+            .spend
+            .readers
+            .promql(url, &query, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("reading the day's tokens from Prometheus: {e}"))?;
+        // None scraped: no scraped worker spent anything.
+        let seen = tokens >= 0.0;
+        let tokens = if seen { tokens.round() as i64 } else { 0 };
         let verdict = budget::judge(
             limits,
             &ctx.spend.prices,
@@ -88,10 +100,6 @@ async fn spend(
         })
     };
     let spent = read.await.unwrap_or_else(budget::Spent::Unreadable);
-    let labels = crate::metrics::PipelineLabels {
-        namespace: namespace.to_owned(),
-        pipeline: name.to_owned(),
-    };
     if let budget::Spent::Judged { verdict, .. } = &spent {
         let metrics = &ctx.metrics;
         metrics
