@@ -184,6 +184,11 @@ impl FakeBedrock {
         self.lock().poison.push((marker.to_owned(), fault));
     }
 
+    /// Takes back [`FakeBedrock::poison`] for `marker`: the model takes those texts from now on.
+    pub fn cure(&self, marker: &str) {
+        self.lock().poison.retain(|(m, _)| m != marker);
+    }
+
     /// Delays every model call.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().latency = latency;

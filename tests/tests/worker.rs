@@ -1945,3 +1945,220 @@ async fn on_serverless_ids_are_picked_by_opensearch_and_versions_replace_by_quer
     assert!(worker.stop()?.success());
     Ok(())
 }
+
+/// Every dead letter of the pipeline, in order: its headers and its value.
+async fn dead_letters_with_headers(
+    setup: &Setup,
+    want: usize,
+) -> Result<Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)>> {
+    let consumer: StreamConsumer = kafka::config()?
+        .set("group.id", unique_name("dlq-headers"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&setup.dead_letter])?;
+    let mut out = Vec::new();
+    while out.len() < want {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .with_context(|| format!("{} of {want} dead letters arrived", out.len()))??;
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_owned(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((headers, message.payload().unwrap_or_default().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Runs `vectorpipe-worker redrive` on the setup's pipeline; returns its JSON report.
+fn redrive(setup: &Setup, args: &[&str]) -> Result<Value> {
+    let output = std::process::Command::new(vectorpipe_tests::worker::binary("vectorpipe-worker")?)
+        .args(["redrive", "--json", "--pipeline"])
+        .arg(&setup.pipeline)
+        .args(args)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "redrive failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// With positional ids (`<topic>-<partition>-<offset>`), records the model refused are
+/// redriven once it takes them: they are indexed under the ids of where they were first read
+/// (not of the copies), a redrive run twice adds no document, a record that fails again is back
+/// in the dead-letter topic with its first failure in `vectorpipe.history`, and the workers
+/// count the redriven records by outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_records_redriven_after_the_fix_are_indexed_under_their_first_ids() -> Result<()> {
+    let setup = Setup::new("e2e-redrive").await?;
+    setup.edit_pipeline(|p| {
+        p["spec"]["transform"] = json!({"textPointers": ["/text"]});
+    })?;
+    setup.fake.poison("cursed", Fault::ValidationException);
+    setup.fake.poison("doomed", Fault::ValidationException);
+    let mut records = posts(0..20);
+    for (id, text) in [
+        ("c1", "a cursed text"),
+        ("c2", "another cursed text"),
+        ("c3", "a third cursed text"),
+        ("c4", "a cursed and doomed text"),
+    ] {
+        records.push((
+            id.to_owned(),
+            json!({"id": id, "text": text}).to_string().into_bytes(),
+        ));
+    }
+    // One more that another reason holds: a redrive of embedding-rejected leaves it.
+    records.push(("bad".to_owned(), b"not json".to_vec()));
+    setup.produce(&as_records(&records)).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 20, Duration::from_secs(90))
+        .await?;
+    let first = dead_letters_with_headers(&setup, 5).await?;
+    let first_ids: BTreeSet<String> = first
+        .iter()
+        .filter(|(h, _)| h["vectorpipe.reason"] == "embedding-rejected")
+        .filter(|(_, value)| !value.windows(6).any(|w| w == b"doomed"))
+        .map(|(h, _)| {
+            format!(
+                "{}-{}-{}",
+                h["vectorpipe.source.topic"],
+                h["vectorpipe.source.partition"],
+                h["vectorpipe.source.offset"]
+            )
+        })
+        .collect();
+    assert_eq!(first_ids.len(), 3, "{first:?}");
+    let before = setup.ids().await?;
+
+    setup.fake.cure("cursed");
+    let report = redrive(&setup, &["--reason", "embedding-rejected", "--since", "1h"])?;
+    assert_eq!(report["selected"], 4, "{report}");
+    assert_eq!(report["redriven"], 4, "{report}");
+    assert_eq!(report["byReason"]["embedding-rejected"], 4, "{report}");
+    setup
+        .wait_for_count(json!({"match_all": {}}), 23, Duration::from_secs(60))
+        .await?;
+    let after: BTreeSet<String> = setup.ids().await?;
+    let added: BTreeSet<String> = after.difference(&before).cloned().collect();
+    assert_eq!(
+        added, first_ids,
+        "the redriven records keep their first ids"
+    );
+
+    // The doomed one failed again: back with its history.
+    let letters = dead_letters_with_headers(&setup, 6).await?;
+    let (again, value) = &letters[5];
+    assert!(value.windows(6).any(|w| w == b"doomed"), "{letters:?}");
+    assert_eq!(again["vectorpipe.reason"], "embedding-rejected");
+    let history: Value = serde_json::from_str(&again["vectorpipe.history"])?;
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    assert_eq!(history[0]["reason"], "embedding-rejected");
+    assert_eq!(history[0]["topic"], json!(setup.dead_letter));
+    assert_eq!(again["vectorpipe.origin.topic"], setup.topic);
+    assert!(again.contains_key("vectorpipe.redrive"), "{again:?}");
+
+    // Run again: the doomed record has two dead letters now and goes once; the others are
+    // written again under the same ids, so no document is added.
+    let report = redrive(&setup, &["--reason", "embedding-rejected"])?;
+    assert_eq!(report["duplicates"], 1, "{report}");
+    assert_eq!(report["redriven"], 4, "{report}");
+    let metrics = eventually(
+        "the redriven records counted",
+        Duration::from_secs(60),
+        || async {
+            let page = worker.metrics_text().await?;
+            let indexed = labelled_sum(
+                &page,
+                "vectorpipe_worker_redriven_records_total",
+                r#"outcome="indexed""#,
+            );
+            let again = labelled_sum(
+                &page,
+                "vectorpipe_worker_redriven_records_total",
+                r#"outcome="dead-lettered""#,
+            );
+            Ok((indexed == 6.0 && again == 2.0).then_some((indexed, again)))
+        },
+    )
+    .await?;
+    assert_eq!(metrics, (6.0, 2.0));
+    assert_eq!(setup.ids().await?, after, "a second redrive adds nothing");
+    setup
+        .wait_for_commits_at_end(Duration::from_secs(30))
+        .await?;
+    assert!(worker.stop()?.success());
+    Ok(())
+}
+
+/// With ids from a field, a dead letter whose record was written again later (a newer version)
+/// is not redriven: the old version would overwrite the new one. A dry run writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_leaves_dead_letters_whose_record_has_a_newer_version() -> Result<()> {
+    let setup = Setup::new("e2e-redrive-newer").await?;
+    setup.fake.poison("cursed", Fault::ValidationException);
+    let old = |id: &str| {
+        (
+            id.to_owned(),
+            json!({"id": id, "text": format!("{id}: a cursed first version")})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    let mut records = posts(0..5);
+    records.extend([old("a"), old("b")]);
+    setup.produce(&as_records(&records)).await?;
+    let worker = setup.start_worker("worker")?;
+    dead_letters_with_headers(&setup, 2).await?;
+    // A newer version of a, keyed the same (so in the same partition), that the model takes.
+    let newer = json!({"id": "a", "text": "a: the fixed second version"}).to_string();
+    setup
+        .produce(&[(Some("a"), Some(newer.into_bytes()))])
+        .await?;
+    setup
+        .wait_for_count(json!({"match_all": {}}), 6, Duration::from_secs(60))
+        .await?;
+    setup.fake.cure("cursed");
+
+    let dry = redrive(&setup, &["--dry-run"])?;
+    assert_eq!(
+        (dry["chosen"].as_u64(), dry["redriven"].as_u64()),
+        (Some(1), Some(0)),
+        "{dry}"
+    );
+    assert_eq!(dry["superseded"], 1, "{dry}");
+    let report = redrive(&setup, &[])?;
+    assert_eq!(report["superseded"], 1, "{report}");
+    assert_eq!(report["redriven"], 1, "{report}");
+    setup
+        .wait_for_count(json!({"match_all": {}}), 7, Duration::from_secs(60))
+        .await?;
+    setup
+        .wait_for_count(
+            json!({"match_phrase": {"text": "fixed second version"}}),
+            1,
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert_eq!(
+        setup
+            .count(json!({"match_phrase": {"text": "cursed first version"}}))
+            .await?,
+        1,
+        "b is back; a keeps its newer version"
+    );
+    assert!(worker.stop()?.success());
+    Ok(())
+}

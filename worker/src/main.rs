@@ -15,6 +15,7 @@ mod local;
 mod metrics;
 mod pipeline;
 mod query;
+mod redrive;
 mod retry;
 mod sink;
 mod source;
@@ -126,6 +127,43 @@ enum Command {
         log_format: LogFormat,
         #[command(flatten)]
         laptop: LaptopArgs,
+    },
+    /// Send dead letters back through the pipeline once their cause is fixed: reads the
+    /// dead-letter topic, takes those the options select, and writes each back to the source
+    /// partition it came from with the same document ids; a record that fails again returns to
+    /// the dead-letter topic with its earlier failures in `vectorpipe.history`.
+    Redrive {
+        /// The pipeline file.
+        #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
+        pipeline: PathBuf,
+        /// Only dead letters of this reason (repeatable or comma-separated): parse,
+        /// missing-field, embedding-rejected, embedding-failed, index-rejected, too-large,
+        /// unresolvable-tombstone.
+        #[arg(long, value_delimiter = ',')]
+        reason: Vec<String>,
+        /// Only dead letters written since: a time (2026-12-01T08:00:00Z) or an age (2h, 3d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only dead letters written before: a time or an age.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only records from this partition of the source topic (repeatable or
+        /// comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        partition: Vec<i32>,
+        /// The most records to redrive.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Count what would be redriven; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file (a Job's /dev/termination-log, where
+        /// `kubectl vectorpipe redrive` reads it).
+        #[arg(long, env = "VECTORPIPE_TERMINATION_LOG")]
+        termination_log: Option<PathBuf>,
     },
     /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
     Local {
@@ -839,8 +877,135 @@ fn execute(
     }
 }
 
+/// A time given as RFC 3339 or as an age before now (`2h`, `3d`), in milliseconds since the
+/// epoch.
+fn time_or_age(text: &str) -> anyhow::Result<i64> {
+    if let Ok(at) = text.parse::<jiff::Timestamp>() {
+        return Ok(at.as_millisecond());
+    }
+    match text.parse::<jiff::SignedDuration>() {
+        Ok(age) => Ok(jiff::Timestamp::now().as_millisecond() - age.as_millis() as i64),
+        Err(_) => anyhow::bail!(
+            "{text:?} is neither a time (2026-12-01T08:00:00Z) nor an age (90m, 2h, 3d)"
+        ),
+    }
+}
+
+/// The redrive command's options, as read.
+struct RedriveArgs {
+    reason: Vec<String>,
+    since: Option<String>,
+    until: Option<String>,
+    partition: Vec<i32>,
+    limit: Option<usize>,
+    dry_run: bool,
+    json: bool,
+    termination_log: Option<PathBuf>,
+}
+
+async fn redrive(pipeline: PathBuf, args: RedriveArgs) -> anyhow::Result<()> {
+    let spec = config::load(&pipeline)?;
+    for reason in &args.reason {
+        anyhow::ensure!(
+            transform::RejectionKind::ALL
+                .iter()
+                .any(|k| k.as_str() == reason),
+            "{reason:?} is not a dead-letter reason; use one of {}",
+            transform::RejectionKind::ALL.map(|k| k.as_str()).join(", ")
+        );
+    }
+    let selection = redrive::Selection {
+        reasons: args.reason,
+        since_ms: args.since.as_deref().map(time_or_age).transpose()?,
+        until_ms: args.until.as_deref().map(time_or_age).transpose()?,
+        partitions: args.partition,
+        limit: args.limit,
+    };
+    let report = redrive::redrive(&spec, &selection, args.dry_run).await?;
+    let json = serde_json::to_string(&report)?;
+    if let Some(path) = &args.termination_log
+        && let Err(e) = std::fs::write(path, &json)
+    {
+        eprintln!("cannot write the report to {}: {e}", path.display());
+    }
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    let verb = if report.dry_run {
+        "would redrive"
+    } else {
+        "redriven"
+    };
+    println!(
+        "{}: {verb} {} of {} dead letters read ({} selected)",
+        report.id,
+        if report.dry_run {
+            report.chosen
+        } else {
+            report.redriven
+        },
+        report.read,
+        report.selected
+    );
+    for (reason, n) in &report.by_reason {
+        println!("  selected {reason}: {n}");
+    }
+    for (n, why) in [
+        (
+            report.superseded,
+            "a newer version or a tombstone of the record came later",
+        ),
+        (
+            report.duplicates,
+            "the same record was dead-lettered more than once",
+        ),
+        (
+            report.truncated,
+            "the value was cut to fit the dead-letter topic",
+        ),
+        (
+            report.other_topic,
+            "from a topic this pipeline does not read",
+        ),
+        (
+            report.unreadable,
+            "not written by a vectorpipe worker (no vectorpipe.reason header)",
+        ),
+        (report.over_limit, "over --limit"),
+    ] {
+        if n > 0 {
+            println!("  not redriven, {why}: {n}");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Redrive {
+            pipeline,
+            reason,
+            since,
+            until,
+            partition,
+            limit,
+            dry_run,
+            json,
+            termination_log,
+        } => laptop(redrive(
+            pipeline,
+            RedriveArgs {
+                reason,
+                since,
+                until,
+                partition,
+                limit,
+                dry_run,
+                json,
+                termination_log,
+            },
+        )),
         Command::Local {
             pipeline,
             input,

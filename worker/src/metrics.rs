@@ -81,6 +81,8 @@ pub struct Metrics {
     pub freshness: Histogram,
     /// Live members of the consumer group the Bedrock budget is shared by.
     pub group_members: Gauge,
+    /// Records a redrive wrote back from the dead-letter topic, by outcome.
+    pub redriven: Family<Outcome, Counter>,
     /// Records with an outcome, all outcomes together (not exported: `records` has them by
     /// outcome); the laptop mode's progress.
     pub records_done: Counter,
@@ -118,6 +120,7 @@ impl Metrics {
             // 50 ms to about 55 minutes.
             freshness: Histogram::new(exponential_buckets(0.05, 2.0, 17)),
             group_members: Gauge::default(),
+            redriven: Family::default(),
             records_done: Counter::default(),
         };
         let r = &mut registry;
@@ -236,6 +239,11 @@ impl Metrics {
             "Workers the pipeline's Bedrock budget (requestsPerSecond, tokensPerMinute) is shared by: this worker takes 1/N of it (1 without a budget)",
             metrics.group_members.clone(),
         );
+        r.register(
+            "redriven_records",
+            "Records a dead-letter redrive wrote back to the source topic, by outcome here (indexed, dead-lettered again, or unchanged: that version was indexed already)",
+            metrics.redriven.clone(),
+        );
         metrics.start_at_zero();
         (metrics, registry)
     }
@@ -272,6 +280,9 @@ impl Metrics {
         for o in ["ok", "error"] {
             let _ = self.commits.get_or_create(&outcome(o));
         }
+        for o in ["indexed", "dead-lettered", "unchanged"] {
+            let _ = self.redriven.get_or_create(&outcome(o));
+        }
         for o in ["before-embedding", "before-writing"] {
             let _ = self.superseded.get_or_create(&outcome(o));
         }
@@ -285,15 +296,30 @@ impl Metrics {
     }
 
     /// Counts a record indexed; `timestamp_ms` is its Kafka timestamp, when it has one (a
-    /// producer clock ahead of this one counts as 0 s).
-    pub fn indexed(&self, timestamp_ms: Option<i64>) {
+    /// producer clock ahead of this one counts as 0 s). A redriven record is counted as such
+    /// and kept out of the freshness histogram: its timestamp is its first arrival's.
+    pub fn indexed(&self, timestamp_ms: Option<i64>, redriven: bool) {
         self.record("indexed");
+        if redriven {
+            self.redriven("indexed");
+            return;
+        }
         if let Some(at) = timestamp_ms {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
             self.freshness.observe((now - at).max(0) as f64 / 1000.0);
         }
+    }
+
+    /// Counts a redriven record's outcome (`indexed`, `dead-lettered`, or `unchanged`: the same
+    /// version was indexed already).
+    pub fn redriven(&self, outcome: &str) {
+        self.redriven
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// The gauge that is 1 while `fault` holds the records.

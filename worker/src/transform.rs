@@ -31,6 +31,9 @@ pub struct SourceRecord<'a> {
     pub payload: Option<&'a [u8]>,
     /// The Kafka timestamp, milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// Where a redriven record was first read (topic, partition, offset): its positional id is
+    /// that position's, so a redrive writes the ids the record would have had.
+    pub origin: Option<(&'a str, i32, i64)>,
 }
 
 /// One text to embed and index.
@@ -238,7 +241,10 @@ pub fn transform(spec: &EmbeddingPipelineSpec, record: &SourceRecord<'_>) -> Out
         );
     };
     let t = &spec.transform;
-    let positional = || positional_id(record.topic, record.partition, record.offset);
+    let positional = || match record.origin {
+        Some((topic, partition, offset)) => positional_id(topic, partition, offset),
+        None => positional_id(record.topic, record.partition, record.offset),
+    };
     let (parent_id, body, timestamp, metadata) = match spec.source.kafka.format {
         RecordFormat::Text => (
             match ids {
@@ -450,6 +456,7 @@ mod tests {
             key: Some(b"k-1"),
             payload: payload.map(str::as_bytes),
             timestamp_ms: Some(1_700_000_000_000),
+            origin: None,
         }
     }
 
@@ -504,6 +511,12 @@ mod tests {
             &spec(json!({})),
             &record(Some(r#"{"text": "x"}"#)),
         ));
+        assert_eq!(docs[0].id, "posts-2-41");
+        // A redriven copy, read elsewhere, keeps the id of where the record was first read.
+        let mut redriven = record(Some(r#"{"text": "x"}"#));
+        (redriven.partition, redriven.offset) = (0, 9_000);
+        redriven.origin = Some(("posts", 2, 41));
+        let docs = documents(transform(&spec(json!({})), &redriven));
         assert_eq!(docs[0].id, "posts-2-41");
         assert_eq!(docs[0].timestamp, Some(json!(1_700_000_000_000i64)));
     }

@@ -169,6 +169,9 @@ impl Shared {
             self.dead_letters
                 .send(&ack.message, &rejection, &self.health)
                 .await;
+            if crate::redrive::redriven_from(&ack.message).is_some() {
+                self.metrics.redriven("dead-lettered");
+            }
         }
         self.health.progressed();
         ack.done(1 + dropped);
@@ -340,6 +343,7 @@ impl<E: Embedder> Stages<E> {
         let assignment = &hub.assignment;
         let dedup = &hub.dedup;
         let stable = shared.stable_ids;
+        let redriven = crate::redrive::redriven_from(&message);
         let record = SourceRecord {
             topic: message.topic(),
             partition: message.partition(),
@@ -347,6 +351,7 @@ impl<E: Embedder> Stages<E> {
             key: message.key(),
             payload: message.payload(),
             timestamp_ms: message.timestamp().to_millis(),
+            origin: redriven.as_ref().map(|(t, p, o)| (t.as_str(), *p, *o)),
         };
         match transform::transform(spec, &record) {
             Outcome::Skip(reason) => {
@@ -398,6 +403,9 @@ impl<E: Embedder> Stages<E> {
                 {
                     if assignment.start(&owner, false) {
                         metrics.record("skipped-duplicate");
+                        if redriven.is_some() {
+                            metrics.redriven("unchanged");
+                        }
                     }
                     return None;
                 }
@@ -1619,7 +1627,10 @@ async fn flush<S: Sink>(sink: &S, shared: &Shared, batch: Vec<Indexing>) {
                                 shared.metrics.bulk_item("ok", 1);
                                 shared.health.progressed();
                                 if ack.done(1) {
-                                    shared.metrics.indexed(ack.message.timestamp().to_millis());
+                                    shared.metrics.indexed(
+                                        ack.message.timestamp().to_millis(),
+                                        crate::redrive::redriven_from(&ack.message).is_some(),
+                                    );
                                 }
                             }
                             ItemResult::Retry(reason) => {

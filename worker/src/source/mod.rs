@@ -98,6 +98,8 @@ pub struct TokenContext {
     pub msk_iam_region: Option<String>,
 }
 
+impl rdkafka::consumer::ConsumerContext for TokenContext {}
+
 impl ClientContext for TokenContext {
     const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
 
