@@ -6,6 +6,7 @@
 //! and [`crd_yaml`] renders the CustomResourceDefinitions.
 
 pub mod index;
+pub mod redrive;
 pub mod topics;
 pub mod v1alpha1;
 pub mod validate;

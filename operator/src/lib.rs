@@ -10,4 +10,5 @@ pub mod http;
 pub mod labels;
 pub mod leader;
 pub mod metrics;
+pub mod plugin;
 pub mod secrets;

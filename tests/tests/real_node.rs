@@ -16,7 +16,7 @@ use anyhow::{Context, Result, ensure};
 use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use vectorpipe_tests::bedrock::{self, FakeBedrock};
+use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
 use vectorpipe_tests::k8s::{self, helm, kubectl};
 use vectorpipe_tests::{eventually, harness_var, kafka, opensearch as os, repo_root, unique_name};
 
@@ -456,6 +456,105 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
         "enabling the query server touched the worker pod"
     );
 
+    // `kubectl vectorpipe redrive` (the plugin found on PATH by kubectl): records the model
+    // refused are dead letters; once it takes them, the redrive runs as a Job made from the
+    // worker pods (on the real node, with their config and credentials) and the worker indexes
+    // them.
+    let dead_letters = format!("{topic}-dlq");
+    kafka::create_topic(&dead_letters, 1).await?;
+    pipeline["spec"]["deadLetter"] = json!({"topic": dead_letters});
+    apply(&pipeline)?;
+    fake.poison("cursed", Fault::ValidationException);
+    eventually(
+        "the rollout with the dead-letter topic",
+        Duration::from_secs(180),
+        || async {
+            let pods = worker_pods(&ns.name, "posts")?;
+            Ok((pods.len() == 1 && pods[0].1 && pods[0].0 != one[0]).then_some(()))
+        },
+    )
+    .await?;
+    produce_text(&topic, 1100..1103, "a cursed post").await?;
+    kafka::wait_for_commits_at_end(&topic, &group, 6, Duration::from_secs(120)).await?;
+    ensure!(
+        os::count(&index).await? == 1100,
+        "a refused record was indexed"
+    );
+    fake.cure("cursed");
+    let plugin_dir = vectorpipe_tests::worker::binary("kubectl-vectorpipe")?
+        .parent()
+        .context("no target directory")?
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new(harness_var("VP_KUBECTL")?)
+        .args([
+            "vectorpipe",
+            "redrive",
+            "posts",
+            "-n",
+            &ns.name,
+            "--reason",
+            "embedding-rejected",
+            "--since",
+            "1h",
+            "--timeout",
+            "3m",
+        ])
+        .env("PATH", path)
+        .env("KUBECONFIG", k8s::kubeconfig()?)
+        .output()?;
+    let said = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "kubectl vectorpipe redrive failed: {}{said}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        said.contains(": redriven 3 of 3 dead letters read (3 selected)")
+            && said.contains("selected embedding-rejected: 3"),
+        "{said}"
+    );
+    wait_indexed(&index, 0..1103).await?;
+    let job: Value = serde_json::from_str(&kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        "app.kubernetes.io/name=vectorpipe-redrive",
+        "-o",
+        "json",
+    ])?)?;
+    assert_eq!(
+        job["items"][0]["spec"]["nodeName"], "127.0.0.1",
+        "the redrive ran off the real node: {job}"
+    );
+    // The Job's pod is not a worker: the worker pods are the one they were.
+    ensure!(
+        worker_pods(&ns.name, "posts")?.len() == 1,
+        "the redrive pod counted as a worker"
+    );
+
     let _ = helm(&["uninstall", &release, "-n", &ns.name]);
+    Ok(())
+}
+
+async fn produce_text(topic: &str, ids: std::ops::Range<usize>, text: &str) -> Result<()> {
+    let producer: FutureProducer = kafka::config()?.set("linger.ms", "5").create()?;
+    for n in ids {
+        let id = format!("post-{n}");
+        let payload = json!({"id": id, "text": format!("{text} {n}")}).to_string();
+        producer
+            .send(
+                FutureRecord::to(topic).key(&id).payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
     Ok(())
 }

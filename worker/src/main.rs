@@ -932,51 +932,8 @@ async fn redrive(pipeline: PathBuf, args: RedriveArgs) -> anyhow::Result<()> {
         println!("{json}");
         return Ok(());
     }
-    let verb = if report.dry_run {
-        "would redrive"
-    } else {
-        "redriven"
-    };
-    println!(
-        "{}: {verb} {} of {} dead letters read ({} selected)",
-        report.id,
-        if report.dry_run {
-            report.chosen
-        } else {
-            report.redriven
-        },
-        report.read,
-        report.selected
-    );
-    for (reason, n) in &report.by_reason {
-        println!("  selected {reason}: {n}");
-    }
-    for (n, why) in [
-        (
-            report.superseded,
-            "a newer version or a tombstone of the record came later",
-        ),
-        (
-            report.duplicates,
-            "the same record was dead-lettered more than once",
-        ),
-        (
-            report.truncated,
-            "the value was cut to fit the dead-letter topic",
-        ),
-        (
-            report.other_topic,
-            "from a topic this pipeline does not read",
-        ),
-        (
-            report.unreadable,
-            "not written by a vectorpipe worker (no vectorpipe.reason header)",
-        ),
-        (report.over_limit, "over --limit"),
-    ] {
-        if n > 0 {
-            println!("  not redriven, {why}: {n}");
-        }
+    for line in report.lines() {
+        println!("{line}");
     }
     Ok(())
 }

@@ -26,7 +26,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Serialize;
 use serde_json::Value;
 use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
@@ -103,37 +102,7 @@ impl Selection {
     }
 }
 
-/// What a redrive did, by count.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Report {
-    /// The redrive's id (in each record's `vectorpipe.redrive` header).
-    pub id: String,
-    /// Dead letters read.
-    pub read: u64,
-    /// Of them, the ones the selection took.
-    pub selected: u64,
-    /// Records to write back, once the ones below are left out.
-    pub chosen: u64,
-    /// Records written back to their source topic (0 in a dry run).
-    pub redriven: u64,
-    /// Selected, by reason.
-    pub by_reason: BTreeMap<String, u64>,
-    /// Not redriven: a newer version or a tombstone of the record id came later.
-    pub superseded: u64,
-    /// Not redriven: the same source record was selected more than once.
-    pub duplicates: u64,
-    /// Not redriven: the value was cut to fit the dead-letter topic.
-    pub truncated: u64,
-    /// Not redriven: from a topic this pipeline does not read.
-    pub other_topic: u64,
-    /// Not redriven: no `vectorpipe.*` headers (not written by a vectorpipe worker).
-    pub unreadable: u64,
-    /// Not redriven: over the limit.
-    pub over_limit: u64,
-    /// True when nothing was written.
-    pub dry_run: bool,
-}
+pub use vectorpipe_crds::redrive::Report;
 
 /// One dead letter as read.
 struct Letter {

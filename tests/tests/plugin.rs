@@ -1,0 +1,204 @@
+//! `kubectl vectorpipe` against the harness cluster: `status` and `explain` print what the
+//! README shows, read from a pipeline and a policy whose status is set here (this binary runs no
+//! operator, so nothing overwrites it), at a fixed time. The README's blocks are the expected
+//! text: a change to the plugin's output fails here until the README shows it.
+//! (`redrive` runs a Job, so it is tested on the real node: `real_node.rs`.)
+
+use anyhow::{Context, Result, ensure};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
+use vectorpipe_tests::k8s::{self, kubectl};
+use vectorpipe_tests::repo_root;
+
+/// When the README's examples were made.
+const NOW: &str = "2026-12-04T12:00:00Z";
+/// The namespace the README shows (the test's own is put in its place).
+const SHOWN_NAMESPACE: &str = "shop";
+
+fn pipeline() -> Value {
+    json!({
+        "apiVersion": "vectorpipe.io/v1alpha1",
+        "kind": "EmbeddingPipeline",
+        "metadata": {"name": "posts"},
+        "spec": {
+            "source": {"kafka": {"bootstrapServers": ["kafka.kafka.svc:9092"], "topics": ["posts"]}},
+            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1"}},
+            "sink": {"opensearch": {"endpoints": ["http://opensearch.search.svc:9200"], "index": "posts"}},
+            "deadLetter": {"topic": "posts-dlq"},
+        }
+    })
+}
+
+fn pipeline_status() -> Value {
+    let condition = |type_: &str, status: &str, reason: &str, at: &str, message: &str| json!({"type": type_, "status": status, "reason": reason, "lastTransitionTime": at, "message": message});
+    json!({
+        "observedGeneration": 1,
+        "replicas": 4,
+        "readyReplicas": 4,
+        "consumerLag": 18_240,
+        "freshness": {"p50Seconds": 0.82, "p95Seconds": 2.4},
+        "usage": {"since": "2026-12-04T00:00:00Z", "tokens": 1_482_113, "estimatedCostUsd": 0.0296},
+        "conditions": [
+            condition("Ready", "True", "WorkersReady", "2026-12-04T09:12:03Z", "4 of 4 workers ready"),
+            condition("Progressing", "True", "RolloutComplete", "2026-12-04T09:12:03Z", "the workers run the current spec"),
+            condition("Degraded", "False", "AsExpected", "2026-12-04T08:40:00Z", "no problem found"),
+        ],
+    })
+}
+
+fn policy() -> Value {
+    json!({
+        "apiVersion": "vectorpipe.io/v1alpha1",
+        "kind": "ScalingPolicy",
+        "metadata": {"name": "posts-lag"},
+        "spec": {
+            "targetRef": {"name": "posts"},
+            "minReplicas": 1,
+            "maxReplicas": 12,
+            "capAtPartitionCount": true,
+            "metrics": [{"kafkaLag": {"aggregation": "perReplica"}, "scaleOutThreshold": 5000, "scaleInThreshold": 500}],
+            "scaleOut": {"evaluationPeriods": 3, "datapointsToAlarm": 2, "operation": "multiply", "factor": 2, "cooldown": "1m"},
+            "scaleIn": {"evaluationPeriods": 5, "datapointsToAlarm": 5, "operation": "add", "factor": 1, "cooldown": "5m"},
+        }
+    })
+}
+
+fn policy_status() -> Value {
+    let decision = |time: &str, from: i32, to: i32, reason: &str, message: &str, lag: f64| {
+        json!({
+            "time": time, "fromReplicas": from, "toReplicas": to, "reason": reason,
+            "message": message, "applied": true,
+            "inputs": {"kafkaLag": lag, "partitions": 12.0, "partitionsWithLag": 12.0},
+        })
+    };
+    let out = decision(
+        "2026-12-04T11:58:30Z",
+        2,
+        4,
+        "ScaleOutAlarm",
+        "kafkaLag above the scale-out threshold",
+        22_410.0,
+    );
+    json!({
+        "observedGeneration": 1,
+        "currentReplicas": 4,
+        "desiredReplicas": 4,
+        "lastScaleTime": "2026-12-04T11:58:30Z",
+        "conditions": [
+            {"type": "Active", "status": "True", "reason": "Evaluating", "lastTransitionTime": "2026-12-04T08:40:00Z", "message": "judging the metrics every pollInterval and scaling the target"},
+            {"type": "AbleToScale", "status": "False", "reason": "CoolingDown", "lastTransitionTime": "2026-12-04T11:58:30Z", "message": "scaled out 1m30s ago; the next scale-out may come after the 1m cooldown, a scale-in after 5m"},
+            {"type": "ScalingLimited", "status": "False", "reason": "DesiredWithinRange", "lastTransitionTime": "2026-12-04T08:40:00Z", "message": "the desired count is within every bound"},
+        ],
+        "lastDecision": out,
+        "history": [
+            out,
+            decision("2026-12-04T11:57:10Z", 1, 2, "ScaleOutAlarm", "kafkaLag above the scale-out threshold", 9_020.0),
+        ],
+    })
+}
+
+/// The block of the README that starts with `$ <command>`: the lines after it up to the fence.
+fn readme_block(command: &str) -> Result<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let start = format!("$ {command}\n");
+    let at = readme
+        .find(&start)
+        .with_context(|| format!("the README shows no `$ {command}` block"))?;
+    let rest = &readme[at + start.len()..];
+    let end = rest.find("```").context("the README block does not end")?;
+    Ok(rest[..end].to_owned())
+}
+
+/// Runs `kubectl vectorpipe ARGS -n NAMESPACE` (kubectl finds the plugin on PATH), with the
+/// README's time; the namespace in the output is the one the README shows.
+fn plugin(namespace: &str, args: &[&str]) -> Result<String> {
+    let dir = vectorpipe_tests::worker::binary("kubectl-vectorpipe")?
+        .parent()
+        .context("no target directory")?
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new(vectorpipe_tests::harness_var("VP_KUBECTL")?)
+        .arg("vectorpipe")
+        .args(args)
+        .args(["-n", namespace])
+        .env("PATH", path)
+        .env("KUBECONFIG", k8s::kubeconfig()?)
+        .env("VECTORPIPE_PLUGIN_NOW", NOW)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "kubectl-vectorpipe {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.replace(namespace, SHOWN_NAMESPACE))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_explain_print_what_the_readme_shows() -> Result<()> {
+    k8s::install_crds()?;
+    let namespace = k8s::namespace("plugin")?;
+    let ns = namespace.name.as_str();
+    for object in [pipeline(), policy()] {
+        let file = std::env::temp_dir().join(format!(
+            "{ns}-{}.json",
+            object["kind"].as_str().unwrap_or("object")
+        ));
+        std::fs::write(&file, object.to_string())?;
+        kubectl(&["apply", "-n", ns, "-f", &file.to_string_lossy()])?;
+    }
+    let client = k8s::client().await?;
+    let params = PatchParams::default();
+    Api::<EmbeddingPipeline>::namespaced(client.clone(), ns)
+        .patch_status(
+            "posts",
+            &params,
+            &Patch::Merge(json!({"status": pipeline_status()})),
+        )
+        .await?;
+    Api::<ScalingPolicy>::namespaced(client.clone(), ns)
+        .patch_status(
+            "posts-lag",
+            &params,
+            &Patch::Merge(json!({"status": policy_status()})),
+        )
+        .await?;
+
+    let status = plugin(ns, &["status", "posts"])?;
+    assert_eq!(
+        status,
+        readme_block("kubectl vectorpipe status posts")?,
+        "the README's status block:\n{status}"
+    );
+    let explain = plugin(ns, &["explain", "posts-lag"])?;
+    assert_eq!(
+        explain,
+        readme_block("kubectl vectorpipe explain posts-lag")?,
+        "the README's explain block:\n{explain}"
+    );
+
+    // A pipeline no policy scales, and a policy not judged yet, say so.
+    kubectl(&["delete", "scalingpolicy", "-n", ns, "posts-lag"])?;
+    let alone = plugin(ns, &["status", "posts"])?;
+    assert!(
+        alone.contains("scaling: no ScalingPolicy targets this pipeline"),
+        "{alone}"
+    );
+    let missing =
+        std::process::Command::new(vectorpipe_tests::worker::binary("kubectl-vectorpipe")?)
+            .args(["status", "nothing", "-n", ns])
+            .env("KUBECONFIG", k8s::kubeconfig()?)
+            .output()?;
+    ensure!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains(&format!("reading EmbeddingPipeline {ns}/nothing")),
+        "{said}"
+    );
+    Ok(())
+}
