@@ -22,8 +22,8 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use vectorpipe_crds::redrive::Report;
 use vectorpipe_crds::v1alpha1::{
-    EmbeddingPipeline, LagAggregation, ScalingDecision, ScalingMode, ScalingOperation,
-    ScalingPolicy, ScalingPolicySpec,
+    EmbeddingPipeline, LagAggregation, MigrationStatus, ScalingDecision, ScalingMode,
+    ScalingOperation, ScalingPolicy, ScalingPolicySpec,
 };
 
 use crate::controllers::embedding_pipeline::build::child_name;
@@ -157,7 +157,7 @@ pub fn status_text(
                 Err(_) => bedrock.model_id.clone(),
             },
         ),
-        ("index", spec.sink.opensearch.index.clone()),
+        ("index", index_line(&status)),
     ];
     let desired = status.replicas.unwrap_or(spec.workers.replicas);
     let mut workers = format!(
@@ -205,6 +205,9 @@ pub fn status_text(
         }
         facts.push(("usage", usage));
     }
+    if let Some(m) = status.index.as_ref().and_then(|i| i.migration.as_ref()) {
+        facts.push(("migration", migration_line(now, m)));
+    }
     for (name, value) in facts {
         let _ = writeln!(out, "  {:<11}{value}", format!("{name}:"));
     }
@@ -225,6 +228,103 @@ pub fn status_text(
             }
         }
         None => out.push_str("scaling: no ScalingPolicy targets this pipeline\n"),
+    }
+    out
+}
+
+/// Where readers search: the alias and the generation behind it.
+fn index_line(status: &vectorpipe_crds::v1alpha1::EmbeddingPipelineStatus) -> String {
+    match &status.index {
+        Some(index) if index.serving.index != index.alias => format!(
+            "{} (alias of {}, generation {})",
+            index.alias, index.serving.index, index.serving.generation
+        ),
+        Some(index) => format!("{} (generation 0: an index, not an alias)", index.alias),
+        None => "not looked at yet".to_owned(),
+    }
+}
+
+fn migration_line(now: jiff::Timestamp, m: &MigrationStatus) -> String {
+    let mut line = format!(
+        "{} to generation {} ({}) for {}",
+        m.phase,
+        m.target.generation,
+        m.target.index,
+        age(now, &m.started_at)
+    );
+    if m.phase != "Blocked" {
+        let _ = write!(line, ": {} records done", count(m.records));
+        if let Some(lag) = m.lag {
+            let _ = write!(line, ", {} behind", count(lag));
+        }
+        if let Some(eta) = m.eta_seconds {
+            let _ = write!(line, ", about {eta}s to go");
+        }
+    }
+    line
+}
+
+/// `migrate status <pipeline>`: the generations, the migration under way and the kept ones.
+pub fn migrate_status_text(now: jiff::Timestamp, pipeline: &EmbeddingPipeline) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "pipeline {}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    let Some(index) = pipeline.status.as_ref().and_then(|s| s.index.as_ref()) else {
+        out.push_str("  no index generations: the operator has not looked at the index yet, or cannot (SigV4)
+");
+        return out;
+    };
+    let model = |m: &vectorpipe_crds::v1alpha1::IndexModel| {
+        format!(
+            "{}{}",
+            m.model_id,
+            m.dimensions
+                .map(|d| format!(", {d} dimensions"))
+                .unwrap_or_default()
+        )
+    };
+    let _ = writeln!(
+        out,
+        "  serving:   generation {} ({}) behind {}, {}, group {}",
+        index.serving.generation,
+        index.serving.index,
+        index.alias,
+        model(&index.serving.model),
+        index.serving.consumer_group
+    );
+    match &index.migration {
+        Some(m) => {
+            let _ = writeln!(out, "  migration: {}", migration_line(now, m));
+            let _ = writeln!(
+                out,
+                "             {}, group {}",
+                model(&m.target.model),
+                m.target.consumer_group
+            );
+            // The figures are on the line above; the message adds what they cannot say.
+            if m.phase == "Blocked" || m.lag.is_none() {
+                let _ = writeln!(out, "             {}", m.message);
+            }
+        }
+        None => out.push_str(
+            "  migration: none
+",
+        ),
+    }
+    for p in &index.previous {
+        let _ = writeln!(
+            out,
+            "  kept:      generation {} ({}), {}, left {} ago, deleted in {}",
+            p.generation.generation,
+            p.generation.index,
+            model(&p.generation.model),
+            age(now, &p.retired_at),
+            age(p.delete_after.0, &Time(now)),
+        );
     }
     out
 }

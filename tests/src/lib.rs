@@ -231,6 +231,78 @@ pub mod k8s {
         Ok(())
     }
 
+    /// Runs `kubectl vectorpipe ARGS` against the harness cluster: kubectl finds the plugin
+    /// binary on PATH (the target directory put first). Returns its stdout; a failure carries
+    /// its stderr.
+    pub fn kubectl_plugin(args: &[&str]) -> Result<String> {
+        kubectl_plugin_with(args, &[])
+    }
+
+    /// [`kubectl_plugin`] with more environment variables.
+    pub fn kubectl_plugin_with(args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+        let dir = crate::worker::binary("kubectl-vectorpipe")?
+            .parent()
+            .context("no target directory")?
+            .to_owned();
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut command = Command::new(harness_var("VP_KUBECTL")?);
+        command
+            .arg("vectorpipe")
+            .env("PATH", path)
+            .env("KUBECONFIG", kubeconfig()?)
+            .envs(env.iter().copied());
+        run("kubectl vectorpipe", &mut command, args)
+    }
+
+    /// The label of pods bound for the real node (`up.sh node`).
+    pub const REAL_NODE_LABEL: &str = "vectorpipe.io/real-node";
+
+    /// What every pod bound for the real node carries: the toleration of its taint, a selector
+    /// for it, and the label of the harness' host-network policy (as chart values or a
+    /// pipeline's `workers`).
+    pub fn on_the_real_node() -> serde_json::Value {
+        serde_json::json!({
+            "podLabels": {REAL_NODE_LABEL: "true"},
+            "nodeSelector": {"kubernetes.io/hostname": "127.0.0.1"},
+            "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+        })
+    }
+
+    /// `helm install`s the chart as `release` in `namespace` on the real node, watching only
+    /// that namespace, and waits for the operator pod.
+    pub fn install_operator_on_the_real_node(namespace: &str, release: &str) -> Result<()> {
+        let placement = on_the_real_node();
+        let values = serde_json::json!({
+            "podLabels": placement["podLabels"],
+            "nodeSelector": placement["nodeSelector"],
+            "tolerations": placement["tolerations"],
+            "metrics": {"port": crate::worker::free_port()?},
+            "watchNamespaces": [namespace],
+            "logFormat": "text",
+        });
+        let values_file = std::env::temp_dir().join(format!("{release}-values.yaml"));
+        std::fs::write(&values_file, serde_yaml::to_string(&values)?)?;
+        let chart = repo_root().join("charts/vectorpipe");
+        helm(&[
+            "install",
+            release,
+            &chart.to_string_lossy(),
+            "-n",
+            namespace,
+            "-f",
+            &values_file.to_string_lossy(),
+            "--wait",
+            "--timeout",
+            "180s",
+        ])
+        .context("helm install of the operator image on the real node")?;
+        Ok(())
+    }
+
     /// Creates a namespace for one test; it is removed when the guard is dropped.
     pub fn namespace(prefix: &str) -> Result<Namespace> {
         let name = unique_name(prefix);

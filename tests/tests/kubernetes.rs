@@ -76,7 +76,7 @@ async fn every_example_applies_cleanly() -> Result<()> {
         assert!(out.contains("created"), "{out}");
     }
     let listed = kubectl(&["get", "vp,sp", "-n", &ns.name, "-o", "name"])?;
-    assert_eq!(listed.lines().count(), 13, "{listed}");
+    assert_eq!(listed.lines().count(), 14, "{listed}");
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! text: a change to the plugin's output fails here until the README shows it.
 //! (`redrive` runs a Job, so it is tested on the real node: `real_node.rs`.)
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
@@ -24,7 +24,7 @@ fn pipeline() -> Value {
         "metadata": {"name": "posts"},
         "spec": {
             "source": {"kafka": {"bootstrapServers": ["kafka.kafka.svc:9092"], "topics": ["posts"]}},
-            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1"}},
+            "embedding": {"bedrock": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 1024, "region": "eu-west-1"}},
             "sink": {"opensearch": {"endpoints": ["http://opensearch.search.svc:9200"], "index": "posts"}},
             "deadLetter": {"topic": "posts-dlq"},
         }
@@ -40,6 +40,28 @@ fn pipeline_status() -> Value {
         "consumerLag": 18_240,
         "freshness": {"p50Seconds": 0.82, "p95Seconds": 2.4},
         "usage": {"since": "2026-12-04T00:00:00Z", "tokens": 1_482_113, "estimatedCostUsd": 0.0296},
+        "index": {
+            "alias": "posts",
+            "serving": {
+                "generation": 1, "index": "posts-g1", "consumerGroup": "vectorpipe-shop-posts",
+                "model": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256,
+                          "chunking": {"strategy": "recursive", "maxChars": 2000, "overlapChars": 200}},
+            },
+            "migration": {
+                "target": {
+                    "generation": 2, "index": "posts-g2", "consumerGroup": "vectorpipe-shop-posts-g2",
+                    "model": {"modelId": "amazon.titan-embed-text-v2:0", "dimensions": 1024,
+                              "chunking": {"strategy": "recursive", "maxChars": 2000, "overlapChars": 200}},
+                },
+                "phase": "Backfilling",
+                "startedAt": "2026-12-04T11:40:00Z",
+                "records": 1_204_330,
+                "lag": 395_112,
+                "etaSeconds": 412,
+                "observedAt": "2026-12-04T11:59:58Z",
+                "message": "generation 2 (posts-g2): 1204330 records done, 395112 behind, about 412s to go",
+            },
+        },
         "conditions": [
             condition("Ready", "True", "WorkersReady", "2026-12-04T09:12:03Z", "4 of 4 workers ready"),
             condition("Progressing", "True", "RolloutComplete", "2026-12-04T09:12:03Z", "the workers run the current spec"),
@@ -111,32 +133,13 @@ fn readme_block(command: &str) -> Result<String> {
     Ok(rest[..end].to_owned())
 }
 
-/// Runs `kubectl vectorpipe ARGS -n NAMESPACE` (kubectl finds the plugin on PATH), with the
-/// README's time; the namespace in the output is the one the README shows.
+/// Runs `kubectl vectorpipe ARGS -n NAMESPACE` with the README's time; the namespace in the
+/// output is the one the README shows.
 fn plugin(namespace: &str, args: &[&str]) -> Result<String> {
-    let dir = vectorpipe_tests::worker::binary("kubectl-vectorpipe")?
-        .parent()
-        .context("no target directory")?
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let output = std::process::Command::new(vectorpipe_tests::harness_var("VP_KUBECTL")?)
-        .arg("vectorpipe")
-        .args(args)
-        .args(["-n", namespace])
-        .env("PATH", path)
-        .env("KUBECONFIG", k8s::kubeconfig()?)
-        .env("VECTORPIPE_PLUGIN_NOW", NOW)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "kubectl-vectorpipe {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.replace(namespace, SHOWN_NAMESPACE))
+    let mut all = args.to_vec();
+    all.extend(["-n", namespace]);
+    let out = k8s::kubectl_plugin_with(&all, &[("VECTORPIPE_PLUGIN_NOW", NOW)])?;
+    Ok(out.replace(namespace, SHOWN_NAMESPACE))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,6 +178,12 @@ async fn status_and_explain_print_what_the_readme_shows() -> Result<()> {
         readme_block("kubectl vectorpipe status posts")?,
         "the README's status block:\n{status}"
     );
+    let migrating = plugin(ns, &["migrate", "status", "posts"])?;
+    assert_eq!(
+        migrating,
+        readme_block("kubectl vectorpipe migrate status posts")?,
+        "the README's migrate status block:\n{migrating}"
+    );
     let explain = plugin(ns, &["explain", "posts-lag"])?;
     assert_eq!(
         explain,
@@ -189,16 +198,11 @@ async fn status_and_explain_print_what_the_readme_shows() -> Result<()> {
         alone.contains("scaling: no ScalingPolicy targets this pipeline"),
         "{alone}"
     );
-    let missing =
-        std::process::Command::new(vectorpipe_tests::worker::binary("kubectl-vectorpipe")?)
-            .args(["status", "nothing", "-n", ns])
-            .env("KUBECONFIG", k8s::kubeconfig()?)
-            .output()?;
-    ensure!(!missing.status.success());
-    let said = String::from_utf8_lossy(&missing.stderr);
+    let missing = k8s::kubectl_plugin(&["status", "nothing", "-n", ns])
+        .expect_err("a pipeline that does not exist");
     assert!(
-        said.contains(&format!("reading EmbeddingPipeline {ns}/nothing")),
-        "{said}"
+        format!("{missing:#}").contains(&format!("reading EmbeddingPipeline {ns}/nothing")),
+        "{missing:#}"
     );
     Ok(())
 }

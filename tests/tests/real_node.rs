@@ -17,20 +17,8 @@ use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
-use vectorpipe_tests::k8s::{self, helm, kubectl};
-use vectorpipe_tests::{eventually, harness_var, kafka, opensearch as os, repo_root, unique_name};
-
-const REAL_NODE_LABEL: &str = "vectorpipe.io/real-node";
-
-/// What every pod bound for the real node carries: the toleration of its taint, a selector for
-/// it, and the label of the harness' host-network policy.
-fn on_the_real_node() -> Value {
-    json!({
-        "podLabels": {REAL_NODE_LABEL: "true"},
-        "nodeSelector": {"kubernetes.io/hostname": "127.0.0.1"},
-        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
-    })
-}
+use vectorpipe_tests::k8s::{self, helm, kubectl, on_the_real_node};
+use vectorpipe_tests::{eventually, harness_var, kafka, opensearch as os, unique_name};
 
 /// The worker pods of the pipeline, oldest first: name, ready, terminating. A container restart
 /// fails the test: the liveness probe killed a worker, or a worker crashed.
@@ -205,32 +193,7 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
     k8s::install_crds()?;
     let ns = k8s::namespace("vp-real")?;
     let release = unique_name("vp");
-    let operator_port = vectorpipe_tests::worker::free_port()?;
-    let placement = on_the_real_node();
-    let values = json!({
-        "podLabels": placement["podLabels"],
-        "nodeSelector": placement["nodeSelector"],
-        "tolerations": placement["tolerations"],
-        "metrics": {"port": operator_port},
-        "watchNamespaces": [ns.name],
-        "logFormat": "text",
-    });
-    let values_file = std::env::temp_dir().join(format!("{release}-values.yaml"));
-    std::fs::write(&values_file, serde_yaml::to_string(&values)?)?;
-    let chart = repo_root().join("charts/vectorpipe");
-    helm(&[
-        "install",
-        &release,
-        &chart.to_string_lossy(),
-        "-n",
-        &ns.name,
-        "-f",
-        &values_file.to_string_lossy(),
-        "--wait",
-        "--timeout",
-        "180s",
-    ])
-    .context("helm install of the operator image on the real node")?;
+    k8s::install_operator_on_the_real_node(&ns.name, &release)?;
     let operator_pod = kubectl(&[
         "get",
         "pods",
@@ -481,38 +444,18 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
         "a refused record was indexed"
     );
     fake.cure("cursed");
-    let plugin_dir = vectorpipe_tests::worker::binary("kubectl-vectorpipe")?
-        .parent()
-        .context("no target directory")?
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        plugin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let output = std::process::Command::new(harness_var("VP_KUBECTL")?)
-        .args([
-            "vectorpipe",
-            "redrive",
-            "posts",
-            "-n",
-            &ns.name,
-            "--reason",
-            "embedding-rejected",
-            "--since",
-            "1h",
-            "--timeout",
-            "3m",
-        ])
-        .env("PATH", path)
-        .env("KUBECONFIG", k8s::kubeconfig()?)
-        .output()?;
-    let said = String::from_utf8_lossy(&output.stdout);
-    ensure!(
-        output.status.success(),
-        "kubectl vectorpipe redrive failed: {}{said}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let said = k8s::kubectl_plugin(&[
+        "redrive",
+        "posts",
+        "-n",
+        &ns.name,
+        "--reason",
+        "embedding-rejected",
+        "--since",
+        "1h",
+        "--timeout",
+        "3m",
+    ])?;
     ensure!(
         said.contains(": redriven 3 of 3 dead letters read (3 selected)")
             && said.contains("selected embedding-rejected: 3"),

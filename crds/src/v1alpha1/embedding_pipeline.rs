@@ -172,6 +172,10 @@ pub struct EmbeddingPipelineSpec {
     /// from the workers' token counters in Prometheus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// How a change of the model or the chunking is carried out: a new index generation is
+    /// built beside the one readers search, which switch to it once it caught up.
+    #[serde(default, skip_serializing_if = "super::Migration::is_default")]
+    pub migration: super::Migration,
 }
 
 /// A daily embedding budget for the whole pipeline.
@@ -1149,6 +1153,9 @@ pub struct EmbeddingPipelineStatus {
     /// The embedding spend of the current budget day (with `spec.budget`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The index generations: the one readers search, a migration under way, the ones kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<super::IndexStatus>,
 }
 
 /// What the pipeline spent on embeddings since the budget day began.

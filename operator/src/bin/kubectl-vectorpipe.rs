@@ -41,6 +41,11 @@ enum Command {
         /// The ScalingPolicy.
         policy: String,
     },
+    /// Model migrations: `migrate status <pipeline>`.
+    Migrate {
+        #[command(subcommand)]
+        command: Migrate,
+    },
     /// Send a pipeline's dead letters back through it, as a Job made from its worker pods
     /// (same image, config, credentials), and print what it did.
     Redrive {
@@ -67,6 +72,16 @@ enum Command {
         /// How long the Job may run.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Migrate {
+    /// The index generations of a pipeline: the one readers search, a migration under way
+    /// (phase, records, lag, time left) and the generations kept for going back.
+    Status {
+        /// The EmbeddingPipeline.
+        pipeline: String,
     },
 }
 
@@ -99,6 +114,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("reading EmbeddingPipeline {namespace}/{pipeline}"))?;
             let policy = plugin::policy_of(&client, &namespace, &pipeline).await?;
             print!("{}", plugin::status_text(now()?, &object, policy.as_ref()));
+        }
+        Command::Migrate {
+            command: Migrate::Status { pipeline },
+        } => {
+            let pipelines: Api<EmbeddingPipeline> = Api::namespaced(client, &namespace);
+            let object = pipelines
+                .get(&pipeline)
+                .await
+                .with_context(|| format!("reading EmbeddingPipeline {namespace}/{pipeline}"))?;
+            print!("{}", plugin::migrate_status_text(now()?, &object));
         }
         Command::Explain { policy } => {
             let policies: Api<ScalingPolicy> = Api::namespaced(client, &namespace);

@@ -562,6 +562,31 @@ impl OpenSearchIndex {
         status_and_text("mapping", sent).await
     }
 
+    /// `VECTORPIPE_INDEX_ALIAS` (set by the operator for a pipeline's index generations), when
+    /// neither an index nor an alias of that name exists yet.
+    async fn alias_to_create(&self) -> Result<Option<String>, SinkError> {
+        let Some(alias) = std::env::var("VECTORPIPE_INDEX_ALIAS")
+            .ok()
+            .filter(|a| !a.is_empty() && *a != self.spec.index)
+        else {
+            return Ok(None);
+        };
+        let names = [alias.as_str()];
+        let status = {
+            let (node, client) = self.nodes.pick();
+            let sent = client
+                .indices()
+                .exists(IndicesExistsParts::Index(&names))
+                .send()
+                .await;
+            self.nodes.note(node, &sent);
+            sent
+        }
+        .map_err(|e| SinkError::Transient(e.to_string()))?
+        .status_code();
+        Ok((status.as_u16() == 404).then_some(alias))
+    }
+
     /// Creates the index when missing (and allowed), or checks that the existing one fits.
     pub async fn ensure_index(&self) -> Result<(), SinkError> {
         let index = self.spec.index.as_str();
@@ -584,12 +609,19 @@ impl OpenSearchIndex {
                     "index {index:?} does not exist and sink.opensearch.createIndex is false; create it or set createIndex: true"
                 )));
             }
+            let mut body = index_body(&self.spec, self.dimensions);
+            // The first generation of an operator-managed pipeline: the index readers search is
+            // an alias over it, made in the same request so that it never answers 404 between.
+            let alias = self.alias_to_create().await?;
+            if let Some(alias) = &alias {
+                body["aliases"] = json!({ alias: {} });
+            }
             let response = {
                 let (node, client) = self.nodes.pick();
                 let sent = client
                     .indices()
                     .create(IndicesCreateParts::Index(index))
-                    .body(index_body(&self.spec, self.dimensions))
+                    .body(body)
                     .send()
                     .await;
                 self.nodes.note(node, &sent);
@@ -601,6 +633,7 @@ impl OpenSearchIndex {
             if (200..300).contains(&status) {
                 tracing::info!(
                     index,
+                    alias = alias.as_deref().unwrap_or(""),
                     dimensions = self.dimensions,
                     "created the k-NN index"
                 );

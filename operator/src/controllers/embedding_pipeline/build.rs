@@ -155,6 +155,8 @@ pub fn render_config(pipeline: &EmbeddingPipeline) -> Result<String, serde_yaml:
         // The budget is the operator's too; what it changes (suspend, the throttle rate) is
         // rendered into the spec before this.
         fields.remove("budget");
+        // So are the migration settings.
+        fields.remove("migration");
         let mut workers = serde_yaml::Mapping::new();
         workers.insert("logLevel".into(), spec.workers.log_level.clone().into());
         workers.insert("metricsPort".into(), spec.workers.metrics_port.into());
@@ -209,6 +211,23 @@ fn ca_mount(volume: &'static str, path: &'static str, r: &SecretKeyRef) -> Secre
         secret: r.name.clone(),
         items: vec![(r.key.clone(), "ca.crt".into())],
         path,
+    }
+}
+
+/// Sets an environment variable of the worker container (added, or its value replaced).
+pub fn set_env(deployment: &mut Deployment, name: &str, value: &str) {
+    let Some(pod) = deployment.spec.template.spec.as_mut() else {
+        return;
+    };
+    for container in &mut pod.containers {
+        let env = container.env.get_or_insert_with(Vec::new);
+        match env.iter_mut().find(|e| e.name == name) {
+            Some(existing) => {
+                existing.value = Some(value.to_owned());
+                existing.value_from = None;
+            }
+            None => env.push(plain_env(name, value)),
+        }
     }
 }
 

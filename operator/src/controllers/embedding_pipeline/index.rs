@@ -151,14 +151,143 @@ async fn run(secrets: &mut Secrets, pipeline: &EmbeddingPipeline) -> Finding {
     }
 }
 
-/// Deletes the pipeline's index (`deleteIndexOnDelete`); a missing index counts as deleted.
+/// What the name readers search stands for in OpenSearch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AliasLook {
+    /// An alias over these indices.
+    Alias(Vec<String>),
+    /// An index of that name (made before generations).
+    Index,
+    /// Nothing yet.
+    Missing,
+}
+
+/// Looks up the pipeline's `sink.opensearch.index` name: an alias, an index, or nothing.
+pub async fn look_up_alias(
+    secrets: &mut Secrets,
+    pipeline: &EmbeddingPipeline,
+) -> Result<AliasLook, String> {
+    let name = &pipeline.spec.sink.opensearch.index;
+    let path = format!("_alias/{name}");
+    let response = request(secrets, pipeline, reqwest::Method::GET, &path)
+        .await?
+        .send()
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    match response.status().as_u16() {
+        200 => {
+            let body: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            let indices = body
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            Ok(AliasLook::Alias(indices))
+        }
+        404 => {
+            let head = request(secrets, pipeline, reqwest::Method::HEAD, name)
+                .await?
+                .send()
+                .await
+                .map_err(|e| format!("HEAD {name}: {e}"))?;
+            match head.status().as_u16() {
+                200 => Ok(AliasLook::Index),
+                404 => Ok(AliasLook::Missing),
+                status => Err(format!("HEAD {name}: HTTP {status}")),
+            }
+        }
+        status => Err(format!("GET {path}: HTTP {status}")),
+    }
+}
+
+/// Points the alias at `to` instead of `from`, in one `_aliases` request (readers see one or
+/// the other, never neither). `from_is_index`: `from` is an index named like the alias
+/// (generation 0), removed in the same request, since an alias cannot share an index's name.
+pub async fn switch_alias(
+    secrets: &mut Secrets,
+    pipeline: &EmbeddingPipeline,
+    from: &str,
+    to: &str,
+    from_is_index: bool,
+) -> Result<(), String> {
+    let alias = &pipeline.spec.sink.opensearch.index;
+    // Everything the new generation's workers acknowledged is searchable before readers move.
+    let path = format!("{to}/_refresh");
+    let refreshed = request(secrets, pipeline, reqwest::Method::POST, &path)
+        .await?
+        .send()
+        .await
+        .map_err(|e| format!("POST {path}: {e}"))?;
+    if !refreshed.status().is_success() {
+        return Err(format!("POST {path}: HTTP {}", refreshed.status()));
+    }
+    let actions = if from_is_index {
+        serde_json::json!([
+            {"add": {"index": to, "alias": alias}},
+            {"remove_index": {"index": from}},
+        ])
+    } else {
+        serde_json::json!([
+            {"remove": {"index": from, "alias": alias}},
+            {"add": {"index": to, "alias": alias}},
+        ])
+    };
+    let response = request(secrets, pipeline, reqwest::Method::POST, "_aliases")
+        .await?
+        .json(&serde_json::json!({ "actions": actions }))
+        .send()
+        .await
+        .map_err(|e| format!("POST _aliases: {e}"))?;
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    Err(format!(
+        "POST _aliases (alias {alias}: {from} -> {to}): HTTP {status}: {}",
+        response.text().await.unwrap_or_default()
+    ))
+}
+
+/// Deletes the index `index` of the pipeline's cluster; a missing one counts as deleted.
+pub async fn delete_named(
+    secrets: &mut Secrets,
+    pipeline: &EmbeddingPipeline,
+    index: &str,
+) -> Result<(), String> {
+    let response = request(secrets, pipeline, reqwest::Method::DELETE, index)
+        .await?
+        .send()
+        .await
+        .map_err(|e| format!("DELETE {index}: {e}"))?;
+    match response.status().as_u16() {
+        200 | 404 => Ok(()),
+        status => Err(format!(
+            "DELETE {index}: HTTP {status}: {}",
+            response.text().await.unwrap_or_default()
+        )),
+    }
+}
+
+/// Deletes the pipeline's index (`deleteIndexOnDelete`), every generation of it; a missing
+/// index counts as deleted.
 pub async fn delete_index(
     client: &kube::Client,
     namespace: &str,
     pipeline: &EmbeddingPipeline,
 ) -> Result<(), String> {
-    let index = &pipeline.spec.sink.opensearch.index;
     let mut secrets = Secrets::new(client, namespace);
+    if let Some(status) = super::generations::current(pipeline) {
+        let generations = std::iter::once(&status.serving)
+            .chain(status.previous.iter().map(|p| &p.generation))
+            .chain(status.migration.iter().map(|m| &m.target));
+        for generation in generations {
+            delete_named(&mut secrets, pipeline, &generation.index).await?;
+        }
+        return Ok(());
+    }
+    let index = &pipeline.spec.sink.opensearch.index;
     let request = request(&mut secrets, pipeline, reqwest::Method::DELETE, index).await?;
     let response = request
         .send()

@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod build;
 pub mod events;
+pub mod generations;
 pub mod index;
 pub mod status;
 
@@ -44,6 +45,8 @@ const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 /// How often the spend of a pipeline with a budget is read.
 const BUDGET_RECHECK: Duration = Duration::from_secs(30);
+/// How often a migration's progress is read.
+const MIGRATION_RECHECK: Duration = Duration::from_secs(5);
 
 /// The day's spend of a pipeline with `spec.budget`, from the workers' token counters in
 /// Prometheus; None without a budget.
@@ -149,7 +152,13 @@ async fn dereference(
         }
     }
     let index = if secret.is_none() && validate::pipeline(&pipeline.spec).is_ok() {
-        Some(index::check(&ctx.index_checks, &mut secrets, pipeline).await)
+        // With generations, the index in service is checked against its own model: a changed
+        // model is a migration to a new generation, not a mismatch.
+        let checked = match generations::current(pipeline) {
+            Some(status) => generations::pipeline_for(pipeline, &status.serving),
+            None => pipeline.clone(),
+        };
+        Some(index::check(&ctx.index_checks, &mut secrets, &checked).await)
     } else {
         None
     };
@@ -335,10 +344,22 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
     };
     // What the workers run: the spec, suspended or throttled by a used-up budget.
     let effective = budget::effect(pipeline, spent.as_ref());
+    let layout = match &blocked {
+        None => generations::layout(ctx, &effective, &namespace, &now).await,
+        Some(_) => {
+            let mut plain = generations::Layout::plain(&effective);
+            plain.status = generations::current(pipeline).cloned();
+            plain
+        }
+    };
     let (deployment, query) = match &blocked {
         None => {
-            let children = build::build(&effective, &ctx.defaults)?;
+            let mut children = build::build(&layout.live, &ctx.defaults)?;
+            if let Some(alias) = &layout.alias_for_workers {
+                build::set_env(&mut children.deployment, "VECTORPIPE_INDEX_ALIAS", alias);
+            }
             let (workers, query) = apply(&ctx.client, &namespace, &children).await?;
+            apply_backfill(ctx, &namespace, pipeline, layout.backfill.as_ref()).await?;
             (Some(workers), query)
         }
         Some(_) => (world.deployment, None),
@@ -348,7 +369,29 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         status::query_condition(pipeline, query.as_ref(), &mut status, &now);
         status::budget_condition(pipeline, spent.as_ref(), &mut status, &now);
     }
+    status.index = layout.status.clone();
     write_status(ctx, pipeline, &name, &namespace, &status).await?;
+    for note in &layout.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, pipeline, type_, note.reason, &note.message).await;
+    }
+    let index_recheck = status.index.as_ref().and_then(|index| {
+        if index.migration.is_some() {
+            return Some(MIGRATION_RECHECK);
+        }
+        index
+            .previous
+            .iter()
+            .map(|p| {
+                let left = p.delete_after.0.as_second() - now.0.as_second();
+                Duration::from_secs(left.max(1) as u64)
+            })
+            .min()
+    });
     ctx.reset_backoff(&format!("{namespace}/{name}"));
     Ok(match blocked {
         Some(blocked) if blocked.needs_spec_change() => Action::await_change(),
@@ -357,9 +400,77 @@ async fn reconcile_inner(pipeline: &EmbeddingPipeline, ctx: &Context) -> Result<
         None if !is_true(&status.conditions, READY) && !effective.spec.suspend => {
             Action::requeue(PROGRESS_RECHECK)
         }
-        None if pipeline.spec.budget.is_some() => Action::requeue(BUDGET_RECHECK),
-        None => Action::requeue(RESYNC),
+        None => {
+            let mut next = RESYNC;
+            if pipeline.spec.budget.is_some() {
+                next = next.min(BUDGET_RECHECK);
+            }
+            if let Some(index) = index_recheck {
+                next = next.min(index);
+            }
+            Action::requeue(next)
+        }
     })
+}
+
+/// Applies the backfill workers of a migration (their ConfigMap and Deployment, owned by the
+/// pipeline), or removes them when no migration runs.
+async fn apply_backfill(
+    ctx: &Context,
+    namespace: &str,
+    pipeline: &EmbeddingPipeline,
+    backfill: Option<&EmbeddingPipeline>,
+) -> Result<(), Error> {
+    let name = format!("{}-worker", generations::backfill_name(pipeline));
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), namespace);
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace);
+    let Some(backfill) = backfill else {
+        for deleted in [
+            deployments
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            config_maps
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ] {
+            match deleted {
+                Ok(()) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(kerr(Step::Apply, "deleting the backfill workers")(e)),
+            }
+        }
+        return Ok(());
+    };
+    let mut children = build::build(backfill, &ctx.defaults)?;
+    // Owned by the real pipeline, and counted under its name in the workers' metrics.
+    let real = pipeline.name_any();
+    for meta in [
+        &mut children.deployment.metadata,
+        &mut children.config_map.metadata,
+    ] {
+        for owner in meta.owner_references.iter_mut().flatten() {
+            owner.name = real.clone();
+        }
+    }
+    build::set_env(&mut children.deployment, "VECTORPIPE_PIPELINE_NAME", &real);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    config_maps
+        .patch(&name, &params, &Patch::Apply(&children.config_map))
+        .await
+        .map_err(kerr(
+            Step::Apply,
+            "applying the backfill workers' ConfigMap",
+        ))?;
+    deployments
+        .patch(&name, &params, &Patch::Apply(&children.deployment))
+        .await
+        .map_err(kerr(
+            Step::Apply,
+            "applying the backfill workers' Deployment",
+        ))?;
+    Ok(())
 }
 
 /// The finalizer that deletes the OpenSearch index with the pipeline (`deleteIndexOnDelete`).
@@ -398,22 +509,29 @@ async fn workers_still_running(
     pipeline: &EmbeddingPipeline,
 ) -> Result<bool, Error> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = build::child_name(pipeline);
-    let Some(deployment) = deployments
-        .get_opt(&name)
-        .await
-        .map_err(kerr(Step::Finalize, "reading the Deployment"))?
-    else {
-        return Ok(false);
-    };
-    if deployment.metadata.deletion_timestamp.is_none() {
-        match deployments.delete(&name, &DeleteParams::foreground()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
-            Err(e) => return Err(kerr(Step::Finalize, "deleting the Deployment")(e)),
+    let mut running = false;
+    // The live workers and, during a migration, the backfill workers.
+    for name in [
+        build::child_name(pipeline),
+        format!("{}-worker", generations::backfill_name(pipeline)),
+    ] {
+        let Some(deployment) = deployments
+            .get_opt(&name)
+            .await
+            .map_err(kerr(Step::Finalize, "reading the Deployment"))?
+        else {
+            continue;
+        };
+        running = true;
+        if deployment.metadata.deletion_timestamp.is_none() {
+            match deployments.delete(&name, &DeleteParams::foreground()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(kerr(Step::Finalize, "deleting the Deployment")(e)),
+            }
         }
     }
-    Ok(true)
+    Ok(running)
 }
 
 /// Adds or removes the index finalizer as the spec asks, and on deletion deletes the index

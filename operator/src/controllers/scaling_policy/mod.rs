@@ -272,7 +272,7 @@ async fn reconcile_inner(policy: &ScalingPolicy, ctx: &ScalingContext) -> Result
 
 /// Reads the Kafka credentials of a pipeline from the Secrets its spec names (the ones its
 /// workers mount). Err says which Secret or key is missing, or that a Secret did not opt in.
-async fn kafka_credentials(
+pub(crate) async fn kafka_credentials(
     client: &kube::Client,
     namespace: &str,
     pipeline: &vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec,
@@ -320,9 +320,20 @@ async fn read_metrics(
     let credentials = kafka_credentials(&ctx.base.client, namespace, &pipeline.spec)
         .await
         .map_err(|e| e.to_string());
+    // The lag is the live workers' group: after a model migration, its generation's own.
+    let live = match crate::controllers::embedding_pipeline::generations::current(pipeline) {
+        Some(index) => {
+            crate::controllers::embedding_pipeline::generations::pipeline_for(
+                pipeline,
+                &index.serving,
+            )
+            .spec
+        }
+        None => pipeline.spec.clone(),
+    };
     let observation = observe::observe(
         &policy.spec,
-        &pipeline.spec,
+        &live,
         namespace,
         &pipeline.name_any(),
         pipeline.spec.workers.replicas,
