@@ -65,6 +65,247 @@ enum Bench {
     /// 8`, once with `quotaAware` and once without; prints both replica and throughput traces
     /// (needs `up.sh k8s kafka prometheus opensearch`).
     Quota(QuotaArgs),
+    /// The worker next to the loop people write in Python (confluent-kafka, boto3 InvokeModel
+    /// from a thread pool, opensearch-py bulk, a commit after each bulk) on the same servers and
+    /// records, at each Bedrock latency; needs `up.sh kafka opensearch` and, for the Python
+    /// side, `pip install confluent-kafka boto3 opensearch-py` (said and skipped without).
+    Compare(CompareArgs),
+}
+
+/// Compare bench settings.
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// Records of each run.
+    #[arg(long, default_value_t = 20_000)]
+    records: usize,
+    /// Bedrock latencies to run at, milliseconds, comma-separated.
+    #[arg(long, default_value = "0,50", value_delimiter = ',')]
+    latencies_ms: Vec<u64>,
+    /// Calls in flight: the worker's maxInFlight and the Python thread pool.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Topic partitions.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// The worker binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+    /// The Python interpreter.
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+/// One side of a comparison: seconds from launch until every record was searchable, and the
+/// process' CPU seconds and peak RSS.
+struct Side {
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+}
+
+/// A topic holding `records` posts with ids `r<i>`, keyed by id; `hot`: ids repeat modulo it.
+async fn produce_backlog(
+    topic: &str,
+    partitions: i32,
+    records: usize,
+    hot: Option<usize>,
+) -> Result<()> {
+    kafka::create_topic(topic, partitions).await?;
+    let text =
+        "Fresh vectors keep retrieval honest: this post talks about kafka, embeddings and search.";
+    let producer: FutureProducer = kafka::config()?
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()?;
+    let mut pending = Vec::with_capacity(records.min(5000));
+    let producer_ref = &producer;
+    for i in 0..records {
+        let id = match hot {
+            Some(hot) => format!("r{}", i % hot.max(1)),
+            None => format!("r{i}"),
+        };
+        let payload =
+            json!({"id": id, "text": format!("{text} #{i}"), "producedAt": 0}).to_string();
+        pending.push(async move { send_keyed(producer_ref, topic, &id, &payload).await });
+        if pending.len() >= 5000 {
+            futures::future::try_join_all(pending.drain(..)).await?;
+        }
+    }
+    futures::future::try_join_all(pending).await?;
+    Ok(())
+}
+
+/// Waits until `index` holds `records` documents; `alive` fails when the process under test
+/// ended early.
+async fn wait_for_documents(
+    index: &str,
+    records: usize,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    loop {
+        alive()?;
+        if os::count(index).await.unwrap_or(0) >= records as u64 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn compare_worker(
+    args: &CompareArgs,
+    latency: Duration,
+    binary: &std::path::Path,
+) -> Result<Side> {
+    let topic = unique_name("compare-worker");
+    produce_backlog(&topic, args.partitions, args.records, None).await?;
+    let (fake, address) = FakeBedrock::start().await?;
+    fake.set_latency(latency);
+    let dir = std::env::temp_dir().join(&topic);
+    std::fs::create_dir_all(&dir)?;
+    let pipeline = dir.join("pipeline.yaml");
+    let index = topic.to_lowercase();
+    std::fs::write(
+        &pipeline,
+        serde_yaml::to_string(&json!({
+            "apiVersion": "vectorpipe.io/v1alpha1",
+            "kind": "EmbeddingPipeline",
+            "metadata": {"name": "compare", "namespace": "bench"},
+            "spec": {
+                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": format!("{topic}-group")}},
+                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+                "chunking": {"strategy": "none"},
+                "embedding": {"bedrock": {
+                    "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
+                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
+                }},
+                "sink": {"opensearch": {
+                    "endpoints": [os::url()?], "index": index,
+                    "method": {"engine": "lucene"},
+                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
+                    "bulk": {"maxDocs": 500, "flushInterval": "200ms"},
+                }},
+            }
+        }))?,
+    )?;
+    let mut worker = Worker::start_binary(binary, &pipeline, &dir.join("worker.log"))?;
+    let launched = Instant::now();
+    wait_for_documents(&index, args.records, || worker.assert_running()).await?;
+    let seconds = launched.elapsed().as_secs_f64();
+    let (cpu_seconds, peak_rss_mib) = process_usage(worker.pid())?;
+    worker.stop()?;
+    Ok(Side {
+        seconds,
+        cpu_seconds,
+        peak_rss_mib,
+    })
+}
+
+async fn compare_python(args: &CompareArgs, latency: Duration) -> Result<Side> {
+    let topic = unique_name("compare-python");
+    produce_backlog(&topic, args.partitions, args.records, None).await?;
+    let (fake, address) = FakeBedrock::start().await?;
+    fake.set_latency(latency);
+    let index = topic.to_lowercase();
+    let script = vectorpipe_tests::repo_root().join("tests/bench/python_loop.py");
+    let log = std::env::temp_dir().join(format!("{topic}.log"));
+    let mut child = std::process::Command::new(&args.python)
+        .arg(&script)
+        .args(["--bootstrap", &kafka::bootstrap()?, "--topic", &topic])
+        .args(["--group", &format!("{topic}-group")])
+        .args(["--bedrock", &format!("http://{address}")])
+        .args(["--opensearch", &os::url()?, "--index", &index])
+        .args(["--records", &args.records.to_string()])
+        .args(["--threads", &args.max_in_flight.to_string()])
+        .args(["--access-key-id", vectorpipe_tests::bedrock::ACCESS_KEY_ID])
+        .args([
+            "--secret-access-key",
+            vectorpipe_tests::bedrock::SECRET_ACCESS_KEY,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let launched = Instant::now();
+    wait_for_documents(&index, args.records, || match child.try_wait()? {
+        None => Ok(()),
+        Some(status) if status.success() => Ok(()),
+        Some(status) => anyhow::bail!(
+            "the Python loop exited with {status}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ),
+    })
+    .await?;
+    let seconds = launched.elapsed().as_secs_f64();
+    let output = child.wait_with_output()?;
+    let said: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "the Python loop printed no report: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
+    Ok(Side {
+        seconds,
+        cpu_seconds: said["cpuSeconds"].as_f64().unwrap_or(f64::NAN),
+        peak_rss_mib: said["peakRssMiB"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+async fn compare_bench(args: CompareArgs) -> Result<()> {
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    let python_ready = std::process::Command::new(&args.python)
+        .args(["-c", "import confluent_kafka, boto3, opensearchpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    println!("worker binary: {}", worker.display());
+    println!(
+        "records per run: {}, calls in flight: {}, partitions: {}, Titan v2 256 dims, bulk 500, refresh 1 s",
+        args.records, args.max_in_flight, args.partitions
+    );
+    if !python_ready {
+        println!(
+            "the Python baseline needs confluent-kafka, boto3 and opensearch-py ({} -m pip install confluent-kafka boto3 opensearch-py): only the worker runs",
+            args.python
+        );
+    }
+    println!(
+        "\n{:<16} {:<8} {:>9} {:>10} {:>7} {:>11} {:>9}",
+        "Bedrock latency", "loop", "seconds", "records/s", "cpu s", "docs/cpu-s", "rss MiB"
+    );
+    let row = |latency: u64, name: &str, side: &Side| {
+        println!(
+            "{:<16} {:<8} {:>9.1} {:>10.0} {:>7.1} {:>11.0} {:>9.0}",
+            format!("{latency} ms"),
+            name,
+            side.seconds,
+            args.records as f64 / side.seconds,
+            side.cpu_seconds,
+            args.records as f64 / side.cpu_seconds.max(0.001),
+            side.peak_rss_mib
+        );
+    };
+    if python_ready {
+        println!(
+            "(ratio: the worker's records/s over the Python loop's, and the Python loop's CPU seconds over the worker's; both from launch, start-up included)"
+        );
+    }
+    for &latency_ms in &args.latencies_ms {
+        let latency = Duration::from_millis(latency_ms);
+        let ours = compare_worker(&args, latency, &worker).await?;
+        row(latency_ms, "worker", &ours);
+        if python_ready {
+            let theirs = compare_python(&args, latency).await?;
+            row(latency_ms, "python", &theirs);
+            println!(
+                "{:<16} {:<8} {:>9} {:>9.2}x {:>7} {:>10.2}x",
+                "",
+                "ratio",
+                "",
+                theirs.seconds / ours.seconds,
+                "",
+                theirs.cpu_seconds / ours.cpu_seconds.max(0.001),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Quota bench settings.
@@ -906,7 +1147,6 @@ async fn scenario(
     hot_ids: Option<usize>,
 ) -> Result<Figures> {
     let topic = unique_name("bench");
-    kafka::create_topic(&topic, args.partitions).await?;
     let (fake, address) = FakeBedrock::start().await?;
     fake.set_latency(latency);
     let dir = std::env::temp_dir().join(&topic);
@@ -939,26 +1179,7 @@ async fn scenario(
     let index = topic.to_lowercase();
     let text =
         "Fresh vectors keep retrieval honest: this post talks about kafka, embeddings and search.";
-    let producer: FutureProducer = kafka::config()?
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()?;
-    let mut pending = Vec::with_capacity(args.records);
-    let (producer_ref, topic_ref) = (&producer, topic.as_str());
-    for i in 0..args.records {
-        let id = match hot_ids {
-            Some(hot) => format!("r{}", i % hot.max(1)),
-            None => format!("r{i}"),
-        };
-        let payload =
-            json!({"id": id, "text": format!("{text} #{i}"), "producedAt": 0}).to_string();
-        let key = id;
-        pending.push(async move { send_keyed(producer_ref, topic_ref, &key, &payload).await });
-        if pending.len() >= 5000 {
-            futures::future::try_join_all(pending.drain(..)).await?;
-        }
-    }
-    futures::future::try_join_all(pending).await?;
+    produce_backlog(&topic, args.partitions, args.records, hot_ids).await?;
 
     // Backlog phase.
     // The clock starts at the first indexed document, so start-up (index check, group join) is
@@ -1064,6 +1285,7 @@ async fn main() -> Result<()> {
         Bench::Memory(args) => memory_bench(args).await,
         Bench::Query(args) => query_bench(args).await,
         Bench::Quota(args) => quota_bench(args).await,
+        Bench::Compare(args) => compare_bench(args).await,
     }
 }
 
