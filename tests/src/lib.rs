@@ -272,6 +272,38 @@ pub mod k8s {
         })
     }
 
+    /// `spec.workers` of a pipeline whose one worker runs on the real node, with the fake
+    /// Bedrock's keys from the Secret `aws` ([`create_aws_secret`]).
+    pub fn real_node_workers() -> serde_json::Value {
+        let mut workers = on_the_real_node();
+        workers["replicas"] = serde_json::json!(1);
+        workers["env"] = serde_json::json!([
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "id"}}},
+            {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "secret"}}},
+            {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
+        ]);
+        workers["resources"] = serde_json::json!({"requests": {"cpu": "50m", "memory": "256Mi"}});
+        workers
+    }
+
+    /// The Secret `aws` in `namespace` with the fake Bedrock's access keys.
+    pub fn create_aws_secret(namespace: &str) -> Result<()> {
+        kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "aws",
+            "-n",
+            namespace,
+            &format!("--from-literal=id={}", crate::bedrock::ACCESS_KEY_ID),
+            &format!(
+                "--from-literal=secret={}",
+                crate::bedrock::SECRET_ACCESS_KEY
+            ),
+        ])?;
+        Ok(())
+    }
+
     /// `helm install`s the chart as `release` in `namespace` on the real node, watching only
     /// that namespace, and waits for the operator pod.
     pub fn install_operator_on_the_real_node(namespace: &str, release: &str) -> Result<()> {

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, ensure};
 use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use vectorpipe_tests::bedrock::{self, FakeBedrock};
-use vectorpipe_tests::k8s::{self, helm, kubectl, on_the_real_node};
+use vectorpipe_tests::bedrock::FakeBedrock;
+use vectorpipe_tests::k8s::{self, helm, kubectl};
 use vectorpipe_tests::{eventually, harness_var, kafka, opensearch as os, unique_name};
 
 async fn produce(topic: &str, ids: std::ops::Range<usize>, pause: Duration) -> Result<()> {
@@ -86,25 +86,9 @@ async fn a_model_change_migrates_to_a_new_generation_without_a_failed_search() -
     let topic = unique_name("migrate");
     kafka::create_topic(&topic, 3).await?;
     let (fake, address) = FakeBedrock::start().await?;
-    kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "aws",
-        "-n",
-        &ns.name,
-        &format!("--from-literal=id={}", bedrock::ACCESS_KEY_ID),
-        &format!("--from-literal=secret={}", bedrock::SECRET_ACCESS_KEY),
-    ])?;
+    k8s::create_aws_secret(&ns.name)?;
     let alias = topic.to_lowercase();
-    let mut workers = on_the_real_node();
-    workers["replicas"] = json!(1);
-    workers["env"] = json!([
-        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "id"}}},
-        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "secret"}}},
-        {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
-    ]);
-    workers["resources"] = json!({"requests": {"cpu": "50m", "memory": "256Mi"}});
+    let workers = k8s::real_node_workers();
     let mut pipeline = json!({
         "apiVersion": "vectorpipe.io/v1alpha1",
         "kind": "EmbeddingPipeline",

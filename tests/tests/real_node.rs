@@ -16,8 +16,8 @@ use anyhow::{Context, Result, ensure};
 use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use vectorpipe_tests::bedrock::{self, FakeBedrock, Fault};
-use vectorpipe_tests::k8s::{self, helm, kubectl, on_the_real_node};
+use vectorpipe_tests::bedrock::{FakeBedrock, Fault};
+use vectorpipe_tests::k8s::{self, helm, kubectl};
 use vectorpipe_tests::{eventually, harness_var, kafka, opensearch as os, unique_name};
 
 /// The worker pods of the pipeline, oldest first: name, ready, terminating. A container restart
@@ -102,20 +102,7 @@ async fn wait_ready_pods(namespace: &str, pipeline: &str, n: usize) -> Result<Ve
 }
 
 async fn produce(topic: &str, ids: std::ops::Range<usize>) -> Result<()> {
-    let producer: FutureProducer = kafka::config()?.set("linger.ms", "5").create()?;
-    for n in ids {
-        let id = format!("post-{n}");
-        let payload =
-            json!({"id": id, "text": format!("real pods index post number {n}")}).to_string();
-        producer
-            .send(
-                FutureRecord::to(topic).key(&id).payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
-    }
-    Ok(())
+    produce_text(topic, ids, "real pods index post number").await
 }
 
 /// Waits until the index holds exactly the documents of `ids` (ids are the record ids, so a lost
@@ -213,26 +200,10 @@ async fn the_chart_and_a_pipeline_run_as_real_pods_and_survive_deletes_rollouts_
     let topic = unique_name("real-node");
     kafka::create_topic(&topic, 6).await?;
     let (fake, address) = FakeBedrock::start().await?;
-    kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "aws",
-        "-n",
-        &ns.name,
-        &format!("--from-literal=id={}", bedrock::ACCESS_KEY_ID),
-        &format!("--from-literal=secret={}", bedrock::SECRET_ACCESS_KEY),
-    ])?;
+    k8s::create_aws_secret(&ns.name)?;
     let index = topic.to_lowercase();
     let group = format!("{topic}-group");
-    let mut workers = on_the_real_node();
-    workers["replicas"] = json!(1);
-    workers["env"] = json!([
-        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "id"}}},
-        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "aws", "key": "secret"}}},
-        {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
-    ]);
-    workers["resources"] = json!({"requests": {"cpu": "50m", "memory": "256Mi"}});
+    let workers = k8s::real_node_workers();
     let mut pipeline = json!({
         "apiVersion": "vectorpipe.io/v1alpha1",
         "kind": "EmbeddingPipeline",

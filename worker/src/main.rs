@@ -136,34 +136,8 @@ enum Command {
         /// The pipeline file.
         #[arg(long, env = "VECTORPIPE_PIPELINE_FILE")]
         pipeline: PathBuf,
-        /// Only dead letters of this reason (repeatable or comma-separated): parse,
-        /// missing-field, embedding-rejected, embedding-failed, index-rejected, too-large,
-        /// unresolvable-tombstone.
-        #[arg(long, value_delimiter = ',')]
-        reason: Vec<String>,
-        /// Only dead letters written since: a time (2026-12-01T08:00:00Z) or an age (2h, 3d).
-        #[arg(long)]
-        since: Option<String>,
-        /// Only dead letters written before: a time or an age.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only records from this partition of the source topic (repeatable or
-        /// comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        partition: Vec<i32>,
-        /// The most records to redrive.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Count what would be redriven; write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Also write the JSON report to this file (a Job's /dev/termination-log, where
-        /// `kubectl vectorpipe redrive` reads it).
-        #[arg(long, env = "VECTORPIPE_TERMINATION_LOG")]
-        termination_log: Option<PathBuf>,
+        #[command(flatten)]
+        args: RedriveArgs,
     },
     /// The laptop mode: index a JSONL file (or stdin) with a local model into an embedded store.
     Local {
@@ -891,15 +865,36 @@ fn time_or_age(text: &str) -> anyhow::Result<i64> {
     }
 }
 
-/// The redrive command's options, as read.
+/// What `redrive` selects and how it reports.
+#[derive(clap::Args, Debug)]
 struct RedriveArgs {
+    /// Only dead letters of this reason (repeatable or comma-separated): parse,
+    /// missing-field, embedding-rejected, embedding-failed, index-rejected, too-large,
+    /// unresolvable-tombstone.
+    #[arg(long, value_delimiter = ',')]
     reason: Vec<String>,
+    /// Only dead letters written since: a time (2026-12-01T08:00:00Z) or an age (2h, 3d).
+    #[arg(long)]
     since: Option<String>,
+    /// Only dead letters written before: a time or an age.
+    #[arg(long)]
     until: Option<String>,
+    /// Only records from this partition of the source topic (repeatable or
+    /// comma-separated).
+    #[arg(long, value_delimiter = ',')]
     partition: Vec<i32>,
+    /// The most records to redrive.
+    #[arg(long)]
     limit: Option<usize>,
+    /// Count what would be redriven; write nothing.
+    #[arg(long)]
     dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
     json: bool,
+    /// Also write the JSON report to this file (a Job's /dev/termination-log, where
+    /// `kubectl vectorpipe redrive` reads it).
+    #[arg(long, env = "VECTORPIPE_TERMINATION_LOG")]
     termination_log: Option<PathBuf>,
 }
 
@@ -940,29 +935,7 @@ async fn redrive(pipeline: PathBuf, args: RedriveArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Redrive {
-            pipeline,
-            reason,
-            since,
-            until,
-            partition,
-            limit,
-            dry_run,
-            json,
-            termination_log,
-        } => laptop(redrive(
-            pipeline,
-            RedriveArgs {
-                reason,
-                since,
-                until,
-                partition,
-                limit,
-                dry_run,
-                json,
-                termination_log,
-            },
-        )),
+        Command::Redrive { pipeline, args } => laptop(redrive(pipeline, args)),
         Command::Local {
             pipeline,
             input,

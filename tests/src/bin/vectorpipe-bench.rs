@@ -103,6 +103,36 @@ struct Side {
     peak_rss_mib: f64,
 }
 
+/// The pipeline of a bench worker: `topic` read by `group`, Titan v2 at 256 dimensions from the
+/// fake at `address` with `max_in_flight` calls, ids from `/id`, no chunking, into the index
+/// `topic` (lowercased) on the harness OpenSearch with lucene and a 1 s refresh.
+fn bench_manifest(
+    topic: &str,
+    group: &str,
+    address: std::net::SocketAddr,
+    max_in_flight: usize,
+) -> Result<Value> {
+    Ok(json!({
+        "apiVersion": "vectorpipe.io/v1alpha1",
+        "kind": "EmbeddingPipeline",
+        "metadata": {"name": "bench", "namespace": "bench"},
+        "spec": {
+            "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": group}},
+            "transform": {"idPointer": "/id", "textPointers": ["/text"]},
+            "chunking": {"strategy": "none"},
+            "embedding": {"bedrock": {
+                "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
+                "endpointUrl": format!("http://{address}"), "maxInFlight": max_in_flight,
+            }},
+            "sink": {"opensearch": {
+                "endpoints": [os::url()?], "index": topic.to_lowercase(),
+                "method": {"engine": "lucene"},
+                "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
+            }},
+        }
+    }))
+}
+
 /// A topic holding `records` posts with ids `r<i>`, keyed by id; `hot`: ids repeat modulo it.
 async fn produce_backlog(
     topic: &str,
@@ -164,29 +194,15 @@ async fn compare_worker(
     std::fs::create_dir_all(&dir)?;
     let pipeline = dir.join("pipeline.yaml");
     let index = topic.to_lowercase();
-    std::fs::write(
-        &pipeline,
-        serde_yaml::to_string(&json!({
-            "apiVersion": "vectorpipe.io/v1alpha1",
-            "kind": "EmbeddingPipeline",
-            "metadata": {"name": "compare", "namespace": "bench"},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": format!("{topic}-group")}},
-                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
-                "chunking": {"strategy": "none"},
-                "embedding": {"bedrock": {
-                    "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
-                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
-                }},
-                "sink": {"opensearch": {
-                    "endpoints": [os::url()?], "index": index,
-                    "method": {"engine": "lucene"},
-                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
-                    "bulk": {"maxDocs": 500, "flushInterval": "200ms"},
-                }},
-            }
-        }))?,
+    let mut manifest = bench_manifest(
+        &topic,
+        &format!("{topic}-group"),
+        address,
+        args.max_in_flight,
     )?;
+    manifest["spec"]["sink"]["opensearch"]["bulk"] =
+        json!({"maxDocs": 500, "flushInterval": "200ms"});
+    std::fs::write(&pipeline, serde_yaml::to_string(&manifest)?)?;
     let mut worker = Worker::start_binary(binary, &pipeline, &dir.join("worker.log"))?;
     let launched = Instant::now();
     wait_for_documents(&index, args.records, || worker.assert_running()).await?;
@@ -266,6 +282,11 @@ async fn compare_bench(args: CompareArgs) -> Result<()> {
             args.python
         );
     }
+    if python_ready {
+        println!(
+            "(ratio: the worker's records/s over the Python loop's, and the Python loop's CPU seconds over the worker's; both from launch, start-up included)"
+        );
+    }
     println!(
         "\n{:<16} {:<8} {:>9} {:>10} {:>7} {:>11} {:>9}",
         "Bedrock latency", "loop", "seconds", "records/s", "cpu s", "docs/cpu-s", "rss MiB"
@@ -282,11 +303,6 @@ async fn compare_bench(args: CompareArgs) -> Result<()> {
             side.peak_rss_mib
         );
     };
-    if python_ready {
-        println!(
-            "(ratio: the worker's records/s over the Python loop's, and the Python loop's CPU seconds over the worker's; both from launch, start-up included)"
-        );
-    }
     for &latency_ms in &args.latencies_ms {
         let latency = Duration::from_millis(latency_ms);
         let ours = compare_worker(&args, latency, &worker).await?;
@@ -814,28 +830,8 @@ async fn remove_one_of_three(
     std::fs::create_dir_all(&dir)?;
     let pipeline = dir.join("pipeline.yaml");
     let index = topic.to_lowercase();
-    std::fs::write(
-        &pipeline,
-        serde_yaml::to_string(&json!({
-            "apiVersion": "vectorpipe.io/v1alpha1",
-            "kind": "EmbeddingPipeline",
-            "metadata": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": group}},
-                "transform": {"idPointer": "/id", "textPointers": ["/text"]},
-                "chunking": {"strategy": "none"},
-                "embedding": {"bedrock": {
-                    "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
-                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
-                }},
-                "sink": {"opensearch": {
-                    "endpoints": [os::url()?], "index": index,
-                    "method": {"engine": "lucene"},
-                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
-                }},
-            }
-        }))?,
-    )?;
+    let manifest = bench_manifest(&topic, &group, address, args.max_in_flight)?;
+    std::fs::write(&pipeline, serde_yaml::to_string(&manifest)?)?;
     let mut workers = (0..3)
         .map(|n| Worker::start_binary(worker_binary, &pipeline, &dir.join(format!("w{n}.log"))))
         .collect::<Result<Vec<_>>>()?;
@@ -1152,30 +1148,17 @@ async fn scenario(
     let dir = std::env::temp_dir().join(&topic);
     std::fs::create_dir_all(&dir)?;
     let pipeline = dir.join("pipeline.yaml");
-    std::fs::write(
-        &pipeline,
-        serde_yaml::to_string(&json!({
-            "apiVersion": "vectorpipe.io/v1alpha1",
-            "kind": "EmbeddingPipeline",
-            "metadata": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "source": {"kafka": {"bootstrapServers": [kafka::bootstrap()?], "topics": [topic], "groupId": format!("{topic}-group")}},
-                "transform": {"idPointer": "/id", "textPointers": ["/text"], "metadata": {"producedAt": "/producedAt"}},
-                "chunking": {"strategy": "none"},
-                "dedup": {"enabled": false},
-                "embedding": {"bedrock": {
-                    "modelId": "amazon.titan-embed-text-v2:0", "dimensions": 256, "region": "eu-west-1",
-                    "endpointUrl": format!("http://{address}"), "maxInFlight": args.max_in_flight,
-                }},
-                "sink": {"opensearch": {
-                    "endpoints": [os::url()?], "index": topic.to_lowercase(),
-                    "method": {"engine": "lucene"},
-                    "indexSettings": {"shards": 1, "replicas": 0, "refreshInterval": "1s"},
-                    "bulk": {"maxDocs": 500, "flushInterval": "200ms"},
-                }},
-            }
-        }))?,
+    let mut manifest = bench_manifest(
+        &topic,
+        &format!("{topic}-group"),
+        address,
+        args.max_in_flight,
     )?;
+    let spec = &mut manifest["spec"];
+    spec["transform"]["metadata"] = json!({"producedAt": "/producedAt"});
+    spec["dedup"] = json!({"enabled": false});
+    spec["sink"]["opensearch"]["bulk"] = json!({"maxDocs": 500, "flushInterval": "200ms"});
+    std::fs::write(&pipeline, serde_yaml::to_string(&manifest)?)?;
     let index = topic.to_lowercase();
     let text =
         "Fresh vectors keep retrieval honest: this post talks about kafka, embeddings and search.";

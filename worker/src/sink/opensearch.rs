@@ -571,7 +571,12 @@ impl OpenSearchIndex {
         else {
             return Ok(None);
         };
-        let names = [alias.as_str()];
+        Ok((!self.exists(&alias).await?).then_some(alias))
+    }
+
+    /// Whether an index or an alias of that name exists.
+    async fn exists(&self, name: &str) -> Result<bool, SinkError> {
+        let names = [name];
         let status = {
             let (node, client) = self.nodes.pick();
             let sent = client
@@ -584,26 +589,13 @@ impl OpenSearchIndex {
         }
         .map_err(|e| SinkError::Transient(e.to_string()))?
         .status_code();
-        Ok((status.as_u16() == 404).then_some(alias))
+        Ok(status.as_u16() != 404)
     }
 
     /// Creates the index when missing (and allowed), or checks that the existing one fits.
     pub async fn ensure_index(&self) -> Result<(), SinkError> {
         let index = self.spec.index.as_str();
-        let indices = [index];
-        let exists = {
-            let (node, client) = self.nodes.pick();
-            let sent = client
-                .indices()
-                .exists(IndicesExistsParts::Index(&indices))
-                .send()
-                .await;
-            self.nodes.note(node, &sent);
-            sent
-        }
-        .map_err(|e| SinkError::Transient(e.to_string()))?
-        .status_code();
-        if exists.as_u16() == 404 {
+        if !self.exists(index).await? {
             if !self.spec.create_index {
                 return Err(SinkError::Misconfigured(format!(
                     "index {index:?} does not exist and sink.opensearch.createIndex is false; create it or set createIndex: true"

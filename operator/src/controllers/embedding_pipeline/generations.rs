@@ -227,6 +227,8 @@ pub fn step(
         .into_iter()
         .partition(|p| p.delete_after.0 <= now.0);
     status.previous = kept;
+    let expired: Vec<String> = expired.into_iter().map(|p| p.generation.index).collect();
+    let to_delete = |cancel: Vec<String>| expired.iter().cloned().chain(cancel).collect();
 
     if model == status.serving.model {
         if let Some(migration) = status.migration.take() {
@@ -250,11 +252,7 @@ pub fn step(
             status,
             backfill: false,
             switch: false,
-            delete: expired
-                .into_iter()
-                .map(|p| p.generation.index)
-                .chain(cancel)
-                .collect(),
+            delete: to_delete(cancel),
             notes,
         };
     }
@@ -360,11 +358,7 @@ pub fn step(
                     status,
                     backfill: false,
                     switch: false,
-                    delete: expired
-                        .into_iter()
-                        .map(|p| p.generation.index)
-                        .chain(cancel)
-                        .collect(),
+                    delete: to_delete(cancel),
                     notes,
                 };
             }
@@ -410,11 +404,7 @@ pub fn step(
         status,
         backfill: true,
         switch,
-        delete: expired
-            .into_iter()
-            .map(|p| p.generation.index)
-            .chain(cancel)
-            .collect(),
+        delete: to_delete(cancel),
         notes,
     }
 }

@@ -287,19 +287,7 @@ pub async fn delete_index(
         }
         return Ok(());
     }
-    let index = &pipeline.spec.sink.opensearch.index;
-    let request = request(&mut secrets, pipeline, reqwest::Method::DELETE, index).await?;
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("DELETE {index}: {e}"))?;
-    match response.status().as_u16() {
-        200 | 404 => Ok(()),
-        status => Err(format!(
-            "DELETE {index}: HTTP {status}: {}",
-            response.text().await.unwrap_or_default()
-        )),
-    }
+    delete_named(&mut secrets, pipeline, &pipeline.spec.sink.opensearch.index).await
 }
 
 /// Checks the pipeline's index (with the credentials `secrets` reads), or returns the recent
