@@ -31,6 +31,18 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
+/// The block of the README that starts with `$ <command>`: the lines after it up to the fence.
+pub fn readme_block(command: &str) -> Result<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let start = format!("$ {command}\n");
+    let at = readme
+        .find(&start)
+        .with_context(|| format!("the README shows no `$ {command}` block"))?;
+    let rest = &readme[at + start.len()..];
+    let end = rest.find("```").context("the README block does not end")?;
+    Ok(rest[..end].to_owned())
+}
+
 /// A name that no other test (or earlier run) uses, for namespaces, topics and groups.
 pub fn unique_name(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -4,13 +4,12 @@
 //! text: a change to the plugin's output fails here until the README shows it.
 //! (`redrive` runs a Job, so it is tested on the real node: `real_node.rs`.)
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use vectorpipe_crds::v1alpha1::{EmbeddingPipeline, ScalingPolicy};
 use vectorpipe_tests::k8s::{self, kubectl};
-use vectorpipe_tests::repo_root;
 
 /// When the README's examples were made.
 const NOW: &str = "2026-12-04T12:00:00Z";
@@ -121,18 +120,6 @@ fn policy_status() -> Value {
     })
 }
 
-/// The block of the README that starts with `$ <command>`: the lines after it up to the fence.
-fn readme_block(command: &str) -> Result<String> {
-    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
-    let start = format!("$ {command}\n");
-    let at = readme
-        .find(&start)
-        .with_context(|| format!("the README shows no `$ {command}` block"))?;
-    let rest = &readme[at + start.len()..];
-    let end = rest.find("```").context("the README block does not end")?;
-    Ok(rest[..end].to_owned())
-}
-
 /// Runs `kubectl vectorpipe ARGS -n NAMESPACE` with the README's time; the namespace in the
 /// output is the one the README shows.
 fn plugin(namespace: &str, args: &[&str]) -> Result<String> {
@@ -175,19 +162,19 @@ async fn status_and_explain_print_what_the_readme_shows() -> Result<()> {
     let status = plugin(ns, &["status", "posts"])?;
     assert_eq!(
         status,
-        readme_block("kubectl vectorpipe status posts")?,
+        vectorpipe_tests::readme_block("kubectl vectorpipe status posts")?,
         "the README's status block:\n{status}"
     );
     let migrating = plugin(ns, &["migrate", "status", "posts"])?;
     assert_eq!(
         migrating,
-        readme_block("kubectl vectorpipe migrate status posts")?,
+        vectorpipe_tests::readme_block("kubectl vectorpipe migrate status posts")?,
         "the README's migrate status block:\n{migrating}"
     );
     let explain = plugin(ns, &["explain", "posts-lag"])?;
     assert_eq!(
         explain,
-        readme_block("kubectl vectorpipe explain posts-lag")?,
+        vectorpipe_tests::readme_block("kubectl vectorpipe explain posts-lag")?,
         "the README's explain block:\n{explain}"
     );
 
