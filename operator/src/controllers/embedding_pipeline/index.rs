@@ -205,6 +205,7 @@ pub async fn look_up_alias(
 /// Points the alias at `to` instead of `from`, in one `_aliases` request (readers see one or
 /// the other, never neither). `from_is_index`: `from` is an index named like the alias
 /// (generation 0), removed in the same request, since an alias cannot share an index's name.
+/// Idempotent: an alias that already points at `to` alone is left as it is.
 pub async fn switch_alias(
     secrets: &mut Secrets,
     pipeline: &EmbeddingPipeline,
@@ -213,6 +214,11 @@ pub async fn switch_alias(
     from_is_index: bool,
 ) -> Result<(), String> {
     let alias = &pipeline.spec.sink.opensearch.index;
+    // Already done (the status that should have recorded the switch was not written): a second
+    // `remove` would fail for good on an alias that no longer points at `from`.
+    if look_up_alias(secrets, pipeline).await? == AliasLook::Alias(vec![to.to_owned()]) {
+        return Ok(());
+    }
     // Everything the new generation's workers acknowledged is searchable before readers move.
     let path = format!("{to}/_refresh");
     let refreshed = request(secrets, pipeline, reqwest::Method::POST, &path)
