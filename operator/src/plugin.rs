@@ -133,6 +133,15 @@ fn decisions_table(now: jiff::Timestamp, decisions: &[ScalingDecision]) -> Strin
     )
 }
 
+/// The first line of a pipeline's texts: `pipeline <namespace>/<name>`.
+fn heading(pipeline: &EmbeddingPipeline) -> String {
+    format!(
+        "pipeline {}/{}\n",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    )
+}
+
 /// `status <pipeline>`: `policy` is the ScalingPolicy that targets it, if one does.
 pub fn status_text(
     now: jiff::Timestamp,
@@ -142,13 +151,7 @@ pub fn status_text(
     let spec = &pipeline.spec;
     let status = pipeline.status.clone().unwrap_or_default();
     let bedrock = &spec.embedding.bedrock;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "pipeline {}/{}",
-        pipeline.namespace().unwrap_or_default(),
-        pipeline.name_any()
-    );
+    let mut out = heading(pipeline);
     let mut facts: Vec<(&str, String)> = vec![
         (
             "model",
@@ -266,13 +269,7 @@ fn migration_line(now: jiff::Timestamp, m: &MigrationStatus) -> String {
 
 /// `migrate status <pipeline>`: the generations, the migration under way and the kept ones.
 pub fn migrate_status_text(now: jiff::Timestamp, pipeline: &EmbeddingPipeline) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "pipeline {}/{}",
-        pipeline.namespace().unwrap_or_default(),
-        pipeline.name_any()
-    );
+    let mut out = heading(pipeline);
     let Some(index) = pipeline.status.as_ref().and_then(|s| s.index.as_ref()) else {
         out.push_str("  no index generations: the operator has not looked at the index yet, or cannot (SigV4)
 ");
