@@ -70,6 +70,32 @@ enum Bench {
     /// records, at each Bedrock latency; needs `up.sh kafka opensearch` and, for the Python
     /// side, `pip install confluent-kafka boto3 opensearch-py` (said and skipped without).
     Compare(CompareArgs),
+    /// The laptop mode: `vectorpipe-worker local` indexing the sample posts into a new store,
+    /// next to sentence-transformers on PyTorch embedding the same texts with the same weights
+    /// (`tests/bench/sentence_transformers_encode.py`; run when `--python` can import
+    /// sentence_transformers, said and skipped otherwise). Needs no server, only the model of
+    /// `examples/laptop/install-model.sh`.
+    Laptop(LaptopArgs),
+}
+
+/// Laptop bench settings.
+#[derive(clap::Args, Debug)]
+struct LaptopArgs {
+    /// The records (JSONL with the text at `/text`).
+    #[arg(long, default_value = "examples/laptop/posts.jsonl")]
+    input: PathBuf,
+    /// Runs of each side; the best is shown.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// The worker binary (default: the release build, else the debug build, next to this one).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+    /// The model directory (default: what install-model.sh prints).
+    #[arg(long, env = "VECTORPIPE_MODEL_DIR")]
+    model: Option<PathBuf>,
+    /// The Python interpreter with sentence-transformers.
+    #[arg(long, default_value = "python3")]
+    python: String,
 }
 
 /// Compare bench settings.
@@ -1269,6 +1295,7 @@ async fn main() -> Result<()> {
         Bench::Query(args) => query_bench(args).await,
         Bench::Quota(args) => quota_bench(args).await,
         Bench::Compare(args) => compare_bench(args).await,
+        Bench::Laptop(args) => laptop_bench(args),
     }
 }
 
@@ -1689,4 +1716,164 @@ async fn worker_bench(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Texts per second of the best of `runs`, with that run's seconds and CPU seconds.
+struct LaptopSide {
+    texts: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+}
+
+fn laptop_bench(args: LaptopArgs) -> Result<()> {
+    let root = vectorpipe_tests::repo_root();
+    let input = root.join(&args.input);
+    let model = match args.model {
+        Some(dir) => dir,
+        None => {
+            let out = std::process::Command::new(root.join("examples/laptop/install-model.sh"))
+                .output()
+                .context("running examples/laptop/install-model.sh")?;
+            anyhow::ensure!(out.status.success(), "install-model.sh failed");
+            PathBuf::from(String::from_utf8(out.stdout)?.trim())
+        }
+    };
+    let worker = workspace_binary(args.worker.as_ref(), "vectorpipe-worker")?;
+    println!("worker binary: {}", worker.display());
+    println!("model: {}", model.display());
+    println!(
+        "input: {}, best of {} runs each",
+        input.display(),
+        args.repeat
+    );
+    let store = tempfile_dir("vectorpipe-bench-laptop")?;
+    let mut best: Option<LaptopSide> = None;
+    for _ in 0..args.repeat.max(1) {
+        let _ = std::fs::remove_dir_all(&store);
+        let child = std::process::Command::new(&worker)
+            .args(["local", "--json", "--input"])
+            .arg(&input)
+            .arg("--store")
+            .arg(&store)
+            .env("VECTORPIPE_MODEL_DIR", &model)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the worker")?;
+        let pid = child.id();
+        let before = children_cpu_seconds();
+        let out = child.wait_with_output()?;
+        let cpu_seconds = children_cpu_seconds() - before;
+        anyhow::ensure!(
+            out.status.success(),
+            "worker {pid} failed: {:?}",
+            out.status
+        );
+        let summary: Value = serde_json::from_slice(&out.stdout).context("the worker's summary")?;
+        let side = LaptopSide {
+            texts: summary["indexed"].as_u64().unwrap_or(0),
+            seconds: summary["seconds"].as_f64().unwrap_or(f64::NAN),
+            cpu_seconds,
+        };
+        if best.as_ref().is_none_or(|b| side.seconds < b.seconds) {
+            best = Some(side);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&store);
+    let ours = best.context("no run")?;
+    let script = root.join("tests/bench/sentence_transformers_encode.py");
+    let probe = std::process::Command::new(&args.python)
+        .args(["-c", "import sentence_transformers"])
+        .output();
+    let python = match probe {
+        Ok(out) if out.status.success() => {
+            let out = std::process::Command::new(&args.python)
+                .arg(&script)
+                .arg("--model")
+                .arg(&model)
+                .arg("--input")
+                .arg(&input)
+                .args(["--repeat", &args.repeat.max(1).to_string()])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .context("running the sentence-transformers baseline")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "the sentence-transformers baseline failed"
+            );
+            let line = String::from_utf8(out.stdout)?;
+            let figures: Value = serde_json::from_str(line.lines().last().unwrap_or_default())
+                .context("the baseline's JSON line")?;
+            Some(LaptopSide {
+                texts: figures["texts"].as_u64().unwrap_or(0),
+                seconds: figures["encode_seconds"].as_f64().unwrap_or(f64::NAN),
+                cpu_seconds: figures["cpu_seconds_per_encode"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            })
+        }
+        _ => {
+            println!(
+                "sentence-transformers is not importable by {}: the baseline is skipped \
+                 (pip install sentence-transformers, or pass --python)",
+                args.python
+            );
+            None
+        }
+    };
+    println!(
+        "\nlocal: texts embedded and stored, from the first record read to the store saved (model load excluded);"
+    );
+    println!(
+        "sentence-transformers: model.encode of the same texts, batch 32 (model load excluded);"
+    );
+    println!(
+        "cpu s: the worker process' whole run (model load included), the encode call's for Python\n"
+    );
+    println!(
+        "{:<24} {:>6} {:>9} {:>8} {:>7} {:>11}",
+        "side", "texts", "seconds", "texts/s", "cpu s", "texts/cpu-s"
+    );
+    let row = |name: &str, side: &LaptopSide| {
+        println!(
+            "{:<24} {:>6} {:>9.2} {:>8.1} {:>7.2} {:>11.1}",
+            name,
+            side.texts,
+            side.seconds,
+            side.texts as f64 / side.seconds,
+            side.cpu_seconds,
+            side.texts as f64 / side.cpu_seconds
+        );
+    };
+    row("vectorpipe local", &ours);
+    if let Some(python) = &python {
+        row("sentence-transformers", python);
+        let rate = |s: &LaptopSide| s.texts as f64 / s.seconds;
+        println!(
+            "\nlocal / sentence-transformers throughput: {:.2}x",
+            rate(&ours) / rate(python)
+        );
+    }
+    Ok(())
+}
+
+/// A path for a scratch directory (not created).
+fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
+    Ok(std::env::temp_dir().join(format!("{prefix}-{}", std::process::id())))
+}
+
+/// CPU seconds of this process' waited-for children.
+fn children_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // cutime and cstime, in ticks of 1/100 s (see process_usage).
+    let ticks: f64 = fields.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }

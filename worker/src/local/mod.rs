@@ -80,6 +80,8 @@ pub struct Summary {
     pub tokens: u64,
     /// Documents in the store afterwards.
     pub stored: u64,
+    /// Seconds from the first record read to the store saved (the model was loaded before).
+    pub seconds: f64,
 }
 
 /// Why an ingest run stopped.
@@ -189,6 +191,7 @@ pub async fn ingest(
         ),
         tokens: metrics.tokens.get(),
         stored: store.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
     };
     tracing::info!(
         records = summary.records,
