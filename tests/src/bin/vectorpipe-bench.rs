@@ -1091,16 +1091,28 @@ struct Figures {
 
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc. CPU seconds cover
 /// the whole backlog including start-up, so docs/cpu-s is records over all CPU spent.
-fn process_usage(pid: u32) -> Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+/// The sum of two fields of `/proc/<pid>/stat` counted after the command name (`utime` and
+/// `stime` are 11 and 12, `cutime` and `cstime` 13 and 14), in clock ticks.
+fn stat_ticks(stat: &str, first: usize) -> f64 {
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    fields
+        .get(first)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(first + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+}
+
+fn process_usage(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let ticks = stat_ticks(&stat, 11);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm_kib: f64 = status
         .lines()
@@ -1866,14 +1878,6 @@ fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
 /// CPU seconds of this process' waited-for children.
 fn children_cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
     // cutime and cstime, in ticks of 1/100 s (see process_usage).
-    let ticks: f64 = fields.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    stat_ticks(&stat, 13) / 100.0
 }
