@@ -218,8 +218,8 @@ struct LaptopArgs {
     /// The laptop store's directory (created when missing).
     #[arg(long, env = "VECTORPIPE_STORE", default_value = ".vectorpipe/store")]
     store: PathBuf,
-    /// The local model's directory (config.json, tokenizer.json, model.safetensors). Default:
-    /// where examples/laptop/install-model.sh puts all-MiniLM-L6-v2.
+    /// The local model's directory (config.json, tokenizer.json, model.onnx, libonnxruntime.so).
+    /// Default: where examples/laptop/install-model.sh puts all-MiniLM-L6-v2.
     #[arg(long, env = "VECTORPIPE_MODEL_DIR")]
     model: Option<PathBuf>,
 }

@@ -1,12 +1,17 @@
 //! The local embedding model of the laptop mode: a sentence-transformers BERT model
-//! (all-MiniLM-L6-v2) run on the CPU with candle, mean-pooled and L2-normalised.
+//! (all-MiniLM-L6-v2) exported to ONNX and run on the CPU by ONNX Runtime, mean-pooled and
+//! L2-normalised here.
+//!
+//! ONNX Runtime is a shared library loaded when the model is: `libonnxruntime.so` in the model
+//! directory (examples/laptop/install-model.sh puts the one of the PyPI wheel there), or the file
+//! `VECTORPIPE_ONNXRUNTIME` names.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
 use text_splitter::{ChunkConfig, TextSplitter};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -27,7 +32,7 @@ pub enum ModelError {
     #[error(
         "cannot read {path}: {source}; install the model with examples/laptop/install-model.sh \
          or point --model (VECTORPIPE_MODEL_DIR) at a directory with config.json, \
-         tokenizer.json and model.safetensors"
+         tokenizer.json, model.onnx and libonnxruntime.so"
     )]
     Read {
         /// The file.
@@ -43,10 +48,29 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// ONNX Runtime cannot be loaded from the library file.
+    #[error(
+        "cannot load ONNX Runtime from {path}: {message}; run examples/laptop/install-model.sh \
+         (it puts libonnxruntime.so from the PyPI wheel onnxruntime==1.32.0 into the model \
+         directory) or set VECTORPIPE_ONNXRUNTIME to a libonnxruntime.so of version 1.22 or later"
+    )]
+    Runtime {
+        /// The library file.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        message: String,
+    },
+}
+
+/// The part of the model's `config.json` the pooling needs.
+#[derive(serde::Deserialize)]
+struct Config {
+    hidden_size: usize,
 }
 
 struct Inner {
-    model: BertModel,
+    /// `Session::run` needs `&mut`; one pass at a time uses every core anyway.
+    session: Mutex<Session>,
     tokenizer: Tokenizer,
     /// The same tokenizer without truncation, to measure texts.
     sizer: Tokenizer,
@@ -68,7 +92,8 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
 }
 
 impl LocalModel {
-    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `dir`.
+    /// Loads `config.json`, `tokenizer.json` and `model.onnx` from `dir`, with ONNX Runtime from
+    /// `VECTORPIPE_ONNXRUNTIME` or `dir/libonnxruntime.so`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let invalid = |path: &Path, message: String| ModelError::Invalid {
             path: path.to_owned(),
@@ -93,12 +118,7 @@ impl LocalModel {
                 ..Default::default()
             }))
             .map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
-        let weights_path = dir.join("model.safetensors");
-        let weights = read(&weights_path)?;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
-            .map_err(|e| invalid(&weights_path, e.to_string()))?;
-        let model =
-            BertModel::load(vb, &config).map_err(|e| invalid(&weights_path, e.to_string()))?;
+        let session = open_session(dir)?;
         let name = dir
             .ancestors()
             .filter_map(|p| p.file_name())
@@ -107,7 +127,7 @@ impl LocalModel {
             .unwrap_or_else(|| "local".to_owned());
         Ok(Self {
             inner: Arc::new(Inner {
-                model,
+                session: Mutex::new(session),
                 tokenizer,
                 sizer,
                 dimensions: config.hidden_size,
@@ -183,31 +203,107 @@ impl LocalModel {
     }
 
     /// One forward pass over word-piece ids, padded to the longest: mean-pooled, unit vectors.
-    fn forward(&self, pieces: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+    fn forward(&self, pieces: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
         let width = pieces.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(pieces.len() * width);
         let mut mask = Vec::with_capacity(pieces.len() * width);
         for piece in pieces {
-            ids.extend_from_slice(piece);
-            ids.extend(std::iter::repeat_n(0u32, width - piece.len()));
-            mask.extend(std::iter::repeat_n(1u32, piece.len()));
-            mask.extend(std::iter::repeat_n(0u32, width - piece.len()));
+            ids.extend(piece.iter().map(|&id| i64::from(id)));
+            ids.extend(std::iter::repeat_n(0i64, width - piece.len()));
+            mask.extend(std::iter::repeat_n(1i64, piece.len()));
+            mask.extend(std::iter::repeat_n(0i64, width - piece.len()));
         }
-        let device = &Device::Cpu;
-        let input_ids = Tensor::from_vec(ids, (pieces.len(), width), device)?;
-        let token_types = input_ids.zeros_like()?;
-        let attention = Tensor::from_vec(mask, (pieces.len(), width), device)?;
-        let hidden = self
-            .inner
-            .model
-            .forward(&input_ids, &token_types, Some(&attention))?;
+        let types = vec![0i64; ids.len()];
+        let shape = [pieces.len(), width];
+        let tensor =
+            |values: Vec<i64>| Tensor::from_array((shape, values)).map_err(|e| e.to_string());
+        let (ids, mask, types) = (tensor(ids)?, tensor(mask)?, tensor(types)?);
+        let mut session = self.inner.session.lock().unwrap_or_else(|e| e.into_inner());
+        let outputs = session
+            .run(ort::inputs! {
+                "input_ids" => ids,
+                "attention_mask" => mask,
+                "token_type_ids" => types,
+            })
+            .map_err(|e| e.to_string())?;
+        let (shape, hidden) = outputs["last_hidden_state"]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| e.to_string())?;
+        let dims = self.inner.dimensions;
+        let expected = [pieces.len(), width, dims].map(|n| n as i64);
+        if shape[..] != expected[..] {
+            return Err(format!(
+                "the model's last_hidden_state has the shape {shape:?}, not {expected:?}: \
+                 model.onnx does not match config.json"
+            ));
+        }
         // Mean over the real tokens, then unit length: cosine similarity becomes a dot product.
-        let weights = attention.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&weights)?.sum(1)?;
-        let mean = summed.broadcast_div(&weights.sum(1)?)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
-        mean.broadcast_div(&norm)?.to_vec2::<f32>()
+        Ok(pieces
+            .iter()
+            .enumerate()
+            .map(|(row, piece)| {
+                let mut mean = vec![0f32; dims];
+                for position in 0..piece.len() {
+                    let start = (row * width + position) * dims;
+                    for (m, v) in mean.iter_mut().zip(&hidden[start..start + dims]) {
+                        *m += v;
+                    }
+                }
+                // The sum and the mean point the same way: one division makes either a unit vector.
+                let norm = mean.iter().map(|m| m * m).sum::<f32>().sqrt();
+                let scale = 1.0 / norm.max(f32::MIN_POSITIVE);
+                mean.iter_mut().for_each(|m| *m *= scale);
+                mean
+            })
+            .collect())
     }
+}
+
+/// ONNX Runtime allows one environment per process, loaded from one library: the first model
+/// loaded sets both, later ones share them.
+static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
+
+/// Loads ONNX Runtime (once per process) and the model's graph.
+fn open_session(dir: &Path) -> Result<Session, ModelError> {
+    let library = std::env::var_os("VECTORPIPE_ONNXRUNTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("libonnxruntime.so"));
+    let runtime = |message: String| ModelError::Runtime {
+        path: library.clone(),
+        message,
+    };
+    let mut shared = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    let environment = match &mut *shared {
+        Some(environment) => environment,
+        slot @ None => {
+            if !library.exists() {
+                return Err(runtime("no such file".to_owned()));
+            }
+            let environment = ort::init_from(&library)
+                .map_err(|e| runtime(e.to_string()))?
+                .with_name("vectorpipe")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| runtime(e.to_string()))?;
+            slot.insert(environment)
+        }
+    };
+    let graph_path = dir.join("model.onnx");
+    std::fs::metadata(&graph_path).map_err(|source| ModelError::Read {
+        path: graph_path.clone(),
+        source,
+    })?;
+    let invalid = |message: String| ModelError::Invalid {
+        path: graph_path.clone(),
+        message,
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Session::builder(environment)
+        .map_err(|e| invalid(e.to_string()))?
+        .with_intra_threads(threads)
+        .map_err(|e| invalid(e.to_string()))?
+        .commit_from_file(&graph_path)
+        .map_err(|e| invalid(e.to_string()))
 }
 
 impl Embedder for LocalModel {
@@ -232,6 +328,48 @@ impl Embedder for LocalModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectors are sentence-transformers' own for these weights: the references are the
+    /// first components that `SentenceTransformer(dir).encode(texts, normalize_embeddings=True)`
+    /// gave for the same texts in one batch (sentence-transformers 6.3, torch 2.15), so the
+    /// pooling, the padding mask and the normalisation are all checked.
+    #[test]
+    fn the_vectors_are_the_ones_sentence_transformers_gives() {
+        let Some(dir) = std::env::var_os("VECTORPIPE_MODEL_DIR") else {
+            eprintln!("VECTORPIPE_MODEL_DIR is not set (tests/run-all.sh sets it): not run");
+            return;
+        };
+        let model = LocalModel::load(Path::new(&dir)).expect("the model loads");
+        let references: [(&str, [f32; 8]); 2] = [
+            (
+                "My sourdough starter smells like acetone after two days in the fridge.",
+                [
+                    -0.04155, -0.042239, 0.005204, 0.012267, 0.099834, -0.011622, -0.063152,
+                    0.061533,
+                ],
+            ),
+            (
+                "lag",
+                [
+                    0.023828, -0.084142, -0.01585, 0.048236, -0.012777, 0.001113, -0.010745,
+                    -0.049868,
+                ],
+            ),
+        ];
+        let texts: Vec<String> = references.iter().map(|(t, _)| (*t).to_owned()).collect();
+        let embedded = model.embed_blocking(&texts).expect("embeds");
+        for ((text, reference), got) in references.iter().zip(&embedded) {
+            assert_eq!(got.vector.len(), 384, "{text}");
+            let norm = got.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "{text}: norm {norm}");
+            for (i, (want, have)) in reference.iter().zip(&got.vector).enumerate() {
+                assert!(
+                    (want - have).abs() < 1e-5,
+                    "{text}: component {i} is {have}, sentence-transformers gives {want}"
+                );
+            }
+        }
+    }
 
     /// Texts of different lengths embedded together come back in their own order, each with
     /// the vector it gets alone (the batch is reordered by length inside).
