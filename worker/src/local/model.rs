@@ -329,17 +329,24 @@ impl Embedder for LocalModel {
 mod tests {
     use super::*;
 
+    /// The model of `VECTORPIPE_MODEL_DIR` (tests/run-all.sh sets it), or None when it is unset.
+    fn installed_model() -> Option<LocalModel> {
+        let Some(dir) = std::env::var_os("VECTORPIPE_MODEL_DIR") else {
+            eprintln!("VECTORPIPE_MODEL_DIR is not set (tests/run-all.sh sets it): not run");
+            return None;
+        };
+        Some(LocalModel::load(Path::new(&dir)).expect("the model loads"))
+    }
+
     /// The vectors are sentence-transformers' own for these weights: the references are the
     /// first components that `SentenceTransformer(dir).encode(texts, normalize_embeddings=True)`
     /// gave for the same texts in one batch (sentence-transformers 6.3, torch 2.15), so the
     /// pooling, the padding mask and the normalisation are all checked.
     #[test]
     fn the_vectors_are_the_ones_sentence_transformers_gives() {
-        let Some(dir) = std::env::var_os("VECTORPIPE_MODEL_DIR") else {
-            eprintln!("VECTORPIPE_MODEL_DIR is not set (tests/run-all.sh sets it): not run");
+        let Some(model) = installed_model() else {
             return;
         };
-        let model = LocalModel::load(Path::new(&dir)).expect("the model loads");
         let references: [(&str, [f32; 8]); 2] = [
             (
                 "My sourdough starter smells like acetone after two days in the fridge.",
@@ -375,11 +382,9 @@ mod tests {
     /// the vector it gets alone (the batch is reordered by length inside).
     #[test]
     fn a_batch_ordered_by_length_keeps_the_texts_order() {
-        let Some(dir) = std::env::var_os("VECTORPIPE_MODEL_DIR") else {
-            eprintln!("VECTORPIPE_MODEL_DIR is not set (tests/run-all.sh sets it): not run");
+        let Some(model) = installed_model() else {
             return;
         };
-        let model = LocalModel::load(Path::new(&dir)).expect("the model loads");
         let texts: Vec<String> = (0..40)
             .map(|i| {
                 let words = [7, 1, 30, 3, 18][i % 5] + i;
