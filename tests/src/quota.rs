@@ -1,6 +1,8 @@
 //! The quota scenario, shared by the end-to-end test and `vectorpipe-bench quota`: a backlog on
 //! eight partitions, a Bedrock fake whose requests-per-second quota three workers saturate, and
-//! a ScalingPolicy on consumer lag with `maxReplicas: 8`. The operator scales the pipeline; real
+//! a ScalingPolicy on consumer lag with `maxReplicas: 8`. What one worker does depends on the
+//! machine (a debug build on two slow cores stays well below its ceiling), so the scenario first
+//! measures one worker without a quota and sets the quota from that. The operator scales the pipeline; real
 //! worker processes follow its worker count (KWOK's pods do not consume), scraped by the
 //! harness Prometheus.
 
@@ -18,12 +20,15 @@ use crate::worker::Worker;
 use crate::{k8s, kafka, prometheus, repo_root, unique_name};
 
 /// The scenario's figures: one worker's ceiling is `MAX_IN_FLIGHT` calls per `LATENCY`, and
-/// the quota lets about three workers' worth through.
+/// the quota lets about three workers' worth through (`QUOTA_IN_WORKERS` times what one worker
+/// was measured to do).
 pub const LATENCY: Duration = Duration::from_millis(100);
 /// Embedding calls a worker keeps in flight (Titan embeds one text per call).
 pub const MAX_IN_FLIGHT: i32 = 4;
-/// The account's quota, calls per second: 2.75 workers' ceiling.
-pub const QUOTA: f64 = 110.0;
+/// The account's quota, in what one worker does alone.
+pub const QUOTA_IN_WORKERS: f64 = 2.75;
+/// How long the lone worker is measured, after its first call.
+const CALIBRATE_FOR: Duration = Duration::from_secs(8);
 /// Partitions of the source topic (and `maxReplicas`).
 pub const PARTITIONS: i32 = 8;
 
@@ -51,6 +56,10 @@ pub struct Trace {
     pub limited: Option<(String, String, String)>,
     /// The most workers ever run.
     pub most: usize,
+    /// Calls per second one worker made alone, without a quota.
+    pub one_worker: f64,
+    /// The quota the fake enforced, calls per second.
+    pub quota: f64,
 }
 
 impl Trace {
@@ -91,7 +100,6 @@ pub async fn run(
     kafka::create_topic(&topic, PARTITIONS).await?;
     let (fake, address) = FakeBedrock::start().await?;
     fake.set_latency(LATENCY);
-    fake.set_quota(Some(QUOTA));
 
     // The pipeline in the cluster, for the operator to scale.
     let text = std::fs::read_to_string(repo_root().join("examples/pipelines/minimal.yaml"))?;
@@ -111,6 +119,33 @@ pub async fn run(
     std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
 
     produce(&topic, records).await?;
+
+    // One worker alone, without a quota: its rate sets the quota. It stays as the first of the
+    // workers that follow the count.
+    let mut serial = 1;
+    let first = Worker::start_binary(worker, &file, &dir.join("worker-1.log"))?;
+    let target = prometheus::add_target(
+        &format!("{}-{serial}", ns.name),
+        &first.metrics,
+        &[("namespace", &ns.name)],
+    )?;
+    let mut workers: Vec<(Worker, std::path::PathBuf)> = vec![(first, target)];
+    let waiting = Instant::now();
+    while fake.stats().calls == 0 {
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "the first worker made no embedding call in 60 s; see {}",
+            dir.join("worker-1.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A second for the other partitions' first fetches, then the measurement.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = (Instant::now(), fake.stats().calls);
+    tokio::time::sleep(CALIBRATE_FOR).await;
+    let one_worker = (fake.stats().calls - before.1) as f64 / before.0.elapsed().as_secs_f64();
+    let quota = one_worker * QUOTA_IN_WORKERS;
+    fake.set_quota(Some(quota));
 
     let mut spec = json!({
         "targetRef": {"name": "posts"},
@@ -136,10 +171,12 @@ pub async fn run(
 
     // Workers follow the count; a point every five seconds.
     let started = Instant::now();
-    let mut workers: Vec<(Worker, std::path::PathBuf)> = Vec::new();
-    let mut trace = Trace::default();
+    let mut trace = Trace {
+        one_worker,
+        quota,
+        ..Trace::default()
+    };
     let mut last = (Instant::now(), fake.stats());
-    let mut serial = 0;
     while started.elapsed() < run_for {
         let want = usize::try_from(pipelines.get("posts").await?.spec.workers.replicas)?;
         while workers.len() < want {

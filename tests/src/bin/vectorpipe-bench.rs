@@ -1318,10 +1318,10 @@ async fn quota_bench(args: QuotaArgs) -> Result<()> {
     let binary = workspace_binary(args.operator.as_ref(), "vectorpipe-operator")?;
     println!("operator binary: {}", binary.display());
     println!(
-        "scenario: {} partitions, maxReplicas {}, Bedrock quota {} calls/s, {} ms per call, maxInFlight {} per worker (one worker's ceiling {:.0} calls/s)",
+        "scenario: {} partitions, maxReplicas {}, Bedrock quota {} times what one worker does alone, {} ms per call, maxInFlight {} per worker (one worker's ceiling {:.0} calls/s)",
         quota::PARTITIONS,
         quota::PARTITIONS,
-        quota::QUOTA,
+        quota::QUOTA_IN_WORKERS,
         quota::LATENCY.as_millis(),
         quota::MAX_IN_FLIGHT,
         f64::from(quota::MAX_IN_FLIGHT) / quota::LATENCY.as_secs_f64()
@@ -1379,6 +1379,10 @@ async fn quota_bench(args: QuotaArgs) -> Result<()> {
         at / pt.max(f64::MIN_POSITIVE),
         aware.most,
         plain.most
+    );
+    println!(
+        "one worker alone: {:.1} and {:.1} calls/s; quota {:.1} and {:.1} calls/s",
+        aware.one_worker, plain.one_worker, aware.quota, plain.quota
     );
     if let Some((status, reason, message)) = &aware.limited {
         println!("quotaAware ScalingLimited: {status} {reason}: {message}");

@@ -239,10 +239,20 @@ pub fn plan(
         state
             .quota
             .observe(config, current, now, reading.map(|r| r.throughput), share);
-        if decision.reason == Reason::ScaleOutAlarm && decision.desired > current {
+        // An alarm held at maxReplicas (or the partitions) is judged too: the quota may show
+        // only once the count is there, and then fewer workers do as much.
+        let adds = decision.desired > current;
+        let capped = decision.desired == current
+            && matches!(
+                decision.limited_by,
+                Some(Limit::Max | Limit::Partitions | Limit::PartitionsWithLag)
+            );
+        if decision.reason == Reason::ScaleOutAlarm && (adds || capped) {
             let floor = spec.min_replicas.max(1);
             decision = match state.quota.judge(config, current, share, floor, now) {
                 Verdict::Proceed => decision,
+                // At the cap nothing is added anyway: the cap stays the reason.
+                Verdict::Measuring(_) if !adds => decision,
                 Verdict::Measuring(message) => Decision {
                     desired: current,
                     reason: Reason::MeasuringThroughput,
@@ -451,11 +461,16 @@ mod tests {
     /// `count` workers process min(100 × count, 300) records/s and the calls beyond the quota
     /// are throttled. Returns the counts it ran, poll by poll.
     fn trace(policy: &ScalingPolicy) -> Vec<i32> {
+        trace_with_quota(policy, 300.0)
+    }
+
+    /// As `trace`, with the quota at `quota` records/s (100 per worker below it).
+    fn trace_with_quota(policy: &ScalingPolicy, quota: f64) -> Vec<i32> {
         let mut state = PolicyState::first(policy, "data", "scale");
         let (mut count, mut counts) = (1, vec![]);
         for poll in 0..120 {
             let now = at(poll * 5);
-            let throughput = f64::from((100 * count).min(300));
+            let throughput = (100.0 * f64::from(count)).min(quota);
             let mut observation = lag(1_000_000);
             observation.quota = Some(Ok(QuotaReading {
                 throughput,
@@ -499,6 +514,27 @@ mod tests {
         assert!(
             aware[60..].iter().all(|c| *c == 3),
             "settles at three: {aware:?}"
+        );
+    }
+
+    /// The quota lets 6.5 workers' worth through and maxReplicas is 8: the scale-outs run
+    /// into maxReplicas before the figures show the bound, and the check must still run there
+    /// (it once ran only for alarms that could add a worker, so the policy sat at 8 for good).
+    #[test]
+    fn a_quota_reached_only_at_max_replicas_still_brings_the_count_back() {
+        let policy = ScalingPolicy::test("scale", "posts")
+            .with_bounds(1, 8)
+            .with_spec(json!({
+                "scaleOut": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "operation": "add", "factor": 1, "cooldown": "5s"},
+                "scaleIn": {"evaluationPeriods": 1, "datapointsToAlarm": 1, "cooldown": "5s"},
+                "quotaAware": {"settleTime": "10s", "measureWindow": "20s"}
+            }))
+            .build();
+        let counts = trace_with_quota(&policy, 650.0);
+        assert!(counts.contains(&8), "it reaches maxReplicas: {counts:?}");
+        assert!(
+            counts[60..].iter().all(|c| (6..=7).contains(c)),
+            "back from maxReplicas to where the quota is: {counts:?}"
         );
     }
 
