@@ -274,23 +274,30 @@ fn internal(spec: &OpenSearchSink, name: &str) -> bool {
         .contains(&name)
 }
 
+/// The fewest candidates a k-NN search walks the graph for. Lucene's HNSW search keeps only
+/// `k` candidates while it walks, so a small `k` can stop in a cluster of near-duplicates that
+/// is not the nearest one (seen with 60 posts and `k: 4`). More candidates cost little; `size`
+/// still returns `k` hits.
+pub const MIN_KNN_CANDIDATES: usize = 100;
+
 /// The k-NN search of `vector` with the filter clauses. Lucene and Faiss filter while they
 /// search (the `k` nearest among the matching documents); nmslib cannot, so its filter runs
-/// after the search and may leave fewer than `k` hits.
+/// after the search and may leave fewer than `k` hits (fewer, with more candidates).
 pub fn knn_body(spec: &OpenSearchSink, vector: &[f32], k: usize, filters: Vec<Value>) -> Value {
     let source = json!({"excludes": [spec.vector_field]});
     let field = spec.vector_field.as_str();
+    let candidates = k.max(MIN_KNN_CANDIDATES);
     if filters.is_empty() {
         return json!({"size": k, "_source": source,
-            "query": {"knn": {field: {"vector": vector, "k": k}}}});
+            "query": {"knn": {field: {"vector": vector, "k": candidates}}}});
     }
     match spec.method.engine {
         KnnEngine::Lucene | KnnEngine::Faiss => json!({"size": k, "_source": source,
-            "query": {"knn": {field: {"vector": vector, "k": k,
+            "query": {"knn": {field: {"vector": vector, "k": candidates,
                 "filter": {"bool": {"filter": filters}}}}}}),
         KnnEngine::Nmslib => json!({"size": k, "_source": source,
         "query": {"bool": {
-            "must": [{"knn": {field: {"vector": vector, "k": k}}}],
+            "must": [{"knn": {field: {"vector": vector, "k": candidates}}}],
             "filter": filters,
         }}}),
     }
@@ -431,6 +438,31 @@ mod tests {
         assert!(filter_clauses(&range_on_text, &fields).is_err());
     }
 
+    /// Seven hits, found among at least a hundred candidates, for every engine and with or
+    /// without filters.
+    #[test]
+    fn a_small_k_still_searches_many_candidates() {
+        let filters = vec![json!({"term": {"likes": 3}})];
+        for engine in [KnnEngine::Lucene, KnnEngine::Faiss, KnnEngine::Nmslib] {
+            for filters in [vec![], filters.clone()] {
+                let body = knn_body(&spec(engine), &[0.5], 7, filters);
+                let knn = body["query"]["knn"]["embedding"].clone();
+                let knn = if knn.is_null() {
+                    body["query"]["bool"]["must"][0]["knn"]["embedding"].clone()
+                } else {
+                    knn
+                };
+                assert_eq!(
+                    (body["size"].as_u64(), knn["k"].as_u64()),
+                    (Some(7), Some(MIN_KNN_CANDIDATES as u64)),
+                    "{body}"
+                );
+            }
+        }
+        let large = knn_body(&spec(KnnEngine::Lucene), &[0.5], 500, vec![]);
+        assert_eq!(large["query"]["knn"]["embedding"]["k"], 500);
+    }
+
     #[test]
     fn lucene_filters_inside_the_knn_search_and_nmslib_after_it() {
         let filters = vec![json!({"term": {"likes": 3}})];
@@ -439,7 +471,6 @@ mod tests {
             lucene["query"]["knn"]["embedding"]["filter"]["bool"]["filter"][0],
             filters[0]
         );
-        assert_eq!(lucene["query"]["knn"]["embedding"]["k"], 7);
         assert_eq!(lucene["_source"]["excludes"][0], "embedding");
         let nmslib = knn_body(&spec(KnnEngine::Nmslib), &[0.5], 7, filters.clone());
         assert_eq!(nmslib["query"]["bool"]["filter"][0], filters[0]);
