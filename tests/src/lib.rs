@@ -496,6 +496,22 @@ pub mod opensearch {
         Ok(OpenSearch::new(Transport::single_node(&url()?)?))
     }
 
+    /// Deletes `index` (nothing when it does not exist).
+    pub async fn delete_index(index: &str) -> Result<()> {
+        use ::opensearch::indices::IndicesDeleteParts;
+        let response = client()?
+            .indices()
+            .delete(IndicesDeleteParts::Index(&[index]))
+            .send()
+            .await?;
+        let status = response.status_code().as_u16();
+        anyhow::ensure!(
+            status == 200 || status == 404,
+            "deleting index {index} answered {status}"
+        );
+        Ok(())
+    }
+
     /// The documents in `index`, after a refresh (so every acknowledged write counts); 0 while
     /// the index does not exist yet.
     pub async fn count(index: &str) -> Result<u64> {

@@ -30,7 +30,7 @@ use opensearch::SearchParts;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use vectorpipe_tests::bedrock::FakeBedrock;
-use vectorpipe_tests::worker::Worker;
+use vectorpipe_tests::worker::{Worker, metric_sum};
 use vectorpipe_tests::{kafka, opensearch as os, unique_name};
 
 /// Benchmarks of vectorpipe against the harness servers.
@@ -897,10 +897,7 @@ async fn remove_one_of_three(
         for w in &mut workers {
             w.assert_running()?;
             let page = w.metrics_text().await.unwrap_or_default();
-            each_indexed &= vectorpipe_tests::worker::metric_sum(
-                &page,
-                "vectorpipe_worker_documents_indexed_total",
-            ) > 0.0;
+            each_indexed &= metric_sum(&page, "vectorpipe_worker_documents_indexed_total") > 0.0;
         }
         let (state, members) = group_state(&group)?;
         let settled = !idle || os::count(&index).await? >= backlog as u64;
@@ -1071,6 +1068,9 @@ struct Args {
     /// Record ids of the update-heavy scenario.
     #[arg(long, default_value_t = 20)]
     hot_ids: usize,
+    /// The pipeline's sink.opensearch.bulk.concurrency (default: the pipeline's default).
+    #[arg(long)]
+    bulk_concurrency: Option<i32>,
     /// The worker binary (default: the release build, else the debug build, next to this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -1196,6 +1196,9 @@ async fn scenario(
     spec["transform"]["metadata"] = json!({"producedAt": "/producedAt"});
     spec["dedup"] = json!({"enabled": false});
     spec["sink"]["opensearch"]["bulk"] = json!({"maxDocs": 500, "flushInterval": "200ms"});
+    if let Some(concurrency) = args.bulk_concurrency {
+        spec["sink"]["opensearch"]["bulk"]["concurrency"] = json!(concurrency);
+    }
     std::fs::write(&pipeline, serde_yaml::to_string(&manifest)?)?;
     let index = topic.to_lowercase();
     let text =
@@ -1203,15 +1206,22 @@ async fn scenario(
     produce_backlog(&topic, args.partitions, args.records, hot_ids).await?;
 
     // Backlog phase.
-    // The clock starts at the first indexed document, so start-up (index check, group join) is
-    // reported apart from throughput.
+    // The clock starts at the first document OpenSearch acknowledged, so start-up (index check,
+    // group join) is reported apart from throughput, and stops at the last one. Both come from
+    // the worker's documents_indexed counter, read every 50 ms. Counting documents in the index
+    // instead forces a refresh per count, and a refresh every poll filled the index with tiny
+    // segments whose merges and graphs then competed with the worker for the CPU.
     let mut worker = Worker::start_binary(worker_binary, &pipeline, &dir.join("worker.log"))?;
     let launched = Instant::now();
     let mut first = None;
     let mut at_first = 0;
-    loop {
+    let indexed = |page: &str| metric_sum(page, "vectorpipe_worker_documents_indexed_total") as u64;
+    let last = loop {
         worker.assert_running()?;
-        let n = os::count(&index).await?;
+        let n = match worker.metrics_text().await {
+            Ok(page) => indexed(&page),
+            Err(_) => 0, // not listening yet
+        };
         if first.is_none() && n > 0 {
             first = Some(Instant::now());
             at_first = n;
@@ -1223,15 +1233,18 @@ async fn scenario(
             }
         };
         if done {
-            break;
+            break Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let first = first.unwrap_or(launched);
     let startup = first.duration_since(launched).as_secs_f64();
-    let seconds = first.elapsed().as_secs_f64();
-    let measured = args.records - at_first as usize;
+    let seconds = last.duration_since(first).as_secs_f64();
+    let measured = args.records - (at_first as usize).min(args.records);
     let (cpu_seconds, peak_rss_mib) = process_usage(worker.pid())?;
+    if hot_ids.is_none() {
+        eventually_searchable(&index, args.records as u64).await?;
+    }
 
     // Latency phase: one record at a time, each timed from produce to searchable.
     let client = os::client()?;
@@ -1260,6 +1273,8 @@ async fn scenario(
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     worker.stop()?;
+    // The next scenario gets a node without this one's 20,000 vectors in its heap and caches.
+    os::delete_index(&index).await?;
     let ceiling = (!latency.is_zero()).then(|| args.max_in_flight as f64 / latency.as_secs_f64());
     Ok(Figures {
         name: name.to_owned(),
@@ -1273,6 +1288,19 @@ async fn scenario(
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
     })
+}
+
+/// Waits until `count` documents of `index` are searchable.
+async fn eventually_searchable(index: &str, count: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while os::count(index).await? < count {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{index}: fewer than {count} documents searchable after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// A workspace binary: the given path, else the release build, else the one next to this bench
