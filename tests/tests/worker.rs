@@ -295,6 +295,34 @@ async fn every_record_becomes_exactly_one_document_and_offsets_reach_the_end() -
     Ok(())
 }
 
+/// A backlog goes to OpenSearch in full `_bulk` requests: 1,000 records at `maxDocs: 100`, with
+/// a flush interval longer than the backlog lasts, take about ten requests. Every finished
+/// record used to flush what had arrived since the last request: about ten documents each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_is_written_in_full_bulk_requests() -> Result<()> {
+    let setup = Setup::new("e2e-full-bulks").await?;
+    setup.edit_pipeline(|pipeline| {
+        pipeline["spec"]["sink"]["opensearch"]["bulk"] =
+            json!({"maxDocs": 100, "flushInterval": "5s"});
+    })?;
+    let n = 1000;
+    setup.produce(&as_records(&posts(0..n))).await?;
+    let worker = setup.start_worker("worker")?;
+    setup
+        .assert_exactly_indexed(n, Duration::from_secs(90))
+        .await?;
+    let page = worker.metrics_text().await?;
+    let requests =
+        vectorpipe_tests::worker::metric_sum(&page, "vectorpipe_worker_bulk_latency_seconds_count");
+    let documents =
+        vectorpipe_tests::worker::metric_sum(&page, "vectorpipe_worker_documents_indexed_total");
+    ensure!(
+        documents == n as f64 && requests <= 20.0,
+        "{documents} documents in {requests} _bulk requests; a backlog should fill them to maxDocs (100)"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn freshness_is_measured_from_the_record_timestamp_to_the_acknowledgement() -> Result<()> {
     let setup = Setup::new("e2e-fresh").await?;

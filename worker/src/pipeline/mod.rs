@@ -1255,6 +1255,10 @@ async fn sink_stage<S: Sink>(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<S>, sha
         limit: bulk.concurrency.max(1) as usize,
     };
     let mut open = true;
+    // Whether something in `pending` waits for another write of its id to end. Only then does
+    // a finished write flush early: flushing on every one made a backlog go out in requests of
+    // about ten documents, each finished record flushing what had come since the last.
+    let mut held_for_ids = false;
     while open || !pending.is_empty() {
         let due = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let flush = tokio::select! {
@@ -1276,12 +1280,13 @@ async fn sink_stage<S: Sink>(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<S>, sha
                 }
             },
             () = tokio::time::sleep_until(due), if deadline.is_some() => true,
-            () = shared.hub.released.notified(), if !pending.is_empty() => true,
+            () = shared.hub.released.notified(), if held_for_ids && !pending.is_empty() => true,
         };
         if !flush {
             continue;
         }
-        let (batch, deletes) = take_ready(&mut pending, &shared, max_docs, max_bytes);
+        let (batch, deletes, waits) = take_ready(&mut pending, &shared, max_docs, max_bytes);
+        held_for_ids = waits > 0;
         bytes = pending.iter().map(SinkItem::bytes).sum();
         deadline = (!pending.is_empty()).then(|| Instant::now() + flush_interval);
         if !batch.is_empty() {
@@ -1301,16 +1306,16 @@ async fn sink_stage<S: Sink>(mut rx: mpsc::Receiver<SinkItem>, sink: Arc<S>, sha
 }
 
 /// Takes from `pending` what may be written now, in order: at most one bulk batch, plus the
-/// deletes whose id is free. Superseded documents are dropped (done). An item waits while its
-/// record id has a request in flight, while another version of its id is being written (until
-/// that version is complete), or behind an earlier item of its id that waits. Taking an item
-/// starts its record's writing.
+/// deletes whose id is free, and says how many items wait for another write of their id.
+/// Superseded documents are dropped (done). An item waits while its record id has a request in
+/// flight, while another version of its id is being written (until that version is complete),
+/// or behind an earlier item of its id that waits. Taking an item starts its record's writing.
 fn take_ready(
     pending: &mut Vec<SinkItem>,
     shared: &Shared,
     max_docs: usize,
     max_bytes: usize,
-) -> (Vec<Indexing>, Vec<Deleting>) {
+) -> (Vec<Indexing>, Vec<Deleting>, u64) {
     let versions = &shared.hub.versions;
     let mut writing = shared.writing.lock().unwrap_or_else(|e| e.into_inner());
     let mut batch = Vec::new();
@@ -1400,7 +1405,7 @@ fn take_ready(
     if waits > 0 {
         shared.metrics.same_id_waits.inc_by(waits);
     }
-    (batch, deletes)
+    (batch, deletes, waits)
 }
 
 /// A document on its way into a `_bulk` request.
