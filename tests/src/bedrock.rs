@@ -454,79 +454,50 @@ pub fn embed(text: &str, dimensions: usize, normalize: bool) -> Vec<f32> {
     vector
 }
 
-/// A call waiting for its answer time.
-struct Due {
-    at: Instant,
-    serial: u64,
-    wake: tokio::sync::oneshot::Sender<()>,
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.serial) == (other.at, other.serial)
-    }
-}
-
-impl Eq for Due {}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Reversed: the heap's top is the earliest.
-        (other.at, other.serial).cmp(&(self.at, self.serial))
-    }
-}
+/// A call waiting for its answer time: when, a serial that keeps equal times apart, and whom to
+/// wake.
+type Due = ((Instant, u64), tokio::sync::oneshot::Sender<()>);
 
 /// Waits until `at`, to within about a tenth of a millisecond. Tokio's timer rounds a deadline
 /// up to its next millisecond tick and fires at its driver's next wake-up, which made a "50 ms"
 /// call take about 51.5 ms and put the worker benchmark's ceiling out of reach by 3 %. One
 /// thread, shared by every fake in the process, sleeps until the earliest deadline instead.
 async fn sleep_until(at: Instant) {
-    static TIMER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Due>>> =
+    use std::sync::mpsc::RecvTimeoutError;
+    static TIMER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Due>>> =
         std::sync::OnceLock::new();
     let timer = TIMER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Due>();
-        std::thread::Builder::new()
-            .name("fake-bedrock-timer".into())
-            .spawn(move || {
-                let mut due = std::collections::BinaryHeap::<Due>::new();
-                loop {
-                    let now = Instant::now();
-                    while due.peek().is_some_and(|d| d.at <= now) {
-                        if let Some(d) = due.pop() {
-                            let _ = d.wake.send(());
-                        }
-                    }
-                    let next = match due.peek() {
-                        Some(d) => rx.recv_timeout(d.at.saturating_duration_since(now)),
-                        None => rx
-                            .recv()
-                            .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
-                    };
-                    match next {
-                        Ok(d) => due.push(d),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
+        let waker = move || {
+            let mut due: BTreeMap<(Instant, u64), tokio::sync::oneshot::Sender<()>> =
+                BTreeMap::new();
+            loop {
+                let now = Instant::now();
+                while let Some(entry) = due.first_entry().filter(|e| e.key().0 <= now) {
+                    let _ = entry.remove().send(());
                 }
-            })
-            .map(|_| ())
-            .unwrap_or_default();
-        Mutex::new(tx)
+                let next = match due.first_key_value() {
+                    Some(((at, _), _)) => rx.recv_timeout(at.saturating_duration_since(now)),
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                match next {
+                    Ok((key, wake)) => {
+                        due.insert(key, wake);
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        };
+        let thread = std::thread::Builder::new().name("fake-bedrock-timer".into());
+        thread.spawn(waker).ok().map(|_| tx)
     });
     static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let (wake, woken) = tokio::sync::oneshot::channel();
-    let due = Due {
-        at,
-        serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        wake,
-    };
-    let sent = timer.lock().map(|tx| tx.send(due).is_ok()).unwrap_or(false);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let sent = timer
+        .as_ref()
+        .is_some_and(|tx| tx.send(((at, serial), wake)).is_ok());
     if !sent || woken.await.is_err() {
         // No timer thread: tokio's timer, coarser but still a wait.
         tokio::time::sleep_until(at.into()).await;

@@ -2,9 +2,9 @@
 //! eight partitions, a Bedrock fake whose requests-per-second quota three workers saturate, and
 //! a ScalingPolicy on consumer lag with `maxReplicas: 8`. What one worker does depends on the
 //! machine (a debug build on two slow cores stays well below its ceiling), so the scenario first
-//! measures one worker without a quota and sets the quota from that. The operator scales the pipeline; real
-//! worker processes follow its worker count (KWOK's pods do not consume), scraped by the
-//! harness Prometheus.
+//! measures one worker without a quota and sets the quota from that. The operator scales the
+//! pipeline; real worker processes follow its worker count (KWOK's pods do not consume), scraped
+//! by the harness Prometheus.
 
 use std::time::{Duration, Instant};
 
@@ -122,14 +122,19 @@ pub async fn run(
 
     // One worker alone, without a quota: its rate sets the quota. It stays as the first of the
     // workers that follow the count.
+    // A worker process, scraped by the harness Prometheus as one of the namespace's pods.
+    let start = |serial: usize| -> Result<(Worker, std::path::PathBuf)> {
+        let log = dir.join(format!("worker-{serial}.log"));
+        let worker = Worker::start_binary(worker, &file, &log)?;
+        let target = prometheus::add_target(
+            &format!("{}-{serial}", ns.name),
+            &worker.metrics,
+            &[("namespace", &ns.name)],
+        )?;
+        Ok((worker, target))
+    };
     let mut serial = 1;
-    let first = Worker::start_binary(worker, &file, &dir.join("worker-1.log"))?;
-    let target = prometheus::add_target(
-        &format!("{}-{serial}", ns.name),
-        &first.metrics,
-        &[("namespace", &ns.name)],
-    )?;
-    let mut workers: Vec<(Worker, std::path::PathBuf)> = vec![(first, target)];
+    let mut workers = vec![start(serial)?];
     let waiting = Instant::now();
     while fake.stats().calls == 0 {
         anyhow::ensure!(
@@ -181,14 +186,7 @@ pub async fn run(
         let want = usize::try_from(pipelines.get("posts").await?.spec.workers.replicas)?;
         while workers.len() < want {
             serial += 1;
-            let log = dir.join(format!("worker-{serial}.log"));
-            let worker = Worker::start_binary(worker, &file, &log)?;
-            let target = prometheus::add_target(
-                &format!("{}-{serial}", ns.name),
-                &worker.metrics,
-                &[("namespace", &ns.name)],
-            )?;
-            workers.push((worker, target));
+            workers.push(start(serial)?);
         }
         // Workers leaving stop together, as the pods of a Deployment do.
         let mut stopping = Vec::new();

@@ -1243,7 +1243,12 @@ async fn scenario(
     let measured = args.records - (at_first as usize).min(args.records);
     let (cpu_seconds, peak_rss_mib) = process_usage(worker.pid())?;
     if hot_ids.is_none() {
-        eventually_searchable(&index, args.records as u64).await?;
+        let all = args.records as u64;
+        vectorpipe_tests::eventually("every document searchable", Duration::from_secs(60), || {
+            let index = &index;
+            async move { Ok((os::count(index).await? >= all).then_some(())) }
+        })
+        .await?;
     }
 
     // Latency phase: one record at a time, each timed from produce to searchable.
@@ -1288,19 +1293,6 @@ async fn scenario(
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
     })
-}
-
-/// Waits until `count` documents of `index` are searchable.
-async fn eventually_searchable(index: &str, count: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while os::count(index).await? < count {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{index}: fewer than {count} documents searchable after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
 }
 
 /// A workspace binary: the given path, else the release build, else the one next to this bench
