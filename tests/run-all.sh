@@ -10,6 +10,8 @@ export VP_RUN="${VP_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/vectorpipe-run.XXXXXX")}"
 . tests/harness/common.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$VP_CACHE/target}"
 started=$SECONDS
+# A CI run builds everything once: incremental compilation's caches would only cost time there.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
 step() { log "[$((SECONDS - started))s] $*"; }
 
 step "prerequisites"
@@ -42,9 +44,41 @@ for tool in cargo go java mvn python3; do
   command -v "$tool" >/dev/null || { log "$tool is required and not installed"; exit 1; }
 done
 
-step "the laptop mode's local model"
-VECTORPIPE_MODEL_DIR="$(VECTORPIPE_CACHE="$VP_CACHE" examples/laptop/install-model.sh)"
-export VECTORPIPE_MODEL_DIR
+# The servers' builds (Go from the module proxy, jars from Maven Central) and the laptop mode's
+# model do not need cargo's output: they run in the background while cargo lints and builds, which
+# leaves neither core idle while the other waits on the network or on one long crate. Each job
+# logs to $VP_RUN/prepare-<name>.log; a failed one stops the run before the tests with its log.
+mkdir -p "$VP_RUN"
+jobs_started=()
+background() {
+  local name=$1
+  shift
+  # Its own process group, so that stopping it also stops the go, mvn or pip it runs.
+  setsid "$@" >"$VP_RUN/prepare-$name.out" 2>"$VP_RUN/prepare-$name.log" &
+  jobs_started+=("$name:$!")
+}
+await() {
+  local job name pid
+  for job in "${jobs_started[@]}"; do
+    name=${job%%:*} pid=${job#*:}
+    if ! wait "$pid"; then
+      log "preparing $name failed; last lines of $VP_RUN/prepare-$name.log:"
+      tail -n 30 "$VP_RUN/prepare-$name.log" >&2
+      exit 1
+    fi
+  done
+  jobs_started=()
+}
+stop_background() {
+  local job
+  for job in "${jobs_started[@]}"; do kill -- "-${job#*:}" 2>/dev/null || true; done
+}
+trap stop_background EXIT
+step "preparing in the background: control plane, kubectl, Kafka, OpenSearch, the local model"
+background k8s tests/harness/build-k8s.sh
+background kubectl tests/harness/build-kubectl.sh
+background jars sh -c 'tests/harness/build-kafka.sh && tests/harness/build-opensearch.sh'
+background model env VECTORPIPE_CACHE="$VP_CACHE" examples/laptop/install-model.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -54,6 +88,11 @@ step "building the binaries and the tests"
 # The end-to-end tests run vectorpipe-worker as its own process, so the binary must exist.
 cargo build --workspace --bins --features vectorpipe-tests/harness -q
 cargo test --workspace --features vectorpipe-tests/harness --no-run -q
+
+step "waiting for the background preparation"
+await
+VECTORPIPE_MODEL_DIR="$(cat "$VP_RUN/prepare-model.out")"
+export VECTORPIPE_MODEL_DIR
 
 step "starting the harness servers"
 trap 'step "stopping the harness servers"; tests/harness/down.sh' EXIT

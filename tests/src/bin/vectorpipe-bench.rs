@@ -1087,10 +1087,64 @@ struct Figures {
     peak_rss_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU seconds spent on the whole machine, by the worker, and by this process (the fake
+    /// Bedrock runs in it) between the first and the last acknowledged document.
+    window: CpuWindow,
 }
 
-/// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc. CPU seconds cover
-/// the whole backlog including start-up, so docs/cpu-s is records over all CPU spent.
+/// CPU seconds at one instant: every core's busy time (from `/proc/stat`), the worker's, and
+/// this process'.
+#[derive(Clone, Copy, Default)]
+struct CpuSample {
+    machine: f64,
+    worker: f64,
+    bench: f64,
+}
+
+impl CpuSample {
+    fn now(worker_pid: u32) -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // The first line sums every core: user nice system idle iowait irq softirq steal, in
+        // ticks of 1/100 s; busy is all but idle and iowait.
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        let busy = ticks.iter().sum::<f64>()
+            - ticks.get(3).copied().unwrap_or(0.0)
+            - ticks.get(4).copied().unwrap_or(0.0);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        Self {
+            machine: busy / 100.0,
+            worker: process_usage(worker_pid).map_or(0.0, |(cpu, _)| cpu),
+            bench: stat_ticks(&own, 11) / 100.0,
+        }
+    }
+}
+
+/// The CPU seconds between two samples.
+#[derive(Clone, Copy, Default)]
+struct CpuWindow {
+    machine: f64,
+    worker: f64,
+    bench: f64,
+}
+
+impl CpuWindow {
+    fn between(from: CpuSample, to: CpuSample) -> Self {
+        Self {
+            machine: to.machine - from.machine,
+            worker: to.worker - from.worker,
+            bench: to.bench - from.bench,
+        }
+    }
+}
+
 /// The sum of two fields of `/proc/<pid>/stat` counted after the command name (`utime` and
 /// `stime` are 11 and 12, `cutime` and `cstime` 13 and 14), in clock ticks.
 fn stat_ticks(stat: &str, first: usize) -> f64 {
@@ -1110,6 +1164,8 @@ fn stat_ticks(stat: &str, first: usize) -> f64 {
             .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc. CPU seconds cover
+/// the whole backlog including start-up, so docs/cpu-s is records over all CPU spent.
 fn process_usage(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let ticks = stat_ticks(&stat, 11);
@@ -1215,6 +1271,7 @@ async fn scenario(
     let launched = Instant::now();
     let mut first = None;
     let mut at_first = 0;
+    let mut cpu_at_first = CpuSample::default();
     let indexed = |page: &str| metric_sum(page, "vectorpipe_worker_documents_indexed_total") as u64;
     let last = loop {
         worker.assert_running()?;
@@ -1225,6 +1282,7 @@ async fn scenario(
         if first.is_none() && n > 0 {
             first = Some(Instant::now());
             at_first = n;
+            cpu_at_first = CpuSample::now(worker.pid());
         }
         let done = match hot_ids {
             None => n >= args.records as u64,
@@ -1233,10 +1291,12 @@ async fn scenario(
             }
         };
         if done {
-            break Instant::now();
+            break (Instant::now(), CpuSample::now(worker.pid()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let (last, cpu_at_last) = last;
+    let window = CpuWindow::between(cpu_at_first, cpu_at_last);
     let first = first.unwrap_or(launched);
     let startup = first.duration_since(launched).as_secs_f64();
     let seconds = last.duration_since(first).as_secs_f64();
@@ -1292,6 +1352,7 @@ async fn scenario(
         peak_rss_mib,
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
+        window,
     })
 }
 
@@ -1749,6 +1810,25 @@ async fn worker_bench(args: Args) -> Result<()> {
             r.peak_rss_mib,
             r.p50_ms,
             r.p99_ms,
+        );
+    }
+    // Where the machine's CPU went while the clock ran: the worker, the fake Bedrock (this
+    // process), and everything else (Kafka, OpenSearch, the kernel's share of their traffic).
+    println!(
+        "\n{:<28} {:>11} {:>12} {:>12} {:>12} {:>12}",
+        "CPU while clocked", "cores busy", "µs/doc all", "worker", "fake+bench", "other"
+    );
+    for r in &rows {
+        let w = r.window;
+        let per_doc = |cpu: f64| 1e6 * cpu / r.records.max(1) as f64;
+        println!(
+            "{:<28} {:>11.2} {:>12.0} {:>12.0} {:>12.0} {:>12.0}",
+            r.name,
+            w.machine / r.seconds.max(0.001),
+            per_doc(w.machine),
+            per_doc(w.worker),
+            per_doc(w.bench),
+            per_doc(w.machine - w.worker - w.bench),
         );
     }
     Ok(())
