@@ -46,3 +46,25 @@ fn the_worker_and_the_kafka_crate_do_not_depend_on_kube() {
         "the worker's Kafka settings come from the shared crate"
     );
 }
+
+/// One HTTPS client stack: the Bedrock SDK's default features add a second, legacy one (hyper
+/// 0.14, rustls 0.21 and ring), which every build then compiles for nothing.
+#[test]
+fn the_binaries_carry_one_https_stack() {
+    for package in ["vectorpipe-worker", "vectorpipe-operator"] {
+        let tree = tree(package);
+        let legacy: Vec<&str> = tree
+            .lines()
+            .filter(|l| {
+                l.starts_with("hyper v0.")
+                    || l.starts_with("rustls v0.21")
+                    || l.starts_with("ring v")
+            })
+            .collect();
+        assert!(
+            legacy.is_empty(),
+            "{package} pulls in a second HTTPS stack {legacy:?}: turn off the default features \
+             of the AWS crate that brings it (cargo tree -i hyper@0.14 shows which)"
+        );
+    }
+}
