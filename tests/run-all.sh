@@ -82,31 +82,9 @@ background model env VECTORPIPE_CACHE="$VP_CACHE" examples/laptop/install-model.
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
-# `cargo clippy` type-checks every dependency for itself, and `cargo build` then compiles each one
-# again: on a cold machine that first pass alone took minutes. Clippy's driver can be the
-# compiler of the workspace's own crates instead (the wrapper and the argument list are what
-# `cargo clippy` itself sets up), so one build compiles every dependency once and lints every
-# target of the workspace (the binaries, the libraries, their unit tests and the integration
-# tests; there are no examples or benches) with -D warnings. The probe makes sure the driver
-# really lints that way: it must refuse a needless `return`; where it does not, the run falls
-# back to `cargo clippy`.
-clippy_driver=$(command -v clippy-driver || true)
-probe_dir=$(mktemp -d)
-printf 'pub fn f() -> u8 {\n    1\n}\n' >"$probe_dir/clean.rs"
-printf 'pub fn f() -> u8 {\n    return 1;\n}\n' >"$probe_dir/lint.rs"
-lint_args="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
-probe() {
-  CLIPPY_ARGS="$lint_args" "$clippy_driver" rustc --edition 2024 --crate-type lib \
-    --emit=metadata -o "$probe_dir/out.rmeta" "$probe_dir/$1.rs" >"$probe_dir/$1.log" 2>&1
-}
-if [ -n "$clippy_driver" ] && probe clean && ! probe lint && grep -q needless_return "$probe_dir/lint.log"; then
-  export RUSTC_WORKSPACE_WRAPPER="$clippy_driver" CLIPPY_ARGS="$lint_args"
-else
-  step "clippy-driver does not lint as a compiler wrapper here; linting with cargo clippy first"
-  cargo clippy --workspace --all-targets --features vectorpipe-tests/harness -q -- -D warnings
-fi
-rm -rf "$probe_dir"
-step "building and linting the binaries and the tests"
+step "cargo clippy"
+cargo clippy --workspace --all-targets --features vectorpipe-tests/harness -q -- -D warnings
+step "building the binaries and the tests"
 # The end-to-end tests run vectorpipe-worker as its own process, so the binary must exist.
 cargo build --workspace --bins --features vectorpipe-tests/harness -q
 cargo test --workspace --features vectorpipe-tests/harness --no-run -q

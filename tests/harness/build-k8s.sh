@@ -60,17 +60,17 @@ done
 log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet (slow on a cold machine)"
 # The kubelet builds without cgo, like the rest: what the real node uses of it (containerd over
 # CRI, cgroupfs) needs none.
-go build -trimpath -gcflags=all=-dwarf=false -ldflags "$ldflags" -o "$out/" \
+go build -trimpath -ldflags "$ldflags" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubelet
 log "building etcd $etcd_version"
-go build -trimpath -gcflags=all=-dwarf=false -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
+go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
 
 # kwok lives in its own module so its dependency versions never fight kubernetes' own.
 log "building kwok $KWOK_VERSION"
-GOBIN="$out" go install -trimpath -gcflags=all=-dwarf=false -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+GOBIN="$out" go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 
 "$out/kube-apiserver" --version
 "$out/etcd" --version | sed -n 1p
