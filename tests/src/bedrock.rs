@@ -341,13 +341,18 @@ fn validation(message: &str) -> Response {
 }
 
 fn ok_json(body: &Value, headers: &[(&'static str, String)]) -> Response {
+    ok_body(body.to_string(), headers)
+}
+
+/// A 200 with a JSON body already written.
+fn ok_body(body: String, headers: &[(&'static str, String)]) -> Response {
     let mut response = (
         StatusCode::OK,
         [
             ("content-type", "application/json".to_owned()),
             ("x-amzn-RequestId", request_id()),
         ],
-        body.to_string(),
+        body,
     )
         .into_response();
     for (name, value) in headers {
@@ -593,7 +598,9 @@ async fn invoke(
     let result = match family(&model_id) {
         Some(Family::TitanV1) => titan(&request, false),
         Some(Family::TitanV2) => titan(&request, true),
-        Some(Family::Cohere) => cohere(&request),
+        Some(Family::Cohere) => {
+            cohere(&request).map(|(body, texts, tokens)| (body.to_string(), texts, tokens))
+        }
         None => Err("The provided model identifier is invalid.".to_owned()),
     };
     match result {
@@ -604,8 +611,8 @@ async fn invoke(
                 let model = inner.stats.models.entry(model_id.clone()).or_default();
                 *model.input_types.entry(input_type.to_owned()).or_default() += texts;
             }
-            ok_json(
-                &body,
+            ok_body(
+                body,
                 &[("x-amzn-bedrock-input-token-count", tokens.to_string())],
             )
         }
@@ -633,8 +640,30 @@ fn extraneous(request: &Value, allowed: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Titan Text Embeddings: one text per call.
-fn titan(request: &Value, v2: bool) -> Result<(Value, u64, u64), String> {
+/// A Titan answer as Bedrock writes it. Serialised straight from `f32`, each value is the
+/// shortest decimal that reads back as the same `f32` (about ten characters), like Bedrock's own;
+/// through `serde_json::Value` every value was widened to `f64` and written with up to 17 digits,
+/// which about doubled the body the worker parses.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TitanAnswer<'a> {
+    embedding: &'a [f32],
+    input_text_token_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embeddings_by_type: Option<TitanByType<'a>>,
+}
+
+/// Titan v2's `embeddingsByType`: the kinds the request asked for.
+#[derive(Default, Serialize)]
+struct TitanByType<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    float: Option<&'a [f32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binary: Option<Vec<u8>>,
+}
+
+/// Titan Text Embeddings: one text per call. Returns the response body.
+fn titan(request: &Value, v2: bool) -> Result<(String, u64, u64), String> {
     let allowed: &[&str] = if v2 {
         &["inputText", "dimensions", "normalize", "embeddingTypes"]
     } else {
@@ -673,17 +702,17 @@ fn titan(request: &Value, v2: bool) -> Result<(Value, u64, u64), String> {
     };
     let vector = embed(text, dimensions, normalize);
     let count = tokens(text);
-    let mut body = json!({ "embedding": vector, "inputTextTokenCount": count });
+    let mut answer = TitanAnswer {
+        embedding: &vector,
+        input_text_token_count: count,
+        embeddings_by_type: None,
+    };
     if v2 && let Some(types) = request["embeddingTypes"].as_array() {
-        let mut by_type = serde_json::Map::new();
+        let mut by_type = TitanByType::default();
         for kind in types {
             match kind.as_str() {
-                Some("float") => {
-                    by_type.insert("float".into(), json!(vector));
-                }
-                Some("binary") => {
-                    by_type.insert("binary".into(), json!(binary(&vector)));
-                }
+                Some("float") => by_type.float = Some(&vector),
+                Some("binary") => by_type.binary = Some(binary(&vector)),
                 _ => {
                     return Err(format!(
                         "Malformed input request: #/embeddingTypes: {kind} is not a valid enum value, please reformat your input and try again."
@@ -691,8 +720,9 @@ fn titan(request: &Value, v2: bool) -> Result<(Value, u64, u64), String> {
                 }
             }
         }
-        body["embeddingsByType"] = Value::Object(by_type);
+        answer.embeddings_by_type = Some(by_type);
     }
+    let body = serde_json::to_string(&answer).map_err(|e| e.to_string())?;
     Ok((body, 1, count))
 }
 
@@ -1130,7 +1160,39 @@ mod tests {
         assert!(titan(&json!({"inputText": "x", "bogus": 1}), true).is_err());
         assert!(titan(&json!({"inputText": ""}), true).is_err());
         let (body, _, _) = titan(&json!({"inputText": "hello", "dimensions": 256}), true).unwrap();
-        assert_eq!(body["embedding"].as_array().map(Vec::len), Some(256));
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["embedding"].as_array().map(Vec::len), Some(256));
+        assert_eq!(parsed["inputTextTokenCount"], 2);
+        assert!(parsed.get("embeddingsByType").is_none());
+        let (body, _, _) = titan(
+            &json!({"inputText": "hello world", "embeddingTypes": ["float", "binary"]}),
+            true,
+        )
+        .unwrap();
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["embeddingsByType"]["float"], parsed["embedding"]);
+        assert_eq!(
+            parsed["embeddingsByType"]["binary"]
+                .as_array()
+                .map(Vec::len),
+            Some(1024)
+        );
+    }
+
+    /// Each value is written as the shortest decimal of its `f32`, as Bedrock does: 1/√3 is
+    /// 0.57735026, not the 0.5773502588272095 its widening to `f64` would print.
+    #[test]
+    fn titan_writes_each_value_as_its_shortest_f32_decimal() {
+        let (body, _, _) = titan(&json!({"inputText": "a b c", "dimensions": 256}), true).unwrap();
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        let values = parsed["embedding"].as_array().unwrap();
+        let nonzero: Vec<&Value> = values.iter().filter(|v| v.as_f64() != Some(0.0)).collect();
+        assert!(!nonzero.is_empty());
+        for value in nonzero {
+            let written = value.to_string();
+            let as_f32 = value.as_f64().unwrap() as f32;
+            assert_eq!(written, format!("{as_f32:?}"), "in {body}");
+        }
     }
 
     #[test]

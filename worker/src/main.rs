@@ -30,6 +30,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use vectorpipe_crds::v1alpha1::EmbeddingPipelineSpec;
 
+/// mimalloc instead of glibc's malloc: see the workspace's Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command-line interface.
 #[derive(Parser, Debug)]
 #[command(name = "vectorpipe-worker", version, about)]
