@@ -972,6 +972,18 @@ pub mod worker {
             .port())
     }
 
+    /// The text of `/metrics` at `address` (`host:port`).
+    pub(crate) async fn scrape(http: &reqwest::Client, address: &str) -> Result<String> {
+        let url = format!("http://{address}/metrics");
+        Ok(http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// A running worker; killed (SIGKILL) when dropped if still running.
     pub struct Worker {
         child: Child,
@@ -1117,15 +1129,7 @@ pub mod worker {
 
         /// The text of `/metrics`.
         pub async fn metrics_text(&self) -> Result<String> {
-            let url = format!("http://{}/metrics", self.metrics);
-            Ok(self
-                .http
-                .get(url)
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?)
+            scrape(&self.http, &self.metrics).await
         }
     }
 
@@ -1329,15 +1333,7 @@ pub mod operator {
 
         /// The text of its `/metrics`.
         pub async fn metrics_text(&self) -> Result<String> {
-            let url = format!("http://{}/metrics", self.metrics);
-            Ok(self
-                .http
-                .get(url)
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?)
+            crate::worker::scrape(&self.http, &self.metrics).await
         }
 
         /// SIGKILL.
