@@ -643,7 +643,7 @@ fn extraneous(request: &Value, allowed: &[&str]) -> Result<(), String> {
 /// A Titan answer as Bedrock writes it. Serialised straight from `f32`, each value is the
 /// shortest decimal that reads back as the same `f32` (about ten characters), like Bedrock's own;
 /// through `serde_json::Value` every value was widened to `f64` and written with up to 17 digits,
-/// which about doubled the body the worker parses.
+/// which made the fake's (sparse) bodies about half as long again as Bedrock's.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct TitanAnswer<'a> {

@@ -65,7 +65,7 @@ pub fn request_body(spec: &BedrockEmbedding, texts: &[String]) -> Value {
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TitanResponse {
-    embedding: Option<Vec<f32>>,
+    embedding: Vec<f32>,
     input_text_token_count: Option<Value>,
 }
 
@@ -93,7 +93,7 @@ fn parse_titan(body: &[u8]) -> Result<Embedded, String> {
     let titan: TitanResponse = serde_json::from_slice(body)
         .map_err(|e| format!("the response is not a Titan embedding: {e}"))?;
     Ok(Embedded {
-        vector: titan.embedding.ok_or("the response has no embedding")?,
+        vector: titan.embedding,
         tokens: titan
             .input_text_token_count
             .and_then(|v| v.as_u64())
